@@ -1,0 +1,87 @@
+"""Small @triton.jit helpers and host utilities shared by the kernel files.
+
+Everything here works under the Triton interpreter: no libdevice calls (tanh and softplus are
+written from exp and log), and autotune config lists collapse to one config when interpreting.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from gpudl.kernels.registry import INTERPRET
+
+# Activation codes passed to kernels as a tl.constexpr, so each one compiles its own epilogue.
+ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
+LEAKY_RELU_SLOPE: tl.constexpr = tl.constexpr(0.01)
+
+# Shared-memory limits per block, bytes (CUDA programming guide, compute capability tables).
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+
+def tuning_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The autotuner's candidates; only the first when interpreting, so nothing is benchmarked."""
+    return configs[:1] if INTERPRET else configs
+
+
+def triton_dtype(torch_dtype) -> str:
+    """Signature string of a pointer to `torch_dtype`, for compile checks."""
+    import torch
+
+    return {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}[torch_dtype]
+
+
+@triton.jit
+def sigmoid(x):
+    # exp of a non-positive number only: no overflow for any x.
+    z = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+
+
+@triton.jit
+def tanh(x):
+    z = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - z) / (1.0 + z)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)), exact for any x."""
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def apply_activation(x, ACTIVATION: tl.constexpr):
+    """Epilogue activation by code (ACTIVATION_CODES); gelu is the exact erf form."""
+    if ACTIVATION == 1:
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == 2:
+        x = tl.where(x >= 0, x, x * LEAKY_RELU_SLOPE)
+    elif ACTIVATION == 3:
+        x = tanh(x)
+    elif ACTIVATION == 4:
+        x = sigmoid(x)
+    elif ACTIVATION == 5:
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    return x
+
+
+@triton.jit
+def activation_grad(pre, grad, ACTIVATION: tl.constexpr):
+    """d activation(pre) / d pre times grad, from the pre-activation value."""
+    if ACTIVATION == 1:
+        grad = tl.where(pre > 0, grad, 0.0)
+    elif ACTIVATION == 2:
+        grad = tl.where(pre > 0, grad, grad * LEAKY_RELU_SLOPE)  # torch uses the slope at 0
+    elif ACTIVATION == 3:
+        t = tanh(pre)
+        grad = grad * (1.0 - t * t)
+    elif ACTIVATION == 4:
+        s = sigmoid(pre)
+        grad = grad * s * (1.0 - s)
+    elif ACTIVATION == 5:
+        cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * pre * pre) * 0.3989422804014327
+        grad = grad * (cdf + pre * pdf)
+    return grad

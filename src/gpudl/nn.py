@@ -1,0 +1,157 @@
+"""Drop-in modules over `gpudl.ops`, with the constructor arguments and parameter names of their
+`torch.nn` twins, so a `torch.nn` state_dict loads into them and back.
+
+Each one subclasses its twin for parameters and initialization and only replaces `forward`, so
+they run on whichever backend `gpudl.backend` selects.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpudl import ops
+
+
+class Linear(nn.Linear):
+    """`torch.nn.Linear` with an optional fused activation. input [..., in_features] -> [..., out_features]."""
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, activation=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, input):
+        return ops.linear(input, self.weight, self.bias, activation=self.activation)
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+
+
+class Conv2d(nn.Conv2d):
+    """`torch.nn.Conv2d` (padding_mode 'zeros') with an optional fused activation.
+    input [N, C_in, H, W] -> [N, C_out, H_out, W_out]."""
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"gpudl.nn.Conv2d supports padding_mode='zeros' only, got {self.padding_mode!r}")
+        self.activation = activation
+
+    def forward(self, input):
+        return ops.conv2d(
+            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, activation=self.activation
+        )
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+
+
+class RNN(nn.RNN):
+    """`torch.nn.RNN` (Elman, tanh or relu; layers, bidirectional, dropout between layers), each
+    layer and direction one `gpudl.ops.rnn` call. input [L, N, H_in] ([N, L, H_in] if batch_first)
+    or [L, H_in]; hx [layers * directions, N, H]. Returns (output [..., directions * H], h_n)."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise TypeError("gpudl.nn.RNN does not take PackedSequence input; pad the batch instead")
+        unbatched = input.dim() == 2
+        if unbatched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+            hx = None if hx is None else hx.unsqueeze(1)
+        directions = 2 if self.bidirectional else 1
+        batch = input.shape[0] if self.batch_first else input.shape[1]
+        expected = (self.num_layers * directions, batch, self.hidden_size)
+        if hx is None:
+            hx = input.new_zeros(expected)
+        elif tuple(hx.shape) != expected:
+            raise ValueError(f"hx must have shape {expected} (layers * directions, batch, hidden), got {tuple(hx.shape)}")
+        time_dim = 1 if self.batch_first else 0
+        layer_input, final_states = input, []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                x = layer_input.flip(time_dim) if direction == 1 else layer_input
+                out, h_n = ops.rnn(
+                    x,
+                    hx[layer * directions + direction],
+                    getattr(self, "weight_ih" + suffix),
+                    getattr(self, "weight_hh" + suffix),
+                    getattr(self, "bias_ih" + suffix, None),
+                    getattr(self, "bias_hh" + suffix, None),
+                    nonlinearity=self.nonlinearity,
+                    batch_first=self.batch_first,
+                )
+                outputs.append(out.flip(time_dim) if direction == 1 else out)
+                final_states.append(h_n)
+            layer_input = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+        h_n = torch.stack(final_states, 0)
+        if unbatched:
+            return layer_input.squeeze(time_dim), h_n.squeeze(1)
+        return layer_input, h_n
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """`torch.nn.MultiheadAttention` whose attention runs on `gpudl.ops.scaled_dot_product_attention`.
+
+    Same constructor and parameter names (in_proj_weight, in_proj_bias, out_proj.*). Differences:
+    need_weights defaults to False (fused attention never forms the weights); with need_weights=True
+    the weights are computed explicitly, averaged over heads unless average_attn_weights=False.
+    query [L, N, E] ([N, L, E] if batch_first); returns (output, weights or None).
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("gpudl.nn.MultiheadAttention supports kdim == vdim == embed_dim, no add_bias_kv, no add_zero_attn")
+        if query.dim() != 3:
+            raise ValueError(f"query must be 3-D ([L, N, E], or [N, L, E] with batch_first), got shape {tuple(query.shape)}")
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        batch, lq, embed = query.shape
+        lk = key.shape[1]
+        heads, head_dim = self.num_heads, self.head_dim
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+
+        def split_heads(x, w, b, length):
+            return ops.linear(x, w, b).view(batch, length, heads, head_dim).transpose(1, 2)
+
+        q, k, v = split_heads(query, w_q, b_q, lq), split_heads(key, w_k, b_k, lk), split_heads(value, w_v, b_v, lk)
+        mask = _combine_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, q.dtype)
+        if is_causal and mask is not None:
+            causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+            mask = mask.masked_fill(~causal, float("-inf"))
+            is_causal = False
+        dropout = self.dropout if self.training else 0.0
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        out = ops.linear(out.transpose(1, 2).reshape(batch, lq, embed), self.out_proj.weight, self.out_proj.bias)
+        weights = None
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) / head_dim**0.5
+            if mask is not None:
+                scores = scores + mask
+            if is_causal:
+                scores = scores.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+            weights = scores.softmax(-1)
+            weights = weights.mean(1) if average_attn_weights else weights
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def _combine_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, dtype):
+    """Merge torch.nn.MultiheadAttention's two masks (True = masked out there) into one additive mask."""
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask
+        if m.dim() == 3:  # [N * heads, Lq, Lk]
+            m = m.view(batch, heads, lq, lk)
+        mask = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+    if key_padding_mask is not None:
+        k = key_padding_mask.view(batch, 1, 1, lk)
+        pad = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill(k, float("-inf")) if k.dtype == torch.bool else k.to(dtype)
+        mask = pad if mask is None else mask + pad
+    return mask
