@@ -369,3 +369,65 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
     if unbatched:
         return output.squeeze(0 if batch_first else 1), h_n.squeeze(0)
     return output, h_n
+
+
+# --------------------------------------------------------------------------- optimizer update
+def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, maximize=False, inplace=True):
+    """One torch.optim.SGD update of many tensors at once (what `gpudl.optim.SGD.step` runs).
+
+    params, grads: sequences of tensors, grads[i] with params[i]'s shape, dtype and device (dense);
+    momentum_buffers: None or a sequence of tensors shaped like params, None entries meaning "no
+    buffer yet" (that tensor's first momentum step); lr: float or 1-element tensor.
+    inplace=True updates params and buffers in place; False returns new tensors.
+    Returns (params, momentum_buffers) as lists (buffers all None when momentum == 0).
+    """
+    if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)):
+        raise TypeError(f"params and grads must be lists or tuples of tensors, got {type(params).__name__} and {type(grads).__name__}")
+    if len(grads) != len(params):
+        raise ValueError(f"grads must have one tensor per parameter: got {len(grads)} grads for {len(params)} params")
+    if momentum_buffers is None:
+        momentum_buffers = [None] * len(params)
+    elif not isinstance(momentum_buffers, (list, tuple)) or len(momentum_buffers) != len(params):
+        raise ValueError(f"momentum_buffers must be None or a list with one entry (tensor or None) per parameter ({len(params)})")
+    for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
+        _check_tensor(f"params[{i}]", p)
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"grads[{i}] must be a torch.Tensor, got {type(g).__name__}")
+        if g.is_sparse or p.is_sparse:
+            raise TypeError(f"grads[{i}] is sparse; sgd_step supports dense gradients only")
+        _check_same(f"grads[{i}]", g, f"params[{i}]", p)
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has shape {tuple(p.shape)}")
+        if b is not None and momentum != 0:
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"momentum_buffers[{i}] must be a torch.Tensor or None, got {type(b).__name__}")
+            _check_same(f"momentum_buffers[{i}]", b, f"params[{i}]", p)
+            if b.shape != p.shape:
+                raise ValueError(f"momentum_buffers[{i}] has shape {tuple(b.shape)} but params[{i}] has shape {tuple(p.shape)}")
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    if not params:
+        return [], []
+    from gpudl.optim import sgd_step_reference
+
+    return _dispatch(
+        "sgd_step",
+        list(params) + list(grads),
+        (list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
+         float(weight_decay), bool(nesterov), bool(maximize), bool(inplace)),
+        sgd_step_reference,
+    )
