@@ -1,0 +1,391 @@
+"""Training and evaluation entry points, free of Hydra's command line so tests and notebooks can
+call them with a composed config (see `gpudl.utils.compose`).
+
+    train(cfg)     check the config, seed, pick the kernel backend, build datamodule, model,
+                   callbacks, loggers and trainer from their `_target_`s, fit, test the best
+                   checkpoint, write metrics.json and config.yaml in the run folder; returns the
+                   metrics (a sweeper optimizes metrics[cfg.optimized_metric]).
+    evaluate(cfg)  rebuild a finished run from its config.yaml, load a checkpoint's weights and
+                   test them; returns the test metrics.
+
+Every mistake in the config that can be seen before training (a missing '???' value, an unknown
+`_target_`, a non-positive learning rate or batch size, a missing data file, a model that does
+not fit the data) raises ConfigError, one message naming the key, before any training step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message names the key and what was expected."""
+
+
+# --------------------------------------------------------------------------- config checks
+def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """Yield (dotted key, parent node, key) for every entry below `node`, without resolving."""
+    if isinstance(node, DictConfig):
+        items = [(k, k) for k in node.keys()]
+    elif isinstance(node, ListConfig):
+        items = [(i, str(i)) for i in range(len(node))]
+    else:
+        return
+    for key, name in items:
+        dotted = f"{prefix}.{name}" if prefix else str(name)
+        yield dotted, node, key
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_missing() and not child._is_none():
+            yield from _walk(child, dotted)
+
+
+def _locate(target: str) -> None:
+    from hydra._internal.utils import _locate as hydra_locate
+
+    hydra_locate(target)
+
+
+def validate_config(cfg: DictConfig, required: tuple[str, ...] = ("data", "model", "trainer")) -> None:
+    """Raise ConfigError for mistakes visible before anything is built."""
+    missing = [k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")]
+    if missing:
+        raise ConfigError(
+            "missing required value(s): "
+            + ", ".join(sorted(missing))
+            + " (marked '???' in the config; set them on the command line, e.g. "
+            + f"`{sorted(missing)[0]}=...`)"
+        )
+    try:  # every interpolation must resolve (e.g. ${optimizer_lr.adam})
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"cannot resolve config key {key!r}: {err}") from None
+
+    for key in required:
+        node = cfg.get(key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(f"`{key}` must be a config with a `_target_` (got {OmegaConf.to_yaml(node).strip() if node is not None else None!r}); pick one, e.g. {key}=<name>")
+
+    for dotted, parent, key in _walk(cfg):
+        if dotted.startswith("hydra."):
+            continue
+        value = parent[key]
+        if key == "_target_":
+            if not isinstance(value, str):
+                raise ConfigError(f"{dotted}: expected a dotted import path, got {value!r}")
+            try:
+                _locate(value)
+            except Exception as err:  # ImportError, AttributeError, ...
+                raise ConfigError(f"{dotted}: unknown target {value!r}: {err}") from None
+        elif key == "lr" and dotted.startswith("model."):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{dotted} must be a positive number (the learning rate), got {value!r}")
+
+    batch_size = cfg.data.get("batch_size", None)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"data.batch_size must be a positive int, or null for full batch, got {batch_size!r}")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and not isinstance(metric, str):
+        raise ConfigError(f"optimized_metric must be a metric name such as 'val/acc', got {metric!r}")
+
+
+def _check_model_fits_data(cfg: DictConfig, datamodule: Any) -> None:
+    """The model's input/output sizes are config values; compare them with what the data holds
+    (e.g. after data.path=<your file> with other sizes) before the model is built."""
+    model = cfg.model
+    expected: dict[str, Any] = {}
+    for attr in ("num_features", "num_classes"):
+        if hasattr(datamodule, attr):
+            expected[attr] = getattr(datamodule, attr)
+    shape = getattr(datamodule, "image_shape", None)
+    if shape is not None:
+        shape = [int(s) for s in shape]
+        expected.update(image_shape=shape, in_channels=shape[0], image_size=shape[-1])
+        if "input_size" in model:  # the RNN reads one image row per step
+            expected["input_size"] = shape[-1]
+    for attr, value in expected.items():
+        if attr not in model or model[attr] is None:
+            continue
+        got = model[attr]
+        got = [int(v) for v in got] if isinstance(got, ListConfig) else got
+        if got != value:
+            hint = f"{attr}=[{','.join(map(str, value))}]" if isinstance(value, list) else f"{attr}={value}"
+            raise ConfigError(
+                f"model.{attr}={got} does not fit the data: {cfg.data._target_} provides {attr}={value}; "
+                f"set model.{hint}"
+            )
+
+
+# --------------------------------------------------------------------------- building objects
+def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise ConfigError(f"could not build `{key}` ({node.get('_target_')}): {type(cause).__name__}: {cause}") from cause
+
+
+def _instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
+    """Build every entry of callbacks/logger that has a `_target_` (entries left without one,
+    e.g. an experiment's callbacks.model_checkpoint.monitor after callbacks=none, are skipped)."""
+    objects = []
+    if node is None:
+        return objects
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"`{key}` must be a mapping of name -> config with `_target_`, got {node!r}")
+    for name, entry in node.items():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            objects.append(_instantiate(entry, f"{key}.{name}"))
+        elif entry is not None:
+            log.info("%s.%s has no _target_; skipped", key, name)
+    return objects
+
+
+def _uses_wandb(cfg: DictConfig) -> bool:
+    node = cfg.get("logger")
+    return isinstance(node, DictConfig) and any(
+        isinstance(v, DictConfig) and str(v.get("_target_", "")).endswith("WandbLogger") for v in node.values()
+    )
+
+
+def _finish_wandb(failed: bool) -> None:
+    """Close the W&B run of this job (a multirun starts a new one per job)."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            out[k] = float(v.item())
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def _is_global_zero(trainer: Any) -> bool:
+    return bool(getattr(trainer, "is_global_zero", True))
+
+
+def _summary(name: str, metrics: dict[str, float], extra: str = "") -> str:
+    tests = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(tests.items())) or "no test metrics"
+    return f"[gpudl] {name}: {shown}{extra}"
+
+
+# --------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and test one configuration; see the module docstring. Returns all metrics as floats."""
+    validate_config(cfg)
+    if _uses_wandb(cfg):
+        from gpudl.utils import choose_wandb_mode
+
+        mode = choose_wandb_mode()
+        log.info("W&B mode: %s", mode)
+    from gpudl import backend
+
+    previous_backend = backend._process_backend
+    failed = True
+    try:
+        metrics, summary = _train(cfg)
+        failed = False
+    finally:
+        backend.set_backend(previous_backend)
+        _finish_wandb(failed)
+    if summary:  # last, after W&B's own closing lines
+        log.info(summary)
+        print(summary, flush=True)
+    return metrics
+
+
+def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from gpudl import backend
+
+    start = time.time()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("kernels") is not None and cfg.kernels.get("backend") is not None:
+        try:
+            backend.set_backend(cfg.kernels.backend)
+        except ValueError as err:
+            raise ConfigError(f"kernels.backend: {err}") from None
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    log.info("Building datamodule <%s>", cfg.data._target_)
+    datamodule = _instantiate(cfg.data, "data")
+    _check_model_fits_data(cfg, datamodule)
+    log.info("Building model <%s>", cfg.model._target_)
+    model = _instantiate(cfg.model, "model")
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    log.info("Building trainer <%s>", cfg.trainer._target_)
+    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if _is_global_zero(trainer):
+        OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
+    if loggers:
+        hparams = dict(resolved)
+        hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
+        hparams["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
+
+    fit_metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        log.info("Training")
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        fit_metrics = _floats(trainer.callback_metrics)
+
+    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    last = checkpoint.last_model_path if checkpoint is not None else ""
+    tested_ckpt: str | None = None
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        if cfg.get("train", True):
+            # The best checkpoint by the monitored metric; without a monitor, the last one.
+            tested_ckpt = best or last or None
+            if tested_ckpt is None:
+                log.warning("No checkpoint was saved (fast_dev_run or no ModelCheckpoint): testing the current weights")
+        else:
+            tested_ckpt = cfg.get("ckpt_path")
+        log.info("Testing %s", tested_ckpt or "the current weights")
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=tested_ckpt)
+        test_metrics = _floats(trainer.callback_metrics)
+
+    metrics = {**fit_metrics, **test_metrics}
+    wall = time.time() - start
+    name = cfg.get("optimized_metric")
+    value = metrics.get(name) if name else None
+    if name and value is None:
+        log.warning("optimized_metric %r was not logged; logged metrics: %s", name, ", ".join(sorted(metrics)))
+    summary = ""
+    if _is_global_zero(trainer):
+        report = {
+            "task_name": cfg.get("task_name"),
+            "metrics": metrics,
+            "optimized_metric": name,
+            "optimized_metric_value": value,
+            "best_checkpoint": best or None,
+            "last_checkpoint": last or None,
+            "tested_checkpoint": tested_ckpt,
+            "seed": cfg.get("seed"),
+            "wall_time_s": round(wall, 3),
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        extra = f" | {name}={value:.4f}" if value is not None else ""
+        summary = _summary(cfg.get("task_name", "train"), metrics, f"{extra} | {wall:.1f}s | {output_dir}")
+    return metrics, summary
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value a sweeper optimizes, or None (with a warning) when it was not logged."""
+    if not name:
+        return None
+    if name not in metrics:
+        log.warning("optimized_metric %r not found among the logged metrics (%s)", name, ", ".join(sorted(metrics)))
+        return None
+    return metrics[name]
+
+
+# --------------------------------------------------------------------------- evaluate
+def find_run_config(ckpt_path: str | os.PathLike) -> Path:
+    """The config.yaml that train() wrote in the run folder of this checkpoint
+    (<run dir>/checkpoints/<name>.ckpt -> <run dir>/config.yaml)."""
+    ckpt = Path(ckpt_path).resolve()
+    for folder in (ckpt.parent, *ckpt.parents):
+        candidate = folder / "config.yaml"
+        if candidate.is_file():
+            return candidate
+        if (folder / ".hydra").is_dir():
+            break
+    raise ConfigError(
+        f"ckpt_path: found no config.yaml of the run next to {ckpt_path} (expected <run dir>/config.yaml as "
+        "written by train()); pass run_config=<path to config.yaml>"
+    )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test a checkpoint of a finished run on that run's test split.
+
+    Reads the run's resolved config (cfg.run_config, or <run dir>/config.yaml next to the
+    checkpoint), rebuilds its datamodule and model, loads the weights with
+    torch.load(weights_only=True), runs trainer.test, writes eval_metrics.json in this job's
+    output folder and returns the test metrics.
+    """
+    validate_config(cfg, required=("trainer",))
+    import lightning as L
+
+    from gpudl import backend
+
+    ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path: checkpoint file {ckpt_path!r} does not exist; expected a .ckpt written by train()")
+    run_config = Path(cfg.run_config) if cfg.get("run_config") else find_run_config(ckpt_path)
+    if not run_config.is_file():
+        raise ConfigError(f"run_config: {run_config} does not exist; expected the run's config.yaml")
+    run_cfg = OmegaConf.load(run_config)
+    for key in ("data", "model"):
+        if "_target_" not in run_cfg.get(key, {}):
+            raise ConfigError(f"run_config: {run_config} has no `{key}._target_`; is it a config.yaml written by train()?")
+
+    seed = cfg.get("seed") if cfg.get("seed") is not None else run_cfg.get("seed")
+    if seed is not None:
+        L.seed_everything(seed, workers=True)
+    previous_backend = backend._process_backend
+    try:
+        if cfg.get("kernels") is not None and cfg.kernels.get("backend") is not None:
+            backend.set_backend(cfg.kernels.backend)
+        output_dir = Path(cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        datamodule = _instantiate(run_cfg.data, "data")
+        model = _instantiate(run_cfg.model, "model")
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"ckpt_path: could not load {ckpt_path} with torch.load(weights_only=True): {err}") from err
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ConfigError(f"ckpt_path: {ckpt_path} holds no 'state_dict'; expected a Lightning checkpoint")
+        model.on_load_checkpoint(checkpoint)  # modules may restore extra state here
+        model.load_state_dict(checkpoint["state_dict"])
+
+        loggers = _instantiate_group(cfg.get("logger"), "logger")
+        trainer = _instantiate(cfg.trainer, "trainer", logger=loggers or False, callbacks=[], enable_checkpointing=False)
+        trainer.test(model=model, datamodule=datamodule)
+        metrics = _floats(trainer.callback_metrics)
+        if _is_global_zero(trainer):
+            report = {"ckpt_path": str(ckpt_path), "run_config": str(run_config), "metrics": metrics}
+            (output_dir / "eval_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+            print(_summary(f"eval {run_cfg.get('task_name', '')}".strip(), metrics, f" | {ckpt_path}"), flush=True)
+        return metrics
+    finally:
+        backend.set_backend(previous_backend)
+        _finish_wandb(failed=False)
