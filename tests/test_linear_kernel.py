@@ -1,0 +1,300 @@
+"""The fused linear kernel (kernels/linear.py) beyond what the registry harness checks: the drop-in
+module, every activation's gradient path, layouts, empty shapes, which gradients are computed,
+and that gpudl.ops reaches the kernel. Runs through the Triton interpreter on the CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpudl
+from gpudl import nn as gnn
+from gpudl import ops, reference
+from gpudl.kernels import linear as L
+
+ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
+
+
+def _leaves(*tensors):
+    """New leaves over the same memory (strides kept: some tests pass non-contiguous views)."""
+    return [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+
+
+def _check_against_reference(x, w, b, act, grad=None, atol=1e-5, rtol=1e-4):
+    """Kernel vs reference on copies of (x, w, b): output and every requested gradient."""
+    kx, kw, kb = _leaves(x, w, b)
+    rx, rw, rb = _leaves(x, w, b)
+    y = L.linear(kx, kw, kb, act)
+    y_ref = reference.linear(rx, rw, rb, act)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    wants = [t for t in (kx, kw, kb) if t is not None and t.requires_grad]
+    if not wants:
+        return y
+    grad = torch.randn_like(y_ref) if grad is None else grad
+    got = torch.autograd.grad(y, wants, grad)
+    want = torch.autograd.grad(y_ref, [t for t in (rx, rw, rb) if t is not None and t.requires_grad], grad)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0  # sums of many terms
+        torch.testing.assert_close(g, r, atol=atol * scale, rtol=rtol)
+    return y
+
+
+@pytest.fixture
+def gemm_calls(monkeypatch):
+    """Records every launch of the GEMM launcher and the column-sum launcher."""
+    calls = []
+    gemm, column_sum = L._gemm, L._column_sum
+
+    def spy_gemm(a, b, c, *args, **kwargs):
+        calls.append(("gemm", tuple(c.shape), kwargs))
+        return gemm(a, b, c, *args, **kwargs)
+
+    def spy_column_sum(x, dtype):
+        calls.append(("column_sum", tuple(x.shape), {}))
+        return column_sum(x, dtype)
+
+    monkeypatch.setattr(L, "_gemm", spy_gemm)
+    monkeypatch.setattr(L, "_column_sum", spy_column_sum)
+    return calls
+
+
+# --------------------------------------------------------------------------- drop-in module
+@pytest.mark.parametrize("bias", [True, False])
+def test_nn_linear_loads_torch_state_dict_and_matches(bias):
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(37, 23, bias=bias)
+    ours = gnn.Linear(37, 23, bias=bias)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 3, 37)
+    with gpudl.use_backend("triton"):
+        y = ours(x)
+        y.square().sum().backward()
+    y_ref = theirs(x)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-4, rtol=1e-4)
+    if bias:
+        torch.testing.assert_close(ours.bias.grad, theirs.bias.grad, atol=1e-4, rtol=1e-4)
+    # ...and back: our state_dict loads into torch's module.
+    again = torch.nn.Linear(37, 23, bias=bias)
+    again.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(again(x), y_ref)
+
+
+def test_nn_linear_with_activation_matches_torch_composition():
+    torch.manual_seed(0)
+    theirs = torch.nn.Linear(20, 17)
+    ours = gnn.Linear(20, 17, activation="gelu")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 20)
+    with gpudl.use_backend("triton"):
+        y = ours(x)
+    torch.testing.assert_close(y, F.gelu(theirs(x)), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_every_activation_output_and_grads(act):
+    torch.manual_seed(1)
+    x = torch.randn(7, 19, requires_grad=True)
+    w = torch.randn(21, 19, requires_grad=True)
+    b = torch.randn(21, requires_grad=True)
+    _check_against_reference(x, w, b, act)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gradcheck_float64_every_activation(act):
+    """float64 gradcheck of each gradient path (from the output, or from the saved pre-activation)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    # relu's kink only matters within gradcheck's eps (1e-6) of a pre-activation.
+    assert F.linear(x, w, b).abs().min() > 1e-3
+    assert torch.autograd.gradcheck(lambda *t: L.linear(*t, act), (x, w, b), fast_mode=True, atol=1e-5, rtol=1e-4)
+
+
+def test_relu_grad_at_zero_follows_torch():
+    """relu' (0) = 0 and leaky_relu'(0) = slope in torch; y == 0 exactly there, so the
+    gradient taken from the output agrees."""
+    x = torch.zeros(3, 16, requires_grad=True)
+    w = torch.ones(16, 16, requires_grad=True)
+    for act in ("relu", "leaky_relu"):
+        _check_against_reference(x, w, None, act)
+
+
+# --------------------------------------------------------------------------- shapes and layouts
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3), (2, 1, 3, 2)], ids=str)
+def test_leading_batch_dims(lead):
+    torch.manual_seed(3)
+    x = torch.randn(*lead, 18, requires_grad=True)
+    w = torch.randn(20, 18, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    y = _check_against_reference(x, w, b, "tanh")
+    assert y.shape == (*lead, 20)
+
+
+def test_non_contiguous_input_and_weight():
+    torch.manual_seed(4)
+    # A transposed 2-D input (handled by strides) and a permuted 3-D one (flattening copies).
+    x2 = torch.randn(33, 9).t().requires_grad_()
+    x3 = torch.randn(17, 4, 3).permute(1, 2, 0).requires_grad_()
+    w = torch.randn(17, 25).t().requires_grad_()  # weight [25, 17] with strides (1, 25)
+    b = torch.randn(50)[::2].requires_grad_()  # stride 2
+    assert not x2.is_contiguous() and not x3.is_contiguous() and not w.is_contiguous()
+    w_in = torch.randn(25, 33, requires_grad=True)
+    _check_against_reference(x2, w_in, None, "sigmoid")
+    _check_against_reference(x3, w, b, "gelu")
+    _check_against_reference(x3, w, b, None)
+
+
+def test_expanded_grad_output():
+    """y.sum() backpropagates an expanded (all-zero-stride) gradient; the kernels read it by strides."""
+    torch.manual_seed(5)
+    for act in (None, "gelu"):
+        x = torch.randn(4, 6, 21, requires_grad=True)
+        w = torch.randn(19, 21, requires_grad=True)
+        b = torch.randn(19, requires_grad=True)
+        grad = torch.ones(()).expand(4, 6, 19)
+        _check_against_reference(x, w, b, act, grad=grad)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
+def test_zero_size_batch(lead):
+    x = torch.randn(*lead, 12, requires_grad=True)
+    w = torch.randn(7, 12, requires_grad=True)
+    b = torch.randn(7, requires_grad=True)
+    y = L.linear(x, w, b, "gelu")
+    assert y.shape == (*lead, 7)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert gx.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+
+
+def test_zero_in_features_gives_activation_of_bias():
+    x = torch.randn(3, 0, requires_grad=True)
+    w = torch.randn(5, 0, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    _check_against_reference(x, w, b, "sigmoid")
+
+
+def test_inference_writes_no_pre_activation(gemm_calls):
+    x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
+    y = L.linear(x, w, b, "gelu")
+    assert y.grad_fn is None
+    assert [c[2].get("pre") for c in gemm_calls] == [None]
+    torch.testing.assert_close(y, reference.linear(x, w, b, "gelu"), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- which grads run
+def _backward_launches(calls, forward_count):
+    return [(kind, shape) for kind, shape, _ in calls[forward_count:]]
+
+
+def test_only_input_grad_runs_only_the_grad_input_gemm(gemm_calls):
+    x = torch.randn(6, 16, requires_grad=True)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    y = L.linear(x, w, b, "gelu")
+    forward = len(gemm_calls)
+    (gx,) = torch.autograd.grad(y.sum(), (x,))
+    assert _backward_launches(gemm_calls, forward) == [("gemm", (6, 16))]
+    torch.testing.assert_close(gx, torch.autograd.grad(reference.linear(x, w, b, "gelu").sum(), (x,))[0], atol=1e-5, rtol=1e-4)
+
+
+def test_weight_and_bias_grads_share_one_gemm(gemm_calls):
+    x = torch.randn(6, 16)
+    w = torch.randn(8, 16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    y = L.linear(x, w, b, "relu")
+    forward = len(gemm_calls)
+    gw, gb = torch.autograd.grad(y.sum(), (w, b))
+    assert _backward_launches(gemm_calls, forward) == [("gemm", (8, 16))]  # bias grad as its row sums
+
+
+def test_only_bias_grad_runs_only_the_column_sum(gemm_calls):
+    x, w = torch.randn(6, 16), torch.randn(8, 16)
+    b = torch.randn(8, requires_grad=True)
+    y = L.linear(x, w, b, "tanh")
+    forward = len(gemm_calls)
+    (gb,) = torch.autograd.grad(y.sum(), (b,))
+    assert _backward_launches(gemm_calls, forward) == [("column_sum", (6, 8))]
+    b_ref = b.detach().clone().requires_grad_()
+    torch.testing.assert_close(gb, torch.autograd.grad(reference.linear(x, w, b_ref, "tanh").sum(), (b_ref,))[0])
+
+
+def test_double_backward_is_refused():
+    """The Triton gradients carry no graph, so a second derivative must raise, not come out zero."""
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    y = L.linear(x, w, None, "tanh")
+    (gx,) = torch.autograd.grad(y.square().sum(), (x,), create_graph=True)  # grad_output = 2y needs grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+# --------------------------------------------------------------------------- through gpudl.ops
+def test_ops_linear_dispatches_to_the_kernel_only_on_triton_backend(gemm_calls):
+    x, w = torch.randn(3, 16), torch.randn(4, 16)
+    with gpudl.use_backend("triton"):
+        y = ops.linear(x, w, None, activation="leaky_relu")
+    assert len(gemm_calls) == 1
+    with gpudl.use_backend("torch"):
+        y_ref = ops.linear(x, w, None, activation="leaky_relu")
+    assert len(gemm_calls) == 1
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda: ops.linear(torch.randn(5, 7), torch.randn(3, 6)), ValueError, r"input has 7 features .* expects 6"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(6)), ValueError, r"weight must be 2-D, got shape \(6,\)"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), torch.randn(4)), ValueError, r"bias must have shape \(3,\)"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), torch.randn(1, 3)), ValueError, r"bias must be 1-D"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6).double()), TypeError, r"weight has dtype torch.float64 but input has dtype torch.float32"),
+        (lambda: ops.linear(torch.randn(5, 6).long(), torch.randn(3, 6).long()), TypeError, r"input must be a floating-point tensor"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), activation="swish"), ValueError, r"activation must be one of"),
+        (lambda: ops.linear(torch.tensor(1.0), torch.randn(3, 1)), ValueError, r"at least 1 dimension"),
+    ],
+)
+def test_validation_errors_before_the_kernel(call, error, pattern, gemm_calls):
+    with gpudl.use_backend("triton"):
+        with pytest.raises(error, match=pattern):
+            call()
+    assert not gemm_calls
+
+
+def test_fp32_precision_follows_torch_tf32_switch():
+    """fp32 products are IEEE unless torch's own switch allows TF32 (legacy or new API). Run in
+    a subprocess: mixing torch's two TF32 APIs in this process would make later reads raise."""
+    script = """
+import torch
+from gpudl.kernels import linear as L
+got = [L._input_precision(torch.float32)]
+torch.set_float32_matmul_precision("high")
+got.append(L._input_precision(torch.float32))
+torch.backends.cuda.matmul.fp32_precision = "ieee"
+got.append(L._input_precision(torch.float32))
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+got += [L._input_precision(torch.float32), L._input_precision(torch.bfloat16), L._input_precision(torch.float64)]
+print(",".join(got))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "ieee,tf32,ieee,tf32,ieee,ieee"
+
+
+def test_config_pruning_keeps_what_fits():
+    configs = L._GEMM_CONFIGS
+    # sm_80's 163 KiB: the 128x256x64 bf16 tile fits, not in fp32; fp64 always keeps one config.
+    bf16 = L._configs_that_fit(configs, 2, 166912)
+    fp32 = L._configs_that_fit(configs, 4, 166912)
+    fp64 = L._configs_that_fit(configs, 8, 1)
+    assert configs[0] in bf16 and configs[0] not in fp32 and fp32
+    assert len(fp64) == 1
