@@ -444,8 +444,9 @@ SPEC = register(KernelSpec(
     triton=binary_cross_entropy_with_logits,
     reference=reference.binary_cross_entropy_with_logits,
     cases=[
-        _bce_case("n=1000 mean", (1000,), "mean", target_grad=True),
-        _bce_case("n=4097 sum extreme", (4097,), "sum", extreme=True),
+        _bce_case("n=1000 sum", (1000,), "sum", target_grad=True),
+        # extreme logits under 'mean': their sum (~3e5) would overflow float16 on the GPU run
+        _bce_case("n=4097 mean extreme", (4097,), "mean", extreme=True),
         _bce_case("[37,5] none weight[5] pos_weight[5]", (37, 5), "none", (5,), (5,), target_grad=True),
         _bce_case("[37,5] mean weight[37,1] pos_weight[5] extreme", (37, 5), "mean", (37, 1), (5,), extreme=True),
         _bce_case("[3,7,11] sum weight[7,1] pos_weight[11]", (3, 7, 11), "sum", (7, 1), (11,), target_grad=True),

@@ -89,9 +89,10 @@ def test_bce_extreme_logits_finite_and_exact_against_float64(device):
         for name, g, e, w in (("loss", got, exact[0], want), ("d/dinput", gx, exact[1], wx), ("d/dtarget", gt, exact[2], wt)):
             assert torch.isfinite(g).all(), f"{name} not finite: {g}"
             # Relative accuracy everywhere, tiny values included (log1p(exp(-20)) = 2e-9 is not 0);
-            # atol only absorbs float32 subnormals (exp(-100) = 3.7e-44).
-            torch.testing.assert_close(g.double(), e, rtol=2e-6, atol=1e-40, msg=name)
-            torch.testing.assert_close(g.double(), w, rtol=2e-6, atol=1e-12, msg=f"{name} vs PyTorch")
+            # atol only absorbs float32 subnormals (exp(-100) = 3.7e-44). rtol leaves room for the
+            # GPU's exp(x) = ex2.approx(x * log2(e)), whose rounded argument costs ~|x| * 6e-8.
+            torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-40, msg=name)
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-12, msg=f"{name} vs PyTorch")
     # The values that naive formulas get wrong: saturated logits with matching targets are exactly 0.
     sat = bce.binary_cross_entropy_with_logits(torch.tensor([1000.0, -1000.0, 100.0], device=device),
                                                torch.tensor([1.0, 0.0, 1.0], device=device), None, "none", None)
@@ -127,7 +128,7 @@ def test_gan_losses_extreme_logits(device):
     assert torch.isfinite(got)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
     for g, r in zip(torch.autograd.grad(got, [real, fake]), torch.autograd.grad(want, [real64, fake64])):
-        torch.testing.assert_close(g.double(), r, rtol=1e-6, atol=1e-30)
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-40)
     gen = bce.gan_generator_loss(fake)
     torch.testing.assert_close(gen.double(), F.softplus(-fake64).mean(), rtol=1e-6, atol=0)
 
