@@ -21,14 +21,16 @@ y (1 - y)), as PyTorch's own autograd does: the output exists anyway, so backwar
 the pre-activation as a second output, only when a gradient will be needed.
 
 dz is formed by a small elementwise kernel before the two GEMMs rather than in their prologues:
-both GEMMs read dz (each dz tile is loaded once per output tile of K, resp. of K again), so a
-prologue fusion would read dy AND the saved tensor every time and evaluate erf/exp in both
-GEMM inner loops, which costs more than the one extra pass (read dy + saved, write dz) over
-[M, N]. Without an activation dz is dy itself and no kernel runs.
+both GEMMs read every dz element many times (once per column block of their output, about
+K / BLOCK_N times each), so a prologue fusion would re-read dy AND the saved tensor and redo
+the erf/exp of gelu's derivative at each of those reads, inside both GEMMs' inner loops. One
+extra pass over [M, N] (read dy and saved, write dz) costs less, and leaves the GEMM loops
+plain loads feeding tl.dot. Without an activation dz is dy itself and no kernel runs.
 
 Accumulation in fp32 (fp64 for float64 inputs, so the float64 gradcheck is exact enough). fp32
-inputs follow torch's TF32 switch (`torch.backends.cuda.matmul.allow_tf32`, off by default):
-IEEE fp32 products unless the user opted into TF32, as F.linear does.
+inputs follow torch's TF32 switch (`torch.backends.cuda.matmul.fp32_precision`, which the
+legacy `allow_tf32` and `torch.set_float32_matmul_precision` also set; off by default): IEEE
+fp32 products unless the user opted into TF32, as F.linear does.
 """
 
 from __future__ import annotations

@@ -144,10 +144,11 @@ def test_non_contiguous_input_and_weight():
     torch.manual_seed(4)
     # A transposed 2-D input (handled by strides) and a permuted 3-D one (flattening copies).
     x2 = torch.randn(33, 9).t().requires_grad_()
-    x3 = torch.randn(17, 4, 3).permute(1, 2, 0).requires_grad_()
+    x3 = torch.randn(4, 17, 3).permute(2, 0, 1).requires_grad_()  # [3, 4, 17], strides (1, 51, 3)
     w = torch.randn(17, 25).t().requires_grad_()  # weight [25, 17] with strides (1, 25)
     b = torch.randn(50)[::2].requires_grad_()  # stride 2
     assert not x2.is_contiguous() and not x3.is_contiguous() and not w.is_contiguous()
+    assert x3.reshape(12, 17).data_ptr() != x3.data_ptr()  # really the copying path
     w_in = torch.randn(25, 33, requires_grad=True)
     _check_against_reference(x2, w_in, None, "sigmoid")
     _check_against_reference(x3, w, b, "gelu")
