@@ -16,6 +16,7 @@ nothing is flattened or copied on the device.
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 import torch
@@ -41,6 +42,50 @@ _TENSOR_ROWS = 7
 
 # --------------------------------------------------------------------------- kernel
 @triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store(ptrs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, mask, has_buffer, lr, weight_decay, momentum,
+               one_minus_dampening, COMPUTE_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
+    """The update of BLOCK elements; MASKED only for a tensor's last, partial block."""
+    elem = p_out.dtype.element_ty
+    p = _load(p_in + offsets, mask, MASKED).to(COMPUTE_DTYPE)
+    g = _load(g_in + offsets, mask, MASKED).to(COMPUTE_DTYPE)
+    if MAXIMIZE:
+        g = -g
+    if WEIGHT_DECAY:
+        g = g + weight_decay * p
+    if MOMENTUM:
+        if has_buffer:
+            b = _load(b_in + offsets, mask, MASKED).to(COMPUTE_DTYPE)
+            b = b * momentum + one_minus_dampening * g
+        else:  # first step: the buffer starts as g (and b_in may be a null address)
+            b = g
+        _store(b_out + offsets, b.to(elem), mask, MASKED)
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+    p = p - lr * g
+    _store(p_out + offsets, p.to(elem), mask, MASKED)
+
+
+@triton.jit
 def _sgd_multi_tensor_kernel(
     table_ptr,  # int64 [7, T]: addresses of param, grad, buffer, param out, buffer out; numel; first-step flag
     chunk_ptr,  # int64 [2, C]: tensor index and first element of each chunk
@@ -54,6 +99,7 @@ def _sgd_multi_tensor_kernel(
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every address 16-byte aligned: allow 128-bit accesses
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -65,37 +111,37 @@ def _sgd_multi_tensor_kernel(
     p_in = tl.load(table_ptr + t).to(tl.pointer_type(elem))
     g_in = tl.load(table_ptr + num_tensors + t).to(tl.pointer_type(elem))
     p_out = tl.load(table_ptr + 3 * num_tensors + t).to(tl.pointer_type(elem))
+    b_in = tl.load(table_ptr + 2 * num_tensors + t).to(tl.pointer_type(elem))
+    b_out = tl.load(table_ptr + 4 * num_tensors + t).to(tl.pointer_type(elem))
+    has_buffer = tl.load(table_ptr + 6 * num_tensors + t) == 0
+    if ALIGNED:
+        # Pointers made from integers carry no alignment facts: without these hints every access
+        # would be a scalar one.
+        p_in = tl.multiple_of(p_in, 16)
+        g_in = tl.multiple_of(g_in, 16)
+        p_out = tl.multiple_of(p_out, 16)
+        b_in = tl.multiple_of(b_in, 16)
+        b_out = tl.multiple_of(b_out, 16)
 
     lr = tl.load(hyper_ptr).to(COMPUTE_DTYPE)
     weight_decay = tl.load(hyper_ptr + 1).to(COMPUTE_DTYPE)
     momentum = tl.load(hyper_ptr + 2).to(COMPUTE_DTYPE)
     one_minus_dampening = tl.load(hyper_ptr + 3).to(COMPUTE_DTYPE)
-    if MOMENTUM:
-        b_in = tl.load(table_ptr + 2 * num_tensors + t).to(tl.pointer_type(elem))
-        b_out = tl.load(table_ptr + 4 * num_tensors + t).to(tl.pointer_type(elem))
-        first = tl.load(table_ptr + 6 * num_tensors + t)
-        has_buffer = first == 0
-        buffer_end = end * (1 - first)  # a first step reads no buffer (its address may be 0)
 
-    for block_start in range(start, end, BLOCK):
-        offsets = block_start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offsets < end
-        p = tl.load(p_in + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        g = tl.load(g_in + offsets, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-        if MAXIMIZE:
-            g = -g
-        if WEIGHT_DECAY:
-            g = g + weight_decay * p
-        if MOMENTUM:
-            b = tl.load(b_in + offsets, mask=offsets < buffer_end, other=0.0).to(COMPUTE_DTYPE)
-            b = tl.where(has_buffer, b * momentum + one_minus_dampening * g, g)
-            tl.store(b_out + offsets, b.to(elem), mask=mask)
-            if NESTEROV:
-                g = g + momentum * b
-            else:
-                g = b
-        p = p - lr * g
-        tl.store(p_out + offsets, p.to(elem), mask=mask)
+    # Whole blocks without a mask (a runtime bound in the mask would also block vector accesses),
+    # then at most one masked tail block. The loop counts blocks: a hint on a range() induction
+    # variable with a runtime start is lost, one on `start` is not.
+    start = tl.multiple_of(start, BLOCK)  # chunks start at multiples of CHUNK
+    num_full = (end - start) // BLOCK
+    for i in range(0, num_full):
+        offsets = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, None, has_buffer, lr, weight_decay, momentum,
+                   one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, False)
+    tail = start + num_full * BLOCK
+    if tail < end:
+        offsets = tail + tl.arange(0, BLOCK).to(tl.int64)
+        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, offsets < end, has_buffer, lr, weight_decay, momentum,
+                   one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, True)
 
 
 # --------------------------------------------------------------------------- host launcher
@@ -152,7 +198,7 @@ def _launch(p_in, grads, b_in, p_out, b_out, lr, momentum, dampening, weight_dec
         table, chunks, hyper_t, witness, num_tensors, num_chunks, CHUNK,
         COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
         WEIGHT_DECAY=weight_decay != 0, MOMENTUM=use_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ALIGNED=all(a % 16 == 0 for row in rows[:_NUMEL] for a in row), BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 
@@ -219,7 +265,9 @@ def _make_case(shapes, momentum, dampening, weight_decay, nesterov, maximize, fi
     return make
 
 
-_SHAPES = [(33, 17), (5,), (1000,), (4, 3, 3, 3), (0, 3)]  # ragged sizes, a scalar-ish bias, an empty tensor
+# Ragged sizes, a tiny bias, an empty tensor, exactly one block (no tail), and one tensor over
+# two chunks (16 full blocks, then 1 full block and a masked tail).
+_SHAPES = [(33, 17), (5,), (1000,), (4, 3, 3, 3), (0, 3), (64, 64), (70000,)]
 
 
 def _bench(total, num_tensors, momentum=0.9, first_step=False):
@@ -262,8 +310,9 @@ def _compile_variants():
     variants = []
     for dtype in (torch.float32, torch.bfloat16):
         for momentum, nesterov in ((False, False), (True, False), (True, True)):
-            for weight_decay in (False, True):
-                name = f"sgd-{str(dtype)[6:]}-mom{int(momentum)}-nest{int(nesterov)}-wd{int(weight_decay)}"
+            for weight_decay, aligned in itertools.product((False, True), (True, False)):
+                name = (f"sgd-{str(dtype)[6:]}-mom{int(momentum)}-nest{int(nesterov)}-wd{int(weight_decay)}"
+                        f"{'' if aligned else '-unaligned'}")
                 variants.append(CompileVariant(
                     name=name,
                     kernel=_sgd_multi_tensor_kernel,
@@ -271,9 +320,10 @@ def _compile_variants():
                                "witness_ptr": triton_dtype(dtype), "num_tensors": "i32", "num_chunks": "i32",
                                "chunk_size": "i32", "COMPUTE_DTYPE": "constexpr", "WEIGHT_DECAY": "constexpr",
                                "MOMENTUM": "constexpr", "NESTEROV": "constexpr", "MAXIMIZE": "constexpr",
-                               "BLOCK": "constexpr"},
+                               "ALIGNED": "constexpr", "BLOCK": "constexpr"},
                     constexprs={"COMPUTE_DTYPE": tl.float32, "WEIGHT_DECAY": weight_decay, "MOMENTUM": momentum,
-                                "NESTEROV": nesterov, "MAXIMIZE": momentum and not nesterov, "BLOCK": BLOCK},
+                                "NESTEROV": nesterov, "MAXIMIZE": momentum and not nesterov, "ALIGNED": aligned,
+                                "BLOCK": BLOCK},
                     num_warps=NUM_WARPS,
                 ))
     return variants
