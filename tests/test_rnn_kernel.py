@@ -1,0 +1,157 @@
+"""gpudl.ops.rnn's Triton path beyond the registry harness: the drop-in gpudl.nn.RNN against
+torch.nn.RNN, layouts, empty shapes, the fallback, backend selection.
+
+On the CPU the kernels run through the Triton interpreter (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gpudl
+from gpudl import nn as gnn
+from gpudl import ops, reference
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _compare(got, want, atol=2e-5, rtol=2e-5):
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"tensor {i}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        torch.testing.assert_close(g, w, atol=atol * max(1.0, w.abs().max().item()) if w.numel() else atol, rtol=rtol,
+                                   msg=lambda m: f"tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("nonlinearity,batch_first", [("tanh", False), ("relu", True)])
+def test_gpudl_nn_rnn_loads_torch_state_dict_and_matches(nonlinearity, batch_first, device):
+    """2 layers, bidirectional: every layer and direction is one ops.rnn call (the reverse
+    direction sees a flipped input, and the layer's output is a concatenation, so the BPTT kernel
+    also gets strided output gradients)."""
+    torch.manual_seed(0)
+    kwargs = dict(input_size=6, hidden_size=20, num_layers=2, nonlinearity=nonlinearity, bidirectional=True,
+                  batch_first=batch_first)
+    ref = torch.nn.RNN(**kwargs).to(device)
+    ours = gnn.RNN(**kwargs).to(device)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn((3, 7, 6) if batch_first else (7, 3, 6), device=device)
+    hx = torch.randn(4, 3, 20, device=device)
+    xa, ha, xb, hb = _leaf(x), _leaf(hx), _leaf(x), _leaf(hx)
+    with gpudl.use_backend("triton"):
+        out, h_n = ours(xa, ha)
+    assert out.grad_fn is not None
+    want_out, want_h = ref(xb, hb)
+    _compare([out, h_n], [want_out, want_h])
+    g_out, g_h = torch.randn_like(want_out), torch.randn_like(want_h)
+    (out * g_out).sum().add_((h_n * g_h).sum()).backward()
+    (want_out * g_out).sum().add_((want_h * g_h).sum()).backward()
+    _compare([xa.grad, ha.grad] + [p.grad for p in ours.parameters()],
+             [xb.grad, hb.grad] + [p.grad for p in ref.parameters()])
+
+
+def test_triton_backend_runs_the_kernel_and_torch_backend_does_not(device):
+    torch.manual_seed(0)
+    args = [torch.randn(4, 2, 5, device=device), torch.randn(2, 16, device=device),
+            torch.randn(16, 5, device=device), torch.randn(16, 16, device=device)]
+    args = [_leaf(a) for a in args]
+    with gpudl.use_backend("triton"):
+        out, _ = ops.rnn(*args)
+    assert "RNNRecurrence" in type(out.grad_fn).__name__
+    with gpudl.use_backend("torch"):
+        out_ref, _ = ops.rnn(*args)
+    assert "RNNRecurrence" not in type(out_ref.grad_fn).__name__
+    _compare([out], [out_ref])
+
+
+def test_relu_chunked_path_with_default_init(device):
+    """H=100 (BLOCK_H 128: W_hh streamed in chunks) with torch.nn.RNN's own init, fp32, every grad."""
+    torch.manual_seed(1)
+    layer = torch.nn.RNN(9, 100, nonlinearity="relu").to(device)
+    x, hx = torch.randn(6, 20, 9, device=device), torch.randn(20, 100, device=device)
+    params = [layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0]
+    ours = [_leaf(t) for t in [x, hx] + params]
+    theirs = [_leaf(t) for t in [x, hx] + params]
+    with gpudl.use_backend("triton"):
+        out, h_n = ops.rnn(*ours, nonlinearity="relu")
+    want_out, want_h = reference.rnn(*theirs, "relu", False)
+    _compare([out, h_n], [want_out, want_h])
+    g = torch.randn_like(want_out)
+    torch.autograd.backward([out, h_n], [g, torch.ones_like(h_n)])
+    torch.autograd.backward([want_out, want_h], [g, torch.ones_like(want_h)])
+    _compare([t.grad for t in ours], [t.grad for t in theirs])
+
+
+def test_non_contiguous_inputs_and_unbatched(device):
+    torch.manual_seed(0)
+    big_h = torch.randn(3, 40, device=device)
+    x = torch.randn(5, 3, 8, device=device).transpose(0, 1).contiguous().transpose(0, 1)  # strided time-major view
+    hx = big_h[:, ::2]  # [3, 20], row stride 40, column stride 2
+    w_ih = torch.randn(8, 20, device=device).t()  # [20, 8], transposed storage
+    w_hh = 0.2 * torch.randn(20, 20, device=device).t()
+    b = torch.randn(20, device=device)
+    ours = [_leaf(t) for t in (x, hx, w_ih, w_hh, b, b)]
+    theirs = [_leaf(t) for t in (x, hx, w_ih, w_hh, b, b)]
+    with gpudl.use_backend("triton"):
+        out, h_n = ops.rnn(*ours)
+    want_out, want_h = reference.rnn(*theirs, "tanh", False)
+    _compare([out, h_n], [want_out, want_h])
+    out[:, :, ::3].sum().backward()  # a strided output gradient
+    want_out[:, :, ::3].sum().backward()
+    _compare([t.grad for t in ours], [t.grad for t in theirs])
+
+    with gpudl.use_backend("triton"):
+        out1, h1 = ops.rnn(x[:, 0], hx[0], w_ih, w_hh, b, b)  # unbatched: [L, H_in], hx [H]
+    assert out1.shape == (5, 20) and h1.shape == (20,)
+    _compare([out1, h1], [want_out[:, 0], want_h[0]])
+
+
+def test_only_h_n_used_and_partial_grads(device):
+    """The output's gradient arrives as zeros; only W_hh and hx require grad."""
+    torch.manual_seed(0)
+    x, w_ih = torch.randn(6, 2, 4, device=device), torch.randn(16, 4, device=device)
+    hx, w_hh = _leaf(torch.randn(2, 16, device=device)), _leaf(0.3 * torch.randn(16, 16, device=device))
+    hx2, w_hh2 = _leaf(hx), _leaf(w_hh)
+    with gpudl.use_backend("triton"):
+        _, h_n = ops.rnn(x, hx, w_ih, w_hh, None, None)
+    _, want = reference.rnn(x, hx2, w_ih, w_hh2, None, None, "tanh", False)
+    h_n.sum().backward()
+    want.sum().backward()
+    _compare([h_n, hx.grad, w_hh.grad], [want, hx2.grad, w_hh2.grad])
+
+
+def test_empty_batch_and_empty_sequence(device):
+    torch.manual_seed(0)
+    w_ih, w_hh = _leaf(torch.randn(16, 3, device=device)), _leaf(torch.randn(16, 16, device=device))
+    with gpudl.use_backend("triton"):
+        out, h_n = ops.rnn(torch.randn(4, 0, 3, device=device), None, w_ih, w_hh)
+        assert out.shape == (4, 0, 16) and h_n.shape == (0, 16)
+        out.sum().backward()
+        assert w_hh.grad is not None and torch.equal(w_hh.grad, torch.zeros_like(w_hh))
+
+        hx = _leaf(torch.randn(2, 16, device=device))
+        out, h_n = ops.rnn(torch.randn(2, 0, 3, device=device), hx, w_ih, w_hh, batch_first=True)
+        assert out.shape == (2, 0, 16)
+        torch.testing.assert_close(h_n, hx)
+        h_n.sum().backward()
+        torch.testing.assert_close(hx.grad, torch.ones_like(hx))
+
+
+def test_hidden_size_beyond_the_kernel_falls_back_with_a_warning(device):
+    torch.manual_seed(0)
+    hidden = 513
+    args = (torch.randn(2, 1, 3, device=device), torch.zeros(1, hidden, device=device),
+            0.05 * torch.randn(hidden, 3, device=device), 0.05 * torch.randn(hidden, hidden, device=device))
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match="hidden size 513 > 512"):
+        out, h_n = ops.rnn(*args)
+    want_out, want_h = reference.rnn(*args, None, None, "tanh", False)
+    _compare([out, h_n], [want_out, want_h])
+
+
+def test_double_backward_raises(device):
+    x = _leaf(torch.randn(3, 2, 4, device=device))
+    with gpudl.use_backend("triton"):
+        out, _ = ops.rnn(x, None, torch.randn(16, 4, device=device), torch.randn(16, 16, device=device))
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
