@@ -1,0 +1,170 @@
+"""What the supervised modules share: hyperparameter checks, optimizer/scheduler construction from
+Hydra partials, and the train/val/test steps with their metrics.
+
+A model file only builds its layers, says `forward`, and picks a base: `RegressionModule` (MSE,
+logs mse and r2 over the whole split) or `ClassificationModule` (logs acc, acc_best).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torchmetrics import MaxMetric, MeanSquaredError, R2Score
+from torchmetrics.classification import Accuracy
+
+from gpudl import ops
+
+
+# --------------------------------------------------------------------------- hyperparameter checks
+def check_positive_int(owner: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_positive_float(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_probability(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: {name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_int_tuple(owner: str, name: str, value: Any, length: int | None = None) -> tuple[int, ...]:
+    """A list/tuple (Hydra passes ListConfig) of positive ints, returned as a plain tuple so the
+    checkpoint's hyperparameters stay plain types (they load with torch.load(weights_only=True))."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = None
+    if (
+        items is None
+        or isinstance(value, str)
+        or (length is not None and len(items) != length)
+        or len(items) == 0
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
+    ):
+        size = f"{length} " if length is not None else ""
+        raise ValueError(f"{owner}: {name} must be a non-empty sequence of {size}positive ints, got {value!r}")
+    return tuple(int(v) for v in items)
+
+
+def check_factory(owner: str, name: str, value: Any) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"{owner}: {name} must be a callable such as functools.partial(torch.optim.Adam, lr=1e-3) "
+            f"(Hydra: _partial_: true) or None, got {type(value).__name__}"
+        )
+
+
+def build_optimizer(params, optimizer: Callable | None, scheduler: Callable | None, default_lr: float,
+                    monitor: str = "val/loss") -> dict:
+    """Call the optimizer partial on `params` (Adam at `default_lr` when None) and the scheduler
+    partial on the optimizer. Returns Lightning's optimizer config dict."""
+    opt = torch.optim.Adam(params, lr=default_lr) if optimizer is None else optimizer(params=params)
+    config: dict = {"optimizer": opt}
+    if scheduler is not None:
+        # `monitor` serves ReduceLROnPlateau; every scheduler steps once per epoch.
+        config["lr_scheduler"] = {"scheduler": scheduler(optimizer=opt), "monitor": monitor, "interval": "epoch"}
+    return config
+
+
+# --------------------------------------------------------------------------- supervised bases
+class SupervisedModule(L.LightningModule):
+    """Steps shared by the supervised models. A subclass defines `forward(x)` and `loss(out, y)`,
+    and may update metrics in `_update_metrics(stage, out, y)`."""
+
+    default_lr = 1e-3  # Adam's learning rate when no optimizer partial is given
+
+    def __init__(self, optimizer: Callable | None = None, scheduler: Callable | None = None):
+        super().__init__()
+        check_factory(type(self).__name__, "optimizer", optimizer)
+        check_factory(type(self).__name__, "scheduler", scheduler)
+        # Kept out of the hyperparameters: partials are not plain types a checkpoint can hold.
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+
+    def configure_optimizers(self):
+        return build_optimizer(self.parameters(), self.optimizer_factory, self.scheduler_factory, self.default_lr)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update_metrics(self, stage: str, out: torch.Tensor, y: torch.Tensor) -> None:
+        pass
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self.loss(out, y)
+        on_step = stage == "train"
+        # batch_size makes the epoch value a per-sample mean even when the last batch is short.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self._update_metrics(stage, out.detach(), y)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+
+class RegressionModule(SupervisedModule):
+    """MSE regression with one output [N, 1]; logs {val,test}/mse and /r2 computed over the whole
+    split (accumulated sums, not per-batch averages)."""
+
+    def __init__(self, optimizer=None, scheduler=None):
+        super().__init__(optimizer, scheduler)
+        self.val_mse, self.test_mse = MeanSquaredError(), MeanSquaredError()
+        self.val_r2, self.test_r2 = R2Score(), R2Score()
+
+    def loss(self, out, y):
+        return ops.mse_loss(out, y)
+
+    def _update_metrics(self, stage, out, y):
+        if stage == "train":
+            return
+        mse, r2 = getattr(self, f"{stage}_mse"), getattr(self, f"{stage}_r2")
+        mse.update(out.reshape(-1), y.reshape(-1))
+        r2.update(out.reshape(-1), y.reshape(-1))
+        self.log(f"{stage}/mse", mse, on_step=False, on_epoch=True)
+        self.log(f"{stage}/r2", r2, on_step=False, on_epoch=True, prog_bar=True)
+
+
+class ClassificationModule(SupervisedModule):
+    """Classifier base: logs train/acc, val/acc, val/acc_best (running max over validation
+    epochs), test/acc. A subclass defines `predict_labels(out) -> int labels [N]`."""
+
+    def __init__(self, num_classes: int, optimizer=None, scheduler=None):
+        super().__init__(optimizer, scheduler)
+        task = "binary" if num_classes == 2 else "multiclass"
+        self.train_acc, self.val_acc, self.test_acc = (Accuracy(task=task, num_classes=num_classes) for _ in range(3))
+        self.val_acc_best = MaxMetric()
+
+    def predict_labels(self, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update_metrics(self, stage, out, y):
+        acc = getattr(self, f"{stage}_acc")
+        acc.update(self.predict_labels(out), y.reshape(-1).long())
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+
+    def on_train_start(self):
+        # The sanity-check validation ran on untrained weights: forget its accuracy.
+        self.val_acc_best.reset()
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best.update(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
