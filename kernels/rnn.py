@@ -71,24 +71,25 @@ def _rnn_forward_kernel(
         bias = tl.zeros([BLOCK_H], dtype=ACC_DTYPE)
     # Padded rows/columns stay exactly 0: zero input, zero weights, act(0) = 0 for tanh and relu.
     h = tl.load(h0_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+    # Row pointers advance by one time stride per step: 64-bit pointer arithmetic, where t * stride
+    # in int32 could overflow on long sequences of large batches.
+    x_row = xp_ptr + rows * s_xn
+    o_row = out_ptr + rows * s_on
+    prev_row = h0_ptr + rows * H  # where h_{t-1} lives: h0, then the output just written
     if RESIDENT:
         # W_hh^T[k, j] = W_hh[j, k], loaded once for all steps.
         w_t = tl.load(w_ptr + cols[None, :] * H + cols[:, None], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
 
-    for t in range(0, L):
-        xp = tl.load(xp_ptr + t * s_xt + rows[:, None] * s_xn + cols[None, :] * s_xh, mask=mask, other=0.0).to(ACC_DTYPE)
+    for _ in range(0, L):
+        xp = tl.load(x_row[:, None] + cols[None, :] * s_xh, mask=mask, other=0.0).to(ACC_DTYPE)
         if RESIDENT:
             acc = tl.dot(h.to(dot_dtype), w_t, out_dtype=ACC_DTYPE, input_precision="ieee")
         else:
-            if t == 0:
-                prev = h0_ptr + rows * H
-            else:
-                prev = out_ptr + (t - 1) * s_ot + rows * s_on
             acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
             for k in range(0, H, BLOCK_K):
                 ks = k + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
-                a = tl.load(prev[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(prev_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 w_t = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
                 acc += tl.dot(a.to(dot_dtype), w_t, out_dtype=ACC_DTYPE, input_precision="ieee")
         z = xp + acc + bias[None, :]
@@ -96,9 +97,12 @@ def _rnn_forward_kernel(
             h = tanh(z)
         else:
             h = tl.maximum(z, 0.0)
-        tl.store(out_ptr + t * s_ot + rows[:, None] * s_on + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row[:, None] + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=mask)
         if not RESIDENT:
             tl.debug_barrier()  # the next step reads h_t back, written by other threads of this CTA
+        prev_row = o_row
+        x_row += s_xt
+        o_row += s_ot
     tl.store(hn_ptr + rows[:, None] * H + cols[None, :], h.to(hn_ptr.dtype.element_ty), mask=mask)
 
 
@@ -112,6 +116,7 @@ def _rnn_backward_kernel(
     dh0_ptr,  # [N, H] contiguous: gradient of h0
     L, N, H,
     s_dyt, s_dyn, s_dyh, s_dhn, s_dhh, s_ot, s_on,
+    last_dy, last_o,  # (L - 1) * s_dyt and (L - 1) * s_ot, from the host (may exceed int32)
     ACTIVATION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -131,16 +136,18 @@ def _rnn_backward_kernel(
     if RESIDENT:
         w = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
 
-    for i in range(0, L):
-        t = L - 1 - i
-        h = tl.load(out_ptr + t * s_ot + rows[:, None] * s_on + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        dy = tl.load(dy_ptr + t * s_dyt + rows[:, None] * s_dyn + cols[None, :] * s_dyh, mask=mask, other=0.0).to(ACC_DTYPE)
+    # Row pointers start at t = L - 1 and step back one time stride per iteration (64-bit).
+    o_row = out_ptr + rows * s_on + last_o
+    dz_row = dz_ptr + rows * s_on + last_o
+    dy_row = dy_ptr + rows * s_dyn + last_dy
+    for _ in range(0, L):
+        h = tl.load(o_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        dy = tl.load(dy_row[:, None] + cols[None, :] * s_dyh, mask=mask, other=0.0).to(ACC_DTYPE)
         g = dh + dy
         if ACTIVATION == 0:
             dz = g * (1.0 - h * h)
         else:
             dz = tl.where(h > 0.0, g, 0.0)
-        dz_row = dz_ptr + t * s_ot + rows * s_on
         tl.store(dz_row[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
         if RESIDENT:
             dh = tl.dot(dz.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
@@ -153,6 +160,9 @@ def _rnn_backward_kernel(
                 a = tl.load(dz_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
                 w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
                 dh += tl.dot(a.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
+        o_row -= s_ot
+        dz_row -= s_ot
+        dy_row -= s_dyt
     tl.store(dh0_ptr + rows[:, None] * H + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=mask)
 
 
@@ -210,6 +220,7 @@ def _backward(dy, dhn, out, w_hh, nonlinearity, batch_first):
     _rnn_backward_kernel[(triton.cdiv(n, BLOCK_N),)](
         dy, dhn, out, w_hh, dz, dh0,
         length, n, hidden, s_dyt, s_dyn, dy.stride(2), dhn.stride(0), dhn.stride(1), s_ot, s_on,
+        (length - 1) * s_dyt, (length - 1) * s_ot,
         ACTIVATION=ACTIVATIONS[nonlinearity], ACC_DTYPE=_acc_dtype(out.dtype), **cfg,
     )
     return dz, dh0
@@ -354,7 +365,7 @@ def _compile_variants():
                 name=f"rnn-bwd-{tag}", kernel=_rnn_backward_kernel,
                 signature={"dy_ptr": ptr, "dhn_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr, "dh0_ptr": ptr,
                            "L": "i32", "N": "i32", "H": "i32", "s_dyt": "i32", "s_dyn": "i32", "s_dyh": "i32",
-                           "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32",
+                           "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32", "last_dy": "i32", "last_o": "i32",
                            "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
                 constexprs={"ACTIVATION": act, "ACC_DTYPE": tl.float32, **consts},
