@@ -42,47 +42,31 @@ _TENSOR_ROWS = 7
 
 # --------------------------------------------------------------------------- kernel
 @triton.jit
-def _load(ptrs, mask, MASKED: tl.constexpr):
-    if MASKED:
-        x = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
-def _store(ptrs, x, mask, MASKED: tl.constexpr):
-    if MASKED:
-        tl.store(ptrs, x, mask=mask)
-    else:
-        tl.store(ptrs, x)
-
-
-@triton.jit
-def _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, mask, has_buffer, lr, weight_decay, momentum,
+def _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, mask, other, has_buffer, lr, weight_decay, momentum,
                one_minus_dampening, COMPUTE_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
-    """The update of BLOCK elements; MASKED only for a tensor's last, partial block."""
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """The update of BLOCK elements. mask and other are None for whole blocks (unmasked accesses
+    can be vectorized) and (offsets < end, 0.0) for a tensor's last, partial block."""
     elem = p_out.dtype.element_ty
-    p = _load(p_in + offsets, mask, MASKED).to(COMPUTE_DTYPE)
-    g = _load(g_in + offsets, mask, MASKED).to(COMPUTE_DTYPE)
+    p = tl.load(p_in + offsets, mask=mask, other=other).to(COMPUTE_DTYPE)
+    g = tl.load(g_in + offsets, mask=mask, other=other).to(COMPUTE_DTYPE)
     if MAXIMIZE:
         g = -g
     if WEIGHT_DECAY:
         g = g + weight_decay * p
     if MOMENTUM:
         if has_buffer:
-            b = _load(b_in + offsets, mask, MASKED).to(COMPUTE_DTYPE)
+            b = tl.load(b_in + offsets, mask=mask, other=other).to(COMPUTE_DTYPE)
             b = b * momentum + one_minus_dampening * g
         else:  # first step: the buffer starts as g (and b_in may be a null address)
             b = g
-        _store(b_out + offsets, b.to(elem), mask, MASKED)
+        tl.store(b_out + offsets, b.to(elem), mask=mask)
         if NESTEROV:
             g = g + momentum * b
         else:
             g = b
     p = p - lr * g
-    _store(p_out + offsets, p.to(elem), mask, MASKED)
+    tl.store(p_out + offsets, p.to(elem), mask=mask)
 
 
 @triton.jit
@@ -135,13 +119,13 @@ def _sgd_multi_tensor_kernel(
     num_full = (end - start) // BLOCK
     for i in range(0, num_full):
         offsets = start + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, None, has_buffer, lr, weight_decay, momentum,
-                   one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, False)
+        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, None, None, has_buffer, lr, weight_decay, momentum,
+                   one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE)
     tail = start + num_full * BLOCK
     if tail < end:
         offsets = tail + tl.arange(0, BLOCK).to(tl.int64)
-        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, offsets < end, has_buffer, lr, weight_decay, momentum,
-                   one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, True)
+        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, offsets < end, 0.0, has_buffer, lr, weight_decay,
+                   momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE)
 
 
 # --------------------------------------------------------------------------- host launcher
