@@ -330,9 +330,11 @@ SPEC = register(KernelSpec(
         Case("nesterov-wd", _make_case(_SHAPES, 0.8, 0.0, 5e-2, True, False, False)),
     ],
     gradcheck_case=None,
-    # One fp32 rounding per element versus torch's several: a few ulps in fp32; torch's half
-    # precision rounds between ops while the kernel rounds once, so one half ulp or so apart.
-    tolerances={torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2),
+    # One fp32 rounding per element versus torch's several: a few ulps in fp32. In half precision
+    # the harness's reference also runs in the half dtype (the tensors sit in lists, which it does
+    # not cast) and rounds after every op while the kernel rounds once: emulating both in torch
+    # over these cases and 20 seeds needed 1.3e-2 (bf16) and 1.7e-3 (fp16).
+    tolerances={torch.float32: (1e-6, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2),
                 torch.float64: (1e-12, 1e-12)},
     compile_variants=_compile_variants,
     bench_cases=[
