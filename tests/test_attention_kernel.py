@@ -1,0 +1,306 @@
+"""The flash-attention kernel (kernels/attention.py) beyond what the registry harness checks:
+zero-stride (broadcast) masks, rows with no visible key, layouts, empty shapes, fallbacks and
+their warnings, which gradients are computed, gpudl.ops dispatch and gpudl.nn.MultiheadAttention.
+Runs through the Triton interpreter on the CPU; shapes are tiny."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpudl
+from gpudl import nn as gnn
+from gpudl import ops, reference
+from gpudl.kernels import attention as A
+from gpudl.kernels import registry
+
+
+def _leaves(*tensors):
+    """New leaves over the same memory (strides kept: some tests pass non-contiguous views)."""
+    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _check(q, k, v, mask=None, is_causal=False, scale=None, grad=None, atol=1e-5, rtol=1e-4):
+    """Kernel vs torch on copies of (q, k, v): output and every requested gradient."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kq, kk, kv = _leaves(q, k, v)
+    rq, rk, rv = _leaves(q, k, v)
+    out = A.scaled_dot_product_attention(kq, kk, kv, mask, 0.0, is_causal, scale)
+    ref = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=mask, is_causal=is_causal, scale=scale)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    wants = [i for i, t in enumerate((kq, kk, kv)) if t.requires_grad]
+    if not wants or ref.numel() == 0:
+        return out
+    grad = torch.randn_like(ref) if grad is None else grad
+    got = torch.autograd.grad(out, [(kq, kk, kv)[i] for i in wants], grad)
+    want = torch.autograd.grad(ref, [(rq, rk, rv)[i] for i in wants], grad)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0  # sums of many terms
+        torch.testing.assert_close(g, r, atol=atol * scale, rtol=rtol)
+    return out
+
+
+def _qkv(b, h, lq, lk, d, dtype=torch.float32, grad=True):
+    torch.manual_seed(0)
+    return tuple(torch.randn(b, h, n, d, dtype=dtype).requires_grad_(grad) for n in (lq, lk, lk))
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Fallback warnings are one-time per reason; start each test with none issued yet."""
+    monkeypatch.setattr(registry, "_warned", set())
+
+
+# --------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_broadcast_mask_keeps_zero_strides(kind):
+    """A [Lq, Lk] mask expanded to [B, H, Lq, Lk] is read through its zero strides."""
+    q, k, v = _qkv(2, 3, 21, 35, 16)
+    torch.manual_seed(1)
+    keep = torch.rand(21, 35) > 0.4
+    mask = keep if kind == "bool" else torch.randn(21, 35).masked_fill(~keep, float("-inf"))
+    expanded = mask.expand(2, 3, 21, 35)
+    assert expanded.stride()[:2] == (0, 0)
+    _check(q, k, v, expanded)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_rows_with_no_visible_key_match_torch(kind):
+    """PyTorch returns a zero output row (and zero gradients) where every key is masked out."""
+    q, k, v = _qkv(1, 2, 9, 19, 8)
+    keep = torch.ones(9, 19, dtype=torch.bool)
+    keep[2] = False
+    keep[7, 3:] = False
+    mask = keep if kind == "bool" else torch.zeros(9, 19).masked_fill(~keep, float("-inf"))
+    out = _check(q, k, v, mask.expand(1, 2, 9, 19))
+    assert torch.all(out[:, :, 2] == 0) and torch.isfinite(out).all()
+
+
+def test_float_mask_values_are_added():
+    """Large finite negative values are not 'masked out': the row is a softmax over them."""
+    q, k, v = _qkv(1, 1, 5, 17, 16)
+    mask = torch.full((1, 1, 5, 17), -1e30)
+    mask[..., 0, 4] = 2.0
+    _check(q, k, v, mask)
+
+
+def test_per_head_mask_strides():
+    """A mask with a real head dimension but broadcast over the batch."""
+    q, k, v = _qkv(2, 2, 17, 18, 16)
+    torch.manual_seed(2)
+    mask = (torch.rand(1, 2, 17, 18) > 0.5).expand(2, 2, 17, 18)
+    _check(q, k, v, mask)
+
+
+# --------------------------------------------------------------------------- causal, lengths, head dims
+@pytest.mark.parametrize("lq,lk", [(7, 40), (40, 7), (33, 33), (1, 5), (5, 1)])
+def test_causal_is_top_left_aligned(lq, lk):
+    q, k, v = _qkv(1, 2, lq, lk, 16)
+    _check(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("d", [8, 24, 80, 96, 128])
+def test_head_dims(d):
+    q, k, v = _qkv(1, 1, 9, 18, d)
+    _check(q, k, v, is_causal=d == 96, scale=0.17 if d == 80 else None)
+
+
+def test_non_contiguous_inputs_and_gradient():
+    """q/k/v transposed from [B, L, H, D]; key sliced from a wider tensor; dO with zero strides
+    (what out.sum().backward() sends back)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 13, 3, 16).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 3, 22, 32)[..., ::2].requires_grad_()
+    v = torch.randn(2, 22, 3, 16).transpose(1, 2).requires_grad_()
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check(q, k, v, grad=torch.ones(1, 1, 1, 1).expand(2, 3, 13, 16))
+
+
+def test_zero_size_shapes():
+    # Empty batch: empty output and gradients.
+    q, k, v = _qkv(0, 2, 5, 7, 16)
+    out = A.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.25)
+    assert out.shape == (0, 2, 5, 16)
+    gq, gk, gv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert gq.shape == q.shape and gk.shape == k.shape and gv.shape == v.shape
+    # No keys: torch gives zeros; no queries: an empty output and zero key/value gradients.
+    q, k, v = _qkv(1, 2, 5, 0, 16)
+    out = _check(q, k, v)
+    assert torch.all(out == 0)
+    q, k, v = _qkv(1, 2, 0, 6, 16)
+    out = A.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.25)
+    gk, gv = torch.autograd.grad(out.sum(), (k, v))
+    assert out.shape == (1, 2, 0, 16) and torch.all(gk == 0) and torch.all(gv == 0)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+def test_gradcheck_float64(mask_kind):
+    q, k, v = _qkv(1, 2, 5, 7, 8, dtype=torch.float64)
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind in ("bool", "float"):
+        keep = torch.rand(5, 7, generator=torch.Generator().manual_seed(3)) > 0.4
+        keep[1] = False
+        mask = keep if mask_kind == "bool" else torch.randn(5, 7, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+        mask = mask.expand(1, 2, 5, 7)
+    fn = lambda q, k, v: A.scaled_dot_product_attention(q, k, v, mask, 0.0, causal, 0.4)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- gradients not required
+class _LaunchSpy:
+    """Wraps an autotuned kernel and records the keyword arguments of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append(kwargs)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_only_required_gradients_are_computed(monkeypatch, wanted):
+    dkdv = _LaunchSpy(A._attn_bwd_dkdv_tuned)
+    dq = _LaunchSpy(A._attn_bwd_dq_tuned)
+    monkeypatch.setattr(A, "_attn_bwd_dkdv_tuned", dkdv)
+    monkeypatch.setattr(A, "_attn_bwd_dq_tuned", dq)
+    q, k, v = _qkv(1, 2, 11, 13, 16)
+    for t, w in zip((q, k, v), wanted):
+        t.requires_grad_(w)
+    out = A.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.25)
+    out.sum().backward()
+    assert [t.grad is not None for t in (q, k, v)] == list(wanted)
+    assert len(dq.calls) == int(wanted[0])
+    if wanted[1] or wanted[2]:
+        assert len(dkdv.calls) == 1
+        assert (dkdv.calls[0]["COMPUTE_DK"], dkdv.calls[0]["COMPUTE_DV"]) == wanted[1:]
+    else:
+        assert not dkdv.calls
+    # The gradients that are computed are right.
+    rq, rk, rv = (t.detach().requires_grad_(w) for t, w in zip((q, k, v), wanted))
+    F.scaled_dot_product_attention(rq, rk, rv, scale=0.25).sum().backward()
+    for t, r in zip((q, k, v), (rq, rk, rv)):
+        if r.grad is not None:
+            torch.testing.assert_close(t.grad, r.grad, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- fallbacks
+def _ran_kernel(out) -> bool:
+    return out.grad_fn is not None and out.grad_fn.name() == "FlashAttentionBackward"
+
+
+def _fallback(args, match):
+    with pytest.warns(UserWarning, match=match):
+        out = A.scaled_dot_product_attention(*args)
+    assert not _ran_kernel(out)
+    return out
+
+
+def test_dropout_falls_back_with_one_warning(fresh_warnings):
+    q, k, v = _qkv(1, 2, 6, 6, 16)
+    torch.manual_seed(5)
+    out = _fallback((q, k, v, None, 0.5, False, 0.25), "dropout_p > 0")
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, reference.scaled_dot_product_attention(q, k, v, None, 0.5, False, 0.25))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        A.scaled_dot_product_attention(q, k, v, None, 0.3, False, 0.25)
+
+
+def test_value_head_dim_mismatch_falls_back(fresh_warnings):
+    q, k, _ = _qkv(1, 2, 6, 7, 16)
+    v = torch.randn(1, 2, 7, 24)
+    out = _fallback((q, k, v, None, 0.0, False, 0.25), "Dv differs")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25))
+
+
+def test_large_head_dim_falls_back(fresh_warnings):
+    q, k, v = _qkv(1, 1, 3, 4, 136)
+    out = _fallback((q, k, v, None, 0.0, False, 0.1), "head dims above 128")
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.1))
+
+
+def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient(fresh_warnings):
+    q, k, v = _qkv(1, 2, 5, 6, 16)
+    mask = torch.randn(1, 2, 5, 6, requires_grad=True)
+    out = _fallback((q, k, v, mask, 0.0, False, 0.25), "attn_mask requires grad")
+    (g,) = torch.autograd.grad(out.sum(), mask)
+    assert g.shape == mask.shape and g.abs().sum() > 0
+
+
+def test_mask_together_with_causal_is_an_error():
+    q, k, v = _qkv(1, 1, 4, 4, 16)
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        A.scaled_dot_product_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), 0.0, True, 0.25)
+
+
+# --------------------------------------------------------------------------- gpudl.ops and gpudl.nn
+def test_ops_dispatches_to_the_kernel_under_triton_backend():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 11, 16, requires_grad=True) for _ in range(3))
+    mask = torch.rand(11, 11) > 0.3  # broadcast by gpudl.ops to [B, H, Lq, Lk] without copying
+    with gpudl.use_backend("triton"):
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert _ran_kernel(out)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-4)
+    with gpudl.use_backend("torch"):
+        assert not _ran_kernel(ops.scaled_dot_product_attention(q, k, v))
+
+
+def test_ops_three_dim_inputs_and_causal_under_triton_backend():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 9, 8), torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    with gpudl.use_backend("triton"):
+        out = ops.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
+    assert out.shape == (2, 9, 8)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5), atol=1e-5, rtol=1e-4)
+
+
+def test_ops_validation_messages():
+    q = torch.randn(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        ops.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match=r"does not broadcast to \(1, 2, 5, 5\)"):
+        ops.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask has dtype torch.float64 but query has dtype torch.float32"):
+        ops.scaled_dot_product_attention(q, q, q, attn_mask=torch.zeros(5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="dropout_p must be a float in"):
+        ops.scaled_dot_product_attention(q, q, q, dropout_p=1.0)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_matches_torch_under_triton_backend(batch_first):
+    """gpudl.nn.MultiheadAttention on the kernel vs torch.nn.MultiheadAttention with the same
+    weights: key padding mask, causal attention mask, output and parameter gradients."""
+    torch.manual_seed(0)
+    embed, heads, batch, lq, lk = 32, 2, 2, 9, 11
+    ours = gnn.MultiheadAttention(embed, heads, batch_first=batch_first)
+    theirs = torch.nn.MultiheadAttention(embed, heads, batch_first=batch_first)
+    theirs.load_state_dict(ours.state_dict())
+    shape_q = (batch, lq, embed) if batch_first else (lq, batch, embed)
+    shape_k = (batch, lk, embed) if batch_first else (lk, batch, embed)
+    query, key = torch.randn(shape_q), torch.randn(shape_k)
+    padding = torch.zeros(batch, lk, dtype=torch.bool)
+    padding[1, -3:] = True
+    attn_mask = torch.ones(lq, lk, dtype=torch.bool).triu(1)  # True = masked out, as torch.nn wants
+    with gpudl.use_backend("triton"):
+        out, _ = ours(query, key, key, key_padding_mask=padding, attn_mask=attn_mask)
+    want, _ = theirs(query, key, key, key_padding_mask=padding, attn_mask=attn_mask, need_weights=False)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, [ours.in_proj_weight, ours.out_proj.weight], grad)
+    ref = torch.autograd.grad(want, [theirs.in_proj_weight, theirs.out_proj.weight], grad)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
