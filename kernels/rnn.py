@@ -344,7 +344,8 @@ def _cudnn_rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, 
 
 def _compile_variants():
     variants = []
-    for dtype in (torch.float32, torch.bfloat16):
+    # fp32 and bf16, plus fp64 (the harness's gradcheck runs the kernel in float64 on a GPU too).
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for hidden in (64, 128, 256, 512):
             cfg = _config(hidden, dtype)
             consts = {k: cfg[k] for k in ("BLOCK_N", "BLOCK_H", "BLOCK_K", "RESIDENT")}
@@ -358,7 +359,7 @@ def _compile_variants():
                            "s_ot": "i32", "s_on": "i32", "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr",
                            "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
                            "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
-                constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl.float32, **consts},
+                constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": _acc_dtype(dtype), **consts},
                 num_warps=cfg["num_warps"],
             ))
             variants.append(CompileVariant(
@@ -368,7 +369,7 @@ def _compile_variants():
                            "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32", "last_dy": "i32", "last_o": "i32",
                            "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
-                constexprs={"ACTIVATION": act, "ACC_DTYPE": tl.float32, **consts},
+                constexprs={"ACTIVATION": act, "ACC_DTYPE": _acc_dtype(dtype), **consts},
                 num_warps=cfg["num_warps"],
             ))
     return variants
