@@ -61,14 +61,16 @@ class Discriminator(torch.nn.Module):
 class GANModule(L.LightningModule):
     """MLP GAN on images [N, *image_shape] in [0, 1] (batches (images, labels); labels unused).
 
-    optimizer: partial used for both nets unless g_optimizer / d_optimizer are given (None
-    everywhere: Adam lr 2e-3, betas (0.5, 0.999): DCGAN's betas; its lr 2e-4 is too slow for
-    these small MLPs on a CPU budget). scheduler: partial applied
-    to both optimizers, stepped each epoch (ReduceLROnPlateau watches val/gen_score: use
-    mode='max'). gradient_clip_val: clip each net's gradient norm (the Trainer's own clipping
-    does not apply to manual optimization). judge_epochs / judge_hidden: the judge MLP's
-    training. num_eval_samples images are judged each validation and test epoch, drawn from
-    noise seeded by eval_seed, so epochs are compared on the same z.
+    optimizer: partial used for both nets unless g_optimizer / d_optimizer are given. None
+        everywhere: Adam lr 2e-3, betas (0.5, 0.999) (DCGAN's betas; its lr 2e-4 is too slow
+        for these small MLPs on a CPU budget).
+    scheduler: partial applied to both optimizers, stepped once per epoch (a ReduceLROnPlateau
+        watches val/gen_score, so give it mode='max').
+    gradient_clip_val: clip each net's gradient norm (the Trainer's gradient_clip_val does not
+        apply to manual optimization).
+    judge_epochs, judge_hidden: the judge MLP's training and width.
+    num_eval_samples: images judged at each validation and test epoch, from noise seeded by
+        eval_seed (the same z every validation epoch, so epochs compare fairly).
     """
 
     def __init__(self, image_shape=(1, 8, 8), latent_dim: int = 32, hidden: int = 256, optimizer=None, scheduler=None,
