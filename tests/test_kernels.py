@@ -31,17 +31,20 @@ def _flatten(out) -> list[torch.Tensor]:
 
 
 def _clone_args(args, dtype=None):
-    """Independent leaf copies (optionally cast), keeping which tensors require grad."""
-    copies = []
-    for a in args:
+    """Independent leaf copies (optionally cast), keeping which tensors require grad; recurses
+    into lists and tuples so in-place kernels cannot touch the reference's inputs."""
+
+    def clone(a):
         if isinstance(a, torch.Tensor):
             c = a.detach().clone()
             if dtype is not None and c.is_floating_point():
                 c = c.to(dtype)
-            copies.append(c.requires_grad_(a.requires_grad))
-        else:
-            copies.append(a)
-    return tuple(copies)
+            return c.requires_grad_(a.requires_grad)
+        if isinstance(a, (list, tuple)):
+            return type(a)(clone(item) for item in a)
+        return a
+
+    return tuple(clone(a) for a in args)
 
 
 def _grad_inputs(args) -> list[int]:
