@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPUDL_ROOT", str(ROOT))
 
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from gpudl.callbacks import NonFiniteLossError  # noqa: E402
 from gpudl.train import ConfigError, metric_value, train  # noqa: E402
 
 
@@ -31,6 +34,11 @@ def main(cfg: DictConfig) -> float | None:
         # A mistake in the config: one clear line, no traceback; exit status 2 like argparse.
         print(f"gpudl: config error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except NonFiniteLossError as err:
+        print(f"gpudl: {err}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # a sweep goes on: some learning rates are expected to diverge
+        raise SystemExit(1) from None
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 

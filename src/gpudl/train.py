@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def validate_config(cfg: DictConfig, required: tuple[str, ...] = ("data", "model
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{dotted} must be a positive number (the learning rate), got {value!r}")
 
-    batch_size = cfg.data.get("batch_size", None)
+    batch_size = cfg.data.get("batch_size", None) if "data" in cfg else None
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"data.batch_size must be a positive int, or null for full batch, got {batch_size!r}")
     metric = cfg.get("optimized_metric")
@@ -138,7 +139,17 @@ def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        raise ConfigError(f"could not build `{key}` ({node.get('_target_')}): {type(cause).__name__}: {cause}") from cause
+        text = str(cause)
+        # Name the config keys the constructor complained about: by name (batch_size) or by
+        # value (data.path=/nope.npz), so the user knows what to change.
+        involved = [
+            f"{key}.{k}={node[k]!r}" if isinstance(node[k], str) else f"{key}.{k}"
+            for k in node
+            if not str(k).startswith("_")
+            and (re.search(rf"\b{re.escape(str(k))}\b", text) or (isinstance(node[k], str) and node[k] and node[k] in text))
+        ]
+        where = f" [check {', '.join(involved)}]" if involved else ""
+        raise ConfigError(f"could not build `{key}` ({node.get('_target_')}){where}: {type(cause).__name__}: {cause}") from cause
 
 
 def _instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
@@ -184,6 +195,19 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _checkpoint_paths(trainer: Any) -> tuple[str, str]:
+    """(best, last) checkpoint paths ('' when none): the best of the ModelCheckpoint that
+    monitors a metric; the last is a save_last file, or the file of a ModelCheckpoint without
+    a monitor (callbacks.last_checkpoint keeps the latest epoch)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    best = next((cb.best_model_path for cb in checkpoints if cb.monitor and cb.best_model_path), "")
+    lasts = [cb.last_model_path for cb in checkpoints] + [cb.best_model_path for cb in checkpoints if not cb.monitor]
+    lasts = sorted((p for p in lasts if p), key=lambda p: os.path.basename(p) != "last.ckpt")  # same state; prefer the usual name
+    return best, lasts[0] if lasts else ""
+
+
 def _is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
@@ -221,7 +245,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
     from gpudl import backend
 
@@ -264,9 +288,7 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         fit_metrics = _floats(trainer.callback_metrics)
 
-    checkpoint = next((cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)), None)
-    best = checkpoint.best_model_path if checkpoint is not None else ""
-    last = checkpoint.last_model_path if checkpoint is not None else ""
+    best, last = _checkpoint_paths(trainer)
     tested_ckpt: str | None = None
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):

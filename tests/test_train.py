@@ -1,0 +1,204 @@
+"""gpudl.train.train() end to end on composed configs: one short run per algorithm, the run folder's
+contents, seeding, W&B offline mode, resuming, backend selection, and (slow) a converged run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpudl import backend
+from gpudl.train import ConfigError, train
+from gpudl.utils import compose
+
+# A few batches of everything, quietly; the experiment's own callbacks (checkpoints) stay on.
+FAST = [
+    "logger=none",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+# The GAN's judge and sample metrics, made cheap.
+GAN_FAST = ["model.judge_epochs=1", "model.num_eval_samples=50", "callbacks.sample_grid.num_samples=16"]
+
+
+def run(tmp_path: Path, *overrides: str, fast: bool = True) -> tuple[dict, Path]:
+    out = tmp_path / "run"
+    cfg = compose([*(FAST if fast else []), *overrides], output_dir=out)
+    return train(cfg), out
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "experiment,keys",
+    [
+        ("linreg_toy", ["test/mse", "test/r2", "test/slope", "test/intercept", "val/r2"]),
+        ("logreg_cancer", ["test/acc", "val/acc", "val/acc_best"]),
+        ("cnn_digits", ["test/acc", "val/acc_best", "test/loss"]),
+        ("rnn_digits", ["test/acc", "val/acc_best"]),
+        ("attention_digits", ["test/acc", "val/acc_best"]),
+    ],
+)
+def test_each_algorithm_trains_a_few_steps(experiment, keys, tmp_path, capsys):
+    metrics, out = run(tmp_path, f"experiment={experiment}")
+    for key in keys:
+        assert key in metrics and isinstance(metrics[key], float), key
+    report = read_report(out)
+    assert report["metrics"] == pytest.approx(metrics)
+    assert report["optimized_metric"] == compose([f"experiment={experiment}"], output_dir=out).optimized_metric
+    assert report["optimized_metric_value"] == metrics[report["optimized_metric"]]
+    # best and last checkpoints, and the tested one is the best.
+    assert Path(report["best_checkpoint"]).is_file() and Path(report["last_checkpoint"]).name == "last.ckpt"
+    assert report["tested_checkpoint"] == report["best_checkpoint"]
+    assert (out / "config.yaml").is_file()
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[gpudl]")]
+    assert len(summary) == 1 and f"[gpudl] {experiment}: test/" in summary[0]
+
+
+def test_gan_trains_logs_quality_and_saves_sample_grids(tmp_path):
+    metrics, out = run(tmp_path, "experiment=gan_digits", "trainer.max_epochs=2", *GAN_FAST)
+    for key in ["train/d_loss", "train/g_loss", "val/gen_score", "test/gen_confidence", "test/gen_classes",
+                "baseline/gen_confidence", "baseline/gen_classes", "judge/acc"]:
+        assert key in metrics, key
+    grids = sorted((out / "samples").glob("epoch_*.png"))
+    assert [p.name for p in grids] == ["epoch_000.png", "epoch_001.png"]
+    from PIL import Image
+
+    assert min(Image.open(grids[0]).size) >= 256  # 8x8 digits upscaled to be readable
+    assert read_report(out)["optimized_metric"] == "val/gen_score"
+
+
+def test_run_folder_holds_resolved_config_and_csv_logs(tmp_path):
+    from omegaconf import OmegaConf
+
+    metrics, out = run(tmp_path, "experiment=linreg_toy", "logger=csv", "optimizer=gd")
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.model.optimizer.lr == 0.3 and saved.data.batch_size is None  # resolved values
+    assert saved.paths.output_dir == str(out)
+    assert (out / "csv" / "metrics.csv").is_file()
+    hparams = (out / "csv" / "hparams.yaml").read_text()
+    assert "optimizer_lr" in hparams and "model/params/total" in hparams  # the whole config is logged
+
+
+def test_fixed_seed_repeats_metrics_exactly(tmp_path):
+    args = ("experiment=cnn_digits", "trainer.limit_train_batches=4", "seed=7")
+    first, _ = run(tmp_path / "a", *args)
+    second, _ = run(tmp_path / "b", *args)
+    assert first == second
+    third, _ = run(tmp_path / "c", *args[:-1], "seed=8")
+    assert third["train/loss"] != first["train/loss"]
+
+
+def test_fast_dev_run_tests_current_weights(tmp_path):
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "debug=fdr", fast=False)
+    report = read_report(out)
+    assert report["best_checkpoint"] is None and report["tested_checkpoint"] is None  # no checkpoints in fast_dev_run
+    assert "test/acc" in metrics
+
+
+def test_toy_line_tests_its_final_epoch(tmp_path):
+    metrics, out = run(tmp_path, "experiment=linreg_toy", "trainer.max_epochs=2")
+    report = read_report(out)
+    assert Path(report["tested_checkpoint"]).name == "epoch_001.ckpt"  # monitor "step": the final epoch
+
+
+def test_without_a_monitor_the_last_checkpoint_is_tested(tmp_path):
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=null")
+    report = read_report(out)
+    assert report["best_checkpoint"] is None
+    assert report["tested_checkpoint"] == report["last_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
+    assert torch.load(report["last_checkpoint"], weights_only=True)["epoch"] == 1
+
+
+def test_resume_from_checkpoint_and_test_only(tmp_path):
+    _, first = run(tmp_path / "a", "experiment=linreg_toy")
+    last = first / "checkpoints" / "last.ckpt"
+    metrics, second = run(tmp_path / "b", "experiment=linreg_toy", "trainer.max_epochs=2", f"ckpt_path={last}")
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    # train=false: only test the given checkpoint.
+    only_test, third = run(tmp_path / "c", "experiment=linreg_toy", "train=false", f"ckpt_path={last}")
+    assert set(only_test) == {k for k in only_test if k.startswith("test/")}
+    assert read_report(third)["tested_checkpoint"] == str(last)
+
+
+def test_wandb_logger_runs_offline_without_login(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` on record
+    metrics, out = run(tmp_path, "experiment=linreg_toy", "logger=wandb")
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert list((out / "wandb").glob("offline-run-*"))
+    import wandb
+
+    assert wandb.run is None  # finished at the end of the job
+    assert "test/r2" in metrics
+
+
+def test_wandb_mode_respects_user_setting(monkeypatch, tmp_path):
+    from gpudl.utils import choose_wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert choose_wandb_mode() == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert choose_wandb_mode() == "online" and "WANDB_MODE" not in os.environ
+
+
+def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    seen = []
+
+    class Spy(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(backend.current_backend())
+
+    import gpudl.train as train_module
+
+    original = train_module._instantiate_group
+
+    def with_spy(node, key):
+        objects = original(node, key)
+        return objects + [Spy()] if key == "callbacks" else objects
+
+    before = backend._process_backend
+    train_module._instantiate_group = with_spy
+    try:
+        run(tmp_path, "experiment=linreg_toy", "kernels.backend=torch")
+    finally:
+        train_module._instantiate_group = original
+    assert seen == ["torch"]
+    assert backend._process_backend == before
+
+
+def test_unknown_kernel_backend_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"kernels.backend: .*unknown backend 'cuda'"):
+        run(tmp_path, "experiment=linreg_toy", "kernels.backend=cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GPUDL_TEST_DDP") != "1", reason="spawns 4 processes (~1.5 min on 2 cores); GPUDL_TEST_DDP=1 runs it")
+def test_ddp_spawn_on_two_cpu_processes(tmp_path):
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer=ddp_spawn_cpu")
+    assert "test/acc" in metrics and Path(read_report(out)["best_checkpoint"]).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adam", "gd"])
+def test_toy_line_recovers_slope_and_intercept(optimizer, tmp_path):
+    metrics, _ = run(tmp_path, "experiment=linreg_toy", f"optimizer={optimizer}", "logger=none",
+                     "trainer.enable_progress_bar=false", fast=False)
+    assert metrics["test/slope"] == pytest.approx(2.0, abs=0.05)
+    assert metrics["test/intercept"] == pytest.approx(1.0, abs=0.05)

@@ -1,0 +1,62 @@
+"""The command lines: `python scripts/train.py` (default experiment), `-m` multirun, and
+`python scripts/eval.py ckpt_path=...`, as subprocesses writing under a temporary GPUDL_ROOT."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpudl.utils import repo_root
+
+QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
+
+
+def script(name: str, *args: str, root: Path, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPUDL_ROOT": str(root)}
+    env.pop("WANDB_MODE", None)  # train() must pick offline by itself (no login here)
+    env["NETRC"] = str(root / "no-netrc")
+    proc = subprocess.run([sys.executable, str(repo_root() / "scripts" / name), *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_default_train_prints_summary_and_eval_reproduces_it(tmp_path):
+    proc = script("train.py", "logger=csv", *QUICK, root=tmp_path, cwd=tmp_path)
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("[gpudl] cnn_digits: ") and "test/acc=" in last_line
+    (run_dir,) = (tmp_path / "logs" / "cnn_digits" / "runs").iterdir()
+    assert str(run_dir) in last_line
+    for name in ("metrics.json", "config.yaml", ".hydra/config.yaml", "cnn_digits.log", "csv/metrics.csv"):
+        assert (run_dir / name).exists(), name
+    report = json.loads((run_dir / "metrics.json").read_text())
+
+    # The same test batches as the run (limit_test_batches=1).
+    proc = script("eval.py", f"ckpt_path={report['tested_checkpoint']}", "trainer.limit_test_batches=1",
+                  "trainer.enable_progress_bar=false", root=tmp_path, cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1].startswith("[gpudl] eval cnn_digits: ")
+    (eval_dir,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
+    evaluated = json.loads((eval_dir / "eval_metrics.json").read_text())["metrics"]
+    assert evaluated["test/acc"] == pytest.approx(report["metrics"]["test/acc"])
+    assert evaluated["test/loss"] == pytest.approx(report["metrics"]["test/loss"], rel=1e-5)
+
+
+def test_multirun_writes_one_run_folder_per_job(tmp_path):
+    script("train.py", "-m", "experiment=linreg_toy", "logger=many", "seed=1,2", *QUICK, root=tmp_path, cwd=tmp_path)
+    (sweep,) = (tmp_path / "logs" / "linreg_toy" / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    seeds = []
+    for job in jobs:
+        report = json.loads((job / "metrics.json").read_text())
+        seeds.append(report["seed"])
+        assert Path(report["best_checkpoint"]).parent == job / "checkpoints"
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # one W&B run per job, offline
+        assert (job / "csv" / "metrics.csv").is_file()
+    assert seeds == [1, 2]
