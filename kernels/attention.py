@@ -356,8 +356,9 @@ TUNE_KEY = ["TUNE_LQ", "TUNE_LK", "HEAD_DIM", "MASK_KIND", "IS_CAUSAL"]
 
 
 def _smem_estimate(cfg, block_d: int, elem: int, per_program: str) -> int:
-    """Upper estimate of one config's shared memory in bytes: the pipelined tiles of the looped
-    operands plus the resident block (compile_check measures the real figure)."""
+    """Rough estimate of one config's shared memory in bytes (the pipelined tiles of the looped
+    operands plus the resident block), only to keep configs far from the limit out; compile_check
+    measures the real figure of every kept config."""
     block_m, block_n, _, stages = cfg
     looped, resident = (block_n, block_m) if per_program == "query" else (block_m, block_n)
     return (2 * stages * looped + 2 * resident) * block_d * elem
@@ -396,8 +397,8 @@ def _block_d(head_dim: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # Full-precision products for float32/float64 (torch's SDPA does not use TF32 by default);
-    # half-precision inputs use the tensor cores whatever this says.
+    # IEEE products for float32/float64 (never silently TF32); half-precision inputs use the
+    # tensor cores whatever this says.
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 

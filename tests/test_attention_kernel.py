@@ -281,9 +281,12 @@ def test_ops_validation_messages():
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_multihead_attention_matches_torch_under_triton_backend(batch_first):
+def test_multihead_attention_matches_torch_under_triton_backend(batch_first, monkeypatch):
     """gpudl.nn.MultiheadAttention on the kernel vs torch.nn.MultiheadAttention with the same
     weights: key padding mask, causal attention mask, output and parameter gradients."""
+    launches = []
+    forward = A.attention_forward
+    monkeypatch.setattr(A, "attention_forward", lambda *args: launches.append(args[3]) or forward(*args))
     torch.manual_seed(0)
     embed, heads, batch, lq, lk = 32, 2, 2, 9, 11
     ours = gnn.MultiheadAttention(embed, heads, batch_first=batch_first)
@@ -299,6 +302,7 @@ def test_multihead_attention_matches_torch_under_triton_backend(batch_first):
         out, _ = ours(query, key, key, key_padding_mask=padding, attn_mask=attn_mask)
     want, _ = theirs(query, key, key, key_padding_mask=padding, attn_mask=attn_mask, need_weights=False)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    assert len(launches) == 1 and launches[0].dtype == torch.float32  # the kernel ran, on the merged float mask
     grad = torch.randn_like(want)
     got = torch.autograd.grad(out, [ours.in_proj_weight, ours.out_proj.weight], grad)
     ref = torch.autograd.grad(want, [theirs.in_proj_weight, theirs.out_proj.weight], grad)
