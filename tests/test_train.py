@@ -134,13 +134,15 @@ def test_wandb_logger_runs_offline_without_login(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` on record
-    metrics, out = run(tmp_path, "experiment=linreg_toy", "logger=wandb")
+    metrics, out = run(tmp_path, "experiment=gan_digits", "logger=wandb", *GAN_FAST)
     assert os.environ["WANDB_MODE"] == "offline"
-    assert list((out / "wandb").glob("offline-run-*"))
+    (wandb_run,) = (out / "wandb").glob("offline-run-*")
+    # The sample grid went to W&B as an image too.
+    assert list(wandb_run.glob("files/media/images/samples_*.png"))
     import wandb
 
     assert wandb.run is None  # finished at the end of the job
-    assert "test/r2" in metrics
+    assert "test/gen_score" in metrics
 
 
 def test_wandb_mode_respects_user_setting(monkeypatch, tmp_path):
