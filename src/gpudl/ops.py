@@ -94,6 +94,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         )
     if c_out % groups != 0:
         raise ValueError(f"weight has {c_out} output channels, which groups={groups} does not divide")
+    if c_in_per_group == 0:  # F.conv2d returns a shape that ignores weight's C_out here
+        raise ValueError(f"weight {tuple(weight.shape)} has no input channels; a convolution needs at least one")
     if bias is not None:
         _check_tensor("bias", bias, (1,))
         _check_same("bias", bias, "input", input)
@@ -142,6 +144,15 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         raise ValueError(f"padding {padding} must be at most half of kernel_size {kernel_size}")
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
+    out_size = tuple(
+        (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        for size, k, s, p, d in zip(x.shape[2:], kernel_size, stride, padding, dilation)
+    )
+    if min(out_size) < 1:
+        raise ValueError(
+            f"input spatial size {tuple(x.shape[2:])} with kernel_size {kernel_size}, padding {padding} and "
+            f"dilation {dilation} gives output size {out_size}; it must be at least 1"
+        )
     out = _dispatch("max_pool2d", [x], (x, kernel_size, stride, padding, dilation, bool(ceil_mode)), reference.max_pool2d)
     return out.squeeze(0) if unbatched else out
 

@@ -1,0 +1,558 @@
+"""Fused 2-D convolution (+ bias + activation) as implicit GEMMs, forward and backward.
+
+Shapes (the normalized arguments of gpudl.reference.conv2d):
+    input  x [N, C_in, H, W]              any strides: NCHW, channels_last or a strided view
+    weight w [C_out, C_in / groups, kH, kW]
+    bias   b [C_out] or None
+    output y [N, C_out, H_out, W_out]     H_out = (H + top + bottom - dH * (kH - 1) - 1) // sH + 1
+                                          channels_last when x or w is (as F.conv2d does)
+
+Per group g (C_in_g = C_in / groups input channels, C_out_g = C_out / groups output channels),
+with no im2col buffer anywhere (every operand tile is gathered from the tensors on the fly):
+    forward  y[m, o]  = act(sum_k  X[m, k] * W[k, o] + b[o])   m = (n, oh, ow), k = (kh, kw, c)
+    dgrad    dx[p, c] = sum_k' dZ[p, k'] * W[k', c]            p = (n, ih, iw), k' = (kh, kw, o)
+    wgrad    dw[o, k] = sum_m  dZ[m, o] * X[m, k]              m split over programs
+    bias     db[o]    = sum_m  dZ[m, o]                        inside the wgrad kernel
+where X[m, k] = x[n, c, oh * sH - top + kh * dH, ow * sW - left + kw * dW] (0 in the padding) and
+dZ = dy * act'(z) is the gradient of the pre-activation z, computed while loading dy.
+k runs over (kh, kw, c) with c fastest, so that channels_last inputs are read contiguously.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from gpudl import reference
+from gpudl.kernels._common import ACTIVATION_CODES, LEAKY_RELU_SLOPE, activation_grad, apply_activation, triton_dtype, tuning_configs
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+
+# The first config of each list is the one the interpreter runs: big tiles, so that the test
+# shapes take one or two programs. Every config fits sm_80's shared memory in fp32 too (the
+# compile check measures it); few configs keep the ahead-of-time compile check short.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+_DGRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+]
+# wgrad: BLOCK_N output channels x BLOCK_K (kh, kw, c) columns, reducing BLOCK_M rows at a time.
+# One config: the reduction is split over programs to fill the GPU (_wgrad_splits), which
+# matters more here than the tile shape.
+_WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+
+# CUDA caps grid dims y and z at 65535; the group (times wgrad split) index lives on z.
+_MAX_GRID_Z = 65535
+
+
+@triton.jit
+def _grad_pre_activation(grad, saved, ACTIVATION: tl.constexpr):
+    """dy -> dz = dy * act'(z). `saved` is the output y for relu, leaky_relu, tanh and sigmoid
+    (their derivative is a function of y, so no pre-activation is kept), and the pre-activation z
+    for gelu (whose derivative is not a function of y)."""
+    if ACTIVATION == 1:
+        grad = tl.where(saved > 0, grad, 0.0)
+    elif ACTIVATION == 2:
+        grad = tl.where(saved > 0, grad, grad * LEAKY_RELU_SLOPE)  # y > 0 exactly when z > 0
+    elif ACTIVATION == 3:
+        grad = grad * (1.0 - saved * saved)
+    elif ACTIVATION == 4:
+        grad = grad * saved * (1.0 - saved)
+    elif ACTIVATION == 5:
+        grad = activation_grad(saved, grad, 5)
+    return grad
+
+
+@triton.autotune(configs=tuning_configs(_FWD_CONFIGS), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL"])
+@triton.jit
+def _conv2d_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, z_ptr,
+    C_IN_G, H, W, C_OUT_G, H_OUT, W_OUT, M, K_TOTAL,
+    sx_n, sx_c, sx_h, sx_w,
+    sw_o, sw_c, sw_h, sw_w,
+    sy_n, sy_c, sy_h, sy_w,
+    STRIDE_H, STRIDE_W, PAD_TOP, PAD_LEFT, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M output positions, BLOCK_N output channels] tile of y (and of z = the
+    pre-activation, when STORE_Z), for group program_id(2). M = N * H_out * W_out,
+    K_TOTAL = kH * kW * C_in_g."""
+    # fp64 inputs (gradcheck) accumulate in fp64, everything else in fp32.
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M can pass 2**31
+    m_mask = offs_m < M
+    ow = offs_m % W_OUT
+    oh = (offs_m // W_OUT) % H_OUT
+    n = offs_m // (W_OUT * H_OUT)
+    ih0 = oh * STRIDE_H - PAD_TOP
+    iw0 = ow * STRIDE_W - PAD_LEFT
+    x_rows = x_ptr + group * C_IN_G * sx_c + n * sx_n  # [BLOCK_M] pointers
+
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < C_OUT_G
+    chan_o = group * C_OUT_G + offs_o  # int64 channel index into w, b and y
+    w_cols = w_ptr + chan_o * sw_o  # [BLOCK_N] pointers
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K_TOTAL
+        c = (offs_k % C_IN_G).to(tl.int64)
+        tap = offs_k // C_IN_G
+        kw = tap % KW
+        kh = tap // KW
+        ih = ih0[:, None] + (kh * DIL_H)[None, :]
+        iw = iw0[:, None] + (kw * DIL_W)[None, :]
+        # Zero padding and every tail are masked loads; nothing outside x is ever read.
+        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_rows[:, None] + (c * sx_c)[None, :] + ih * sx_h + iw * sx_w, mask=a_mask, other=0.0)
+        b_offs = c * sw_c + kh * sw_h + kw * sw_w
+        b = tl.load(w_cols[None, :] + b_offs[:, None], mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + chan_o, mask=o_mask, other=0.0)
+        acc += bias.to(ACC)[None, :]
+    y_offs = (n * sy_n + oh * sy_h + ow * sy_w)[:, None] + (chan_o * sy_c)[None, :]
+    y_mask = m_mask[:, None] & o_mask[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + y_offs, acc.to(z_ptr.dtype.element_ty), mask=y_mask)
+    out = apply_activation(acc, ACTIVATION)
+    tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.autotune(configs=tuning_configs(_DGRAD_CONFIGS), key=["M_IN", "C_IN_G", "C_OUT_G", "K_TOTAL"])
+@triton.jit
+def _conv2d_dgrad_kernel(
+    gy_ptr, s_ptr, w_ptr, dx_ptr,
+    C_IN_G, H, W, C_OUT_G, H_OUT, W_OUT, M_IN, K_TOTAL,
+    sg_n, sg_c, sg_h, sg_w,
+    ss_n, ss_c, ss_h, ss_w,
+    sw_o, sw_c, sw_h, sw_w,
+    sd_n, sd_c, sd_h, sd_w,
+    STRIDE_H, STRIDE_W, PAD_TOP, PAD_LEFT, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx for group program_id(2):
+    the convolution of dz with the flipped kernel. M_IN = N * H * W, K_TOTAL = kH * kW * C_out_g.
+    Input row ih receives from output row oh through tap kh when ih + top - kh * dH = oh * sH:
+    taps that miss the stride grid or the output are masked (with stride s, (s - 1) / s of the
+    dz tile is masked; a sub-pixel split would skip them)."""
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    group = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M_IN
+    iw = offs_m % W
+    ih = (offs_m // W) % H
+    n = offs_m // (W * H)
+    th0 = ih + PAD_TOP
+    tw0 = iw + PAD_LEFT
+    g_rows = gy_ptr + group * C_OUT_G * sg_c + n * sg_n
+    s_rows = s_ptr + group * C_OUT_G * ss_c + n * ss_n
+
+    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_mask = offs_c < C_IN_G
+    w_cols = w_ptr + group * C_OUT_G * sw_o + offs_c.to(tl.int64) * sw_c
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, K_TOTAL, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K_TOTAL
+        o = (offs_k % C_OUT_G).to(tl.int64)
+        tap = offs_k // C_OUT_G
+        kw = tap % KW
+        kh = tap // KW
+        th = th0[:, None] - (kh * DIL_H)[None, :]
+        tw = tw0[:, None] - (kw * DIL_W)[None, :]
+        oh = th // STRIDE_H
+        ow = tw // STRIDE_W
+        valid = (m_mask[:, None] & k_mask[None, :] & (th >= 0) & (tw >= 0)
+                 & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < H_OUT) & (ow < W_OUT))
+        g = tl.load(g_rows[:, None] + (o * sg_c)[None, :] + oh * sg_h + ow * sg_w, mask=valid, other=0.0)
+        if ACTIVATION != 0:
+            s = tl.load(s_rows[:, None] + (o * ss_c)[None, :] + oh * ss_h + ow * ss_w, mask=valid, other=0.0)
+            g = _grad_pre_activation(g.to(ACC), s.to(ACC), ACTIVATION)
+        b = tl.load(w_cols[None, :] + (o * sw_o + kh * sw_h + kw * sw_w)[:, None],
+                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = tl.dot(g.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION)
+
+    dx_offs = (n * sd_n + ih * sd_h + iw * sd_w)[:, None] + ((group * C_IN_G + offs_c) * sd_c)[None, :]
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+
+
+@triton.autotune(configs=tuning_configs(_WGRAD_CONFIGS), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"])
+@triton.jit
+def _conv2d_wgrad_kernel(
+    gy_ptr, s_ptr, x_ptr, dw_ptr, db_ptr,
+    C_IN_G, H, W, C_OUT_G, H_OUT, W_OUT, M, K_TOTAL, C_OUT, GROUPS, M_PER_SPLIT,
+    sg_n, sg_c, sg_h, sg_w,
+    ss_n, ss_c, ss_h, ss_w,
+    sx_n, sx_c, sx_h, sx_w,
+    STRIDE_H, STRIDE_W, PAD_TOP, PAD_LEFT, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
+    COMPUTE_W: tl.constexpr, COMPUTE_B: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One [BLOCK_N output channels, BLOCK_K (kh, kw, c) columns] tile of the weight gradient,
+    summed over the rows m in [split * M_PER_SPLIT, (split + 1) * M_PER_SPLIT) of split
+    program_id(2) // GROUPS, into the fp32 (fp64) partial buffers
+    dw [splits, C_out, C_in_g, kH, kW] and db [splits, C_out] that the host sums over splits
+    (deterministic, unlike atomics). The bias gradient is written by the programs of column 0."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    pid_k = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    pid_z = tl.program_id(2).to(tl.int64)
+    group = pid_z % GROUPS
+    split = pid_z // GROUPS
+
+    offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < C_OUT_G
+    chan_o = group * C_OUT_G + offs_o
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K_TOTAL
+    c = (offs_k % C_IN_G).to(tl.int64)
+    tap = offs_k // C_IN_G
+    kw = tap % KW
+    kh = tap // KW
+    x_chan = x_ptr + group * C_IN_G * sx_c + c * sx_c  # [BLOCK_K] pointers
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=ACC)
+    m_start = split * M_PER_SPLIT
+    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    for it in range(0, tl.cdiv(M_PER_SPLIT, BLOCK_M)):
+        offs_m = m_start + it * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < m_end
+        ow = offs_m % W_OUT
+        oh = (offs_m // W_OUT) % H_OUT
+        n = offs_m // (W_OUT * H_OUT)
+        # dz tile, transposed: [BLOCK_N channels, BLOCK_M positions]
+        g_mask = o_mask[:, None] & m_mask[None, :]
+        g = tl.load(gy_ptr + (chan_o * sg_c)[:, None] + (n * sg_n + oh * sg_h + ow * sg_w)[None, :],
+                    mask=g_mask, other=0.0).to(ACC)
+        if ACTIVATION != 0:
+            s = tl.load(s_ptr + (chan_o * ss_c)[:, None] + (n * ss_n + oh * ss_h + ow * ss_w)[None, :],
+                        mask=g_mask, other=0.0)
+            g = _grad_pre_activation(g, s.to(ACC), ACTIVATION)
+        if COMPUTE_B:
+            bias_acc += tl.sum(g, axis=1)
+        if COMPUTE_W:
+            ih = (oh * STRIDE_H - PAD_TOP)[:, None] + (kh * DIL_H)[None, :]
+            iw = (ow * STRIDE_W - PAD_LEFT)[:, None] + (kw * DIL_W)[None, :]
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_chan[None, :] + (n * sx_n)[:, None] + ih * sx_h + iw * sx_w, mask=a_mask, other=0.0)
+            acc = tl.dot(g.to(x_ptr.dtype.element_ty), a, acc, input_precision=INPUT_PRECISION)
+
+    if COMPUTE_W:
+        # partial dw is contiguous [splits, C_out, C_in_g, kH, kW]; column k = (kh, kw, c).
+        w_col = c * (KH * KW) + kh * KW + kw
+        dw_offs = split * C_OUT * K_TOTAL + (chan_o * K_TOTAL)[:, None] + w_col[None, :]
+        tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & k_mask[None, :])
+    if COMPUTE_B:
+        if pid_k == 0:
+            tl.store(db_ptr + split * C_OUT + chan_o, bias_acc.to(db_ptr.dtype.element_ty), mask=o_mask)
+
+
+# --------------------------------------------------------------------------- host launchers
+def _out_size(size: int, pad_lo: int, pad_hi: int, dilation: int, kernel: int, stride: int) -> int:
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 follows F.conv2d's policy: TF32 tensor cores while torch.backends.cudnn.allow_tf32
+    # (on by default) says so, exact fp32 products otherwise.
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _wgrad_splits(m: int, tiles: int, groups: int, device: torch.device) -> int:
+    """How many programs share the wgrad reduction over m: enough tiles to fill the GPU twice
+    over, each split still at least 512 rows long. One under the interpreter."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = triton.cdiv(2 * _sm_count(index), max(tiles, 1))
+    return max(1, min(want, triton.cdiv(m, 512), _MAX_GRID_Z // groups))
+
+
+def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
+    """x [N, C_in, H, W], w [C_out, C_in_g, kH, kW] -> y [N, C_out, H_out, W_out] (and z, the
+    pre-activation, same shape and strides, when store_z)."""
+    n, _, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
+    h_out = _out_size(h, padding[0], padding[1], dilation[0], kh, stride[0])
+    w_out = _out_size(wd, padding[2], padding[3], dilation[1], kw, stride[1])
+    fmt = torch.channels_last if _is_channels_last(x) or _is_channels_last(w) else torch.contiguous_format
+    y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype, memory_format=fmt)
+    z = torch.empty_like(y) if store_z else None
+    if y.numel() == 0:
+        return y, z
+    c_out_g = c_out // groups
+    m = n * h_out * w_out
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
+    _conv2d_fwd_kernel[grid](
+        x, w, b if b is not None else w, y, z if store_z else y,
+        c_in_g, h, wd, c_out_g, h_out, w_out, m, c_in_g * kh * kw,
+        *x.stride(), *w.stride(), *y.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        KH=kh, KW=kw, HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=store_z,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    return y, z
+
+
+def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act):
+    """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z)."""
+    n, _, h, wd = dx.shape
+    c_out, c_in_g, kh, kw = w.shape
+    c_out_g = c_out // groups
+    m_in = n * h * wd
+    s = saved if saved is not None else gy
+    grid = lambda meta: (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
+    _conv2d_dgrad_kernel[grid](
+        gy, s, w, dx,
+        c_in_g, h, wd, c_out_g, gy.shape[2], gy.shape[3], m_in, c_out_g * kh * kw,
+        *gy.stride(), *s.stride(), *w.stride(), *dx.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        KH=kh, KW=kw, ACTIVATION=act, INPUT_PRECISION=_input_precision(w.dtype),
+    )
+    return dx
+
+
+def _conv2d_wgrad(gy, saved, x, w_shape, stride, padding, dilation, groups, act, need_w, need_b):
+    """dw [C_out, C_in_g, kH, kW] (if need_w) and db [C_out] (if need_b), in x's dtype."""
+    n, _, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w_shape
+    c_out_g = c_out // groups
+    h_out, w_out = gy.shape[2], gy.shape[3]
+    m = n * h_out * w_out
+    k_total = c_in_g * kh * kw
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tiles = (triton.cdiv(k_total, 64) if need_w else 1) * triton.cdiv(c_out_g, 64) * groups
+    splits = _wgrad_splits(m, tiles, groups, x.device)
+    m_per_split = triton.cdiv(m, splits)
+    splits = triton.cdiv(m, m_per_split)  # no empty split
+    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), device=x.device, dtype=acc_dtype) if need_w else None
+    db_part = torch.empty((splits, c_out), device=x.device, dtype=acc_dtype) if need_b else None
+    s = saved if saved is not None else gy
+    k_programs = (lambda meta: triton.cdiv(k_total, meta["BLOCK_K"])) if need_w else (lambda meta: 1)
+    grid = lambda meta: (k_programs(meta), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups * splits)  # noqa: E731
+    _conv2d_wgrad_kernel[grid](
+        gy, s, x, dw_part if need_w else s, db_part if need_b else s,
+        c_in_g, h, wd, c_out_g, h_out, w_out, m, k_total, c_out, groups, m_per_split,
+        *gy.stride(), *s.stride(), *x.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        KH=kh, KW=kw, ACTIVATION=act, COMPUTE_W=need_w, COMPUTE_B=need_b,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    dw = dw_part.sum(0).to(x.dtype) if need_w else None
+    db = db_part.sum(0).to(x.dtype) if need_b else None
+    return dw, db
+
+
+class _Conv2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups, activation_name):
+        act = ACTIVATION_CODES[activation_name]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        any_grad = need_x or need_w or need_b
+        # gelu's derivative needs the pre-activation z, stored by the forward epilogue; the other
+        # activations' derivatives are computed from the output y, so nothing extra is stored.
+        store_z = any_grad and act == ACTIVATION_CODES["gelu"]
+        y, z = _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z)
+        if any_grad:
+            saved = z if store_z else (y if act != 0 else None)
+            ctx.save_for_backward(x if need_w else None, w if need_x else None, saved)
+            ctx.conf = (x.shape, w.shape, b is not None, stride, padding, dilation, groups, act)
+            # dx follows x's layout (x's strides when x is dense, contiguous otherwise).
+            ctx.dx_stride = torch.empty_like(x, device="meta").stride() if need_x else None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, w, saved = ctx.saved_tensors
+        x_shape, w_shape, has_bias, stride, padding, dilation, groups, act = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and has_bias
+        dx = dw = db = None
+        if gy.numel() == 0:  # empty batch or no output channels: every gradient is zero
+            dtype, device = gy.dtype, gy.device
+            dx = torch.zeros(x_shape, dtype=dtype, device=device) if need_x else None
+            dw = torch.zeros(w_shape, dtype=dtype, device=device) if need_w else None
+            db = torch.zeros(w_shape[0], dtype=dtype, device=device) if need_b else None
+            return dx, dw, db, None, None, None, None, None
+        if need_x:
+            if math.prod(x_shape) == 0:
+                dx = torch.zeros(x_shape, dtype=gy.dtype, device=gy.device)
+            else:
+                dx = torch.empty_strided(x_shape, ctx.dx_stride, dtype=gy.dtype, device=gy.device)
+                _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act)
+        if need_w or need_b:
+            dw, db = _conv2d_wgrad(gy, saved, x if need_w else _stand_in(x_shape, gy), w_shape, stride, padding,
+                                   dilation, groups, act, need_w, need_b)
+        return dx, dw, db, None, None, None, None, None
+
+
+def _stand_in(x_shape, like):
+    """A tensor with x's shape that is never read (only the bias gradient is computed)."""
+    return like.new_empty((1, 1, 1, 1)).expand(x_shape)
+
+
+def conv2d(input, weight, bias, stride, padding, dilation, groups, activation_name):
+    """F.conv2d followed by an activation, in Triton.
+
+    input [N, C_in, H, W]; weight [C_out, C_in / groups, kH, kW]; bias [C_out] or None;
+    stride, dilation (sH, sW); padding (top, bottom, left, right); groups an int;
+    activation_name None, 'relu', 'leaky_relu', 'tanh', 'sigmoid' or 'gelu'.
+    Returns y [N, C_out, H_out, W_out], channels_last when input or weight is channels_last.
+    """
+    if weight.shape[1] == 0:  # also refused by gpudl.ops.conv2d; the kernels would divide by C_in_g
+        raise ValueError(f"weight {tuple(weight.shape)} has no input channels; a convolution needs at least one")
+    if groups > _MAX_GRID_Z:
+        fall_back("conv2d", f"groups > {_MAX_GRID_Z} (the CUDA grid limit of the group axis)")
+        return reference.conv2d(input, weight, bias, stride, padding, dilation, groups, activation_name)
+    return _Conv2dFunction.apply(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
+                                 activation_name)
+
+
+# --------------------------------------------------------------------------- registration
+def _conv_case(name, n, c_in, c_out, hw, k, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1,
+               act=None, bias=True, channels_last=False):
+    def make(dtype, device):
+        fan_in = c_in // groups * k[0] * k[1]
+        x = torch.randn(n, c_in, *hw, device=device).to(dtype)
+        # Kaiming-like scale keeps outputs O(1), so TF32 / half-precision errors stay relative.
+        w = (torch.randn(c_out, c_in // groups, *k, device=device) / math.sqrt(fan_in)).to(dtype)
+        b = torch.randn(c_out, device=device).to(dtype).requires_grad_() if bias else None
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+            w = w.to(memory_format=torch.channels_last)
+        return (x.requires_grad_(), w.requires_grad_(), b, stride, padding, dilation, groups, act)
+
+    return Case(name, make)
+
+
+def _out_hw(args):
+    x, w, _, stride, padding, dilation = args[:6]
+    return (_out_size(x.shape[2], padding[0], padding[1], dilation[0], w.shape[2], stride[0]),
+            _out_size(x.shape[3], padding[2], padding[3], dilation[1], w.shape[3], stride[1]))
+
+
+def _flops(args):
+    x, w = args[0], args[1]
+    h_out, w_out = _out_hw(args)
+    return 2.0 * x.shape[0] * w.shape[0] * h_out * w_out * w.shape[1] * w.shape[2] * w.shape[3]
+
+
+def _bytes_moved(args):
+    x, w, b = args[0], args[1], args[2]
+    h_out, w_out = _out_hw(args)
+    out = x.shape[0] * w.shape[0] * h_out * w_out
+    return (x.numel() + w.numel() + (b.numel() if b is not None else 0) + out) * x.element_size()
+
+
+def _variant(kernel, label, config, dtype, constexprs, acc_ptrs=()):
+    """A CompileVariant of `kernel` (an Autotuner) with one of its configs: pointers of `dtype`
+    except `acc_ptrs` (fp32 partial buffers), every integer argument i32."""
+    fn = kernel.fn
+    constexprs = {**constexprs, **config.kwargs}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*fp32" if arg in acc_ptrs else triton_dtype(dtype)
+        else:
+            signature[arg] = "i32"
+    blocks = "x".join(str(config.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    name = f"{label}-{str(dtype).split('.')[-1]}-{blocks}-w{config.num_warps}s{config.num_stages}"
+    return CompileVariant(name, fn, signature, constexprs, config.num_warps, config.num_stages)
+
+
+def _compile_variants():
+    variants = []
+    for dtype in (torch.float32, torch.bfloat16):
+        precision = "tf32" if dtype == torch.float32 else "ieee"
+        # fp32 variants compile the relu epilogue, bf16 ones the heaviest (gelu, storing z).
+        act = ACTIVATION_CODES["relu"] if dtype == torch.float32 else ACTIVATION_CODES["gelu"]
+        common = {"KH": 3, "KW": 3, "ACTIVATION": act, "INPUT_PRECISION": precision}
+        for config in _FWD_CONFIGS:
+            variants.append(_variant(_conv2d_fwd_kernel, "fwd", config, dtype,
+                                     {**common, "HAS_BIAS": True, "STORE_Z": act == ACTIVATION_CODES["gelu"]}))
+        for config in _DGRAD_CONFIGS:
+            variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype, common))
+        for config in _WGRAD_CONFIGS:
+            variants.append(_variant(_conv2d_wgrad_kernel, "wgrad", config, dtype,
+                                     {**common, "COMPUTE_W": True, "COMPUTE_B": True}, acc_ptrs=("dw_ptr", "db_ptr")))
+    return variants
+
+
+def _resnet_case(name, n, c, hw):
+    def make(dtype, device):
+        x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        w = (torch.randn(c, c, 3, 3, device=device) / math.sqrt(9 * c)).to(dtype).to(memory_format=torch.channels_last)
+        b = torch.randn(c, device=device, dtype=dtype)
+        return (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), (1, 1), (1, 1, 1, 1), (1, 1), 1, "relu")
+
+    return Case(name, make)
+
+
+SPEC = register(KernelSpec(
+    op="conv2d",
+    triton=conv2d,
+    reference=reference.conv2d,
+    cases=[
+        _conv_case("regular_3x3_relu", 2, 4, 8, (8, 8), (3, 3), padding=(1, 1, 1, 1), act="relu"),
+        _conv_case("ragged_stride2_dilation2_leaky", 2, 3, 5, (7, 9), (3, 3), stride=(2, 2), padding=(1, 2, 2, 1),
+                   dilation=(2, 2), act="leaky_relu"),
+        _conv_case("same_2x2_asymmetric_tanh_nobias", 1, 3, 5, (5, 7), (2, 2), padding=(0, 1, 0, 1), act="tanh",
+                   bias=False),
+        _conv_case("groups2_channels_last_sigmoid", 2, 4, 6, (6, 5), (3, 1), stride=(2, 1), padding=(1, 1, 0, 0),
+                   groups=2, act="sigmoid", channels_last=True),
+        _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1), act="gelu"),
+        _conv_case("depthwise_no_activation", 2, 3, 6, (5, 5), (3, 3), padding=(1, 1, 1, 1), groups=3),
+    ],
+    gradcheck_case=_conv_case("gradcheck_gelu", 1, 2, 3, (5, 4), (3, 3), stride=(2, 1), padding=(1, 0, 1, 1),
+                              dilation=(1, 2), act="gelu"),
+    # fp32 runs on TF32 tensor cores on GPUs, as F.conv2d does by default (cudnn.allow_tf32).
+    tolerances={torch.float32: (5e-3, 5e-3), torch.float16: (2e-2, 2e-2), torch.bfloat16: (5e-2, 5e-2)},
+    compile_variants=_compile_variants,
+    bench_cases=[
+        _resnet_case("resnet_c64_56x56", 32, 64, 56),
+        _resnet_case("resnet_c128_28x28", 32, 128, 28),
+        _resnet_case("resnet_c256_14x14", 32, 256, 14),
+        _resnet_case("resnet_c512_7x7", 32, 512, 7),
+    ],
+    flops=_flops,
+    bytes_moved=_bytes_moved,
+    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs, bias grad fused in wgrad",
+))

@@ -1,0 +1,299 @@
+"""Op-specific tests of the conv2d and max_pool2d kernels (the registry harness in
+tests/test_kernels.py covers their cases, gradcheck and compilation): layouts, partial gradients,
+empty batches, the wgrad split, fallbacks, errors, and dispatch through gpudl.ops / gpudl.nn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpudl
+from gpudl import nn as gnn
+from gpudl import ops, reference
+from gpudl.kernels import conv2d as conv_kernels
+from gpudl.kernels import max_pool2d as pool_kernels
+from gpudl.kernels import registry
+
+CL = torch.channels_last
+
+
+def _grads(out, inputs, gy):
+    return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], gy)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _conv_pair(x, w, b=None, activation=None, **kwargs):
+    """(triton output, reference output, grads of each) for ops.conv2d on leaf copies."""
+    kx, kw_, kb = _leaf(x), _leaf(w), None if b is None else _leaf(b)
+    rx, rw, rb = _leaf(x), _leaf(w), None if b is None else _leaf(b)
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(kx, kw_, kb, activation=activation, **kwargs)
+    r = reference.activation(F.conv2d(rx, rw, rb, **kwargs), activation)
+    gy = torch.randn_like(r)
+    got = _grads(y, [t for t in (kx, kw_, kb) if t is not None], gy)
+    want = _grads(r, [t for t in (rx, rw, rb) if t is not None], gy)
+    return y, r, got, want
+
+
+def _assert_all_close(y, r, got, want, atol=1e-5, rtol=1e-5):
+    torch.testing.assert_close(y, r, atol=atol, rtol=rtol)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------- conv2d
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
+def test_conv2d_every_activation_through_ops(activation):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 3, 3) / 5, torch.randn(4)
+    y, r, got, want = _conv_pair(x, w, b, activation, stride=(1, 2), padding=1)
+    assert y.grad_fn is not None and "Conv2dFunction" in type(y.grad_fn).__name__  # the Triton kernel ran
+    _assert_all_close(y, r, got, want)
+
+
+@pytest.mark.parametrize("x_cl,w_cl", [(True, False), (False, True), (True, True)])
+def test_conv2d_channels_last_output_follows_input(x_cl, w_cl):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 7, 6), torch.randn(6, 5, 3, 2) / 5, torch.randn(6)
+    if x_cl:
+        x = x.to(memory_format=CL)
+    if w_cl:
+        w = w.to(memory_format=CL)
+    y, r, got, want = _conv_pair(x, w, b, "relu", padding=(1, 0))
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+    assert y.stride() == r.stride()
+    _assert_all_close(y, r, got, want)
+    if x_cl:  # the input gradient keeps the input's layout
+        assert got[0].is_contiguous(memory_format=CL)
+
+
+def test_conv2d_non_contiguous_views_and_stride0_grad():
+    torch.manual_seed(0)
+    big = torch.randn(2, 8, 11, 13)
+    x = big[:, 1:7:2, ::2, 1:]  # [2, 3, 6, 12], every stride unusual, not dense
+    w = torch.randn(5, 3, 4, 3).transpose(2, 3)  # [5, 3, 3, 4], non-contiguous
+    assert not x.is_contiguous() and not w.is_contiguous()
+    rx, rw = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    kx, kw_ = x.requires_grad_(), w.requires_grad_()  # the views themselves reach the kernels
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(kx, kw_, None, padding=(2, 1), dilation=(1, 2), activation="tanh")
+    r = torch.tanh(F.conv2d(rx, rw, None, padding=(2, 1), dilation=(1, 2)))
+    torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-5)
+    # sum() hands backward an expanded gradient with stride 0 everywhere
+    y.sum().backward()
+    r.sum().backward()
+    torch.testing.assert_close(kx.grad, rx.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kw_.grad, rw.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_same_padding_even_kernel_and_unbatched():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 5, 6), torch.randn(4, 3, 2, 4) / 5, torch.randn(4)
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(x, w, b, padding="same", dilation=(2, 1), activation="sigmoid")
+    r = torch.sigmoid(F.conv2d(x, w, b, padding="same", dilation=(2, 1)))
+    assert y.shape == r.shape == (4, 5, 6)
+    torch.testing.assert_close(y, r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias", "weight+bias"])
+def test_conv2d_only_requested_gradients(which):
+    """Each subset of inputs that requires grad gets exactly its gradients (the wgrad kernel runs
+    without its GEMM when only the bias needs one)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 4, 6, 6), torch.randn(6, 2, 3, 3) / 4, torch.randn(6)
+    kx, kw_, kb = x.clone(), w.clone(), b.clone()
+    rx, rw, rb = x.clone(), w.clone(), b.clone()
+    names = which.split("+")
+    for name, k, r in (("input", kx, rx), ("weight", kw_, rw), ("bias", kb, rb)):
+        if name in names:
+            k.requires_grad_()
+            r.requires_grad_()
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(kx, kw_, kb, stride=2, padding=1, groups=2, activation="gelu")
+    ref = F.gelu(F.conv2d(rx, rw, rb, stride=2, padding=1, groups=2))
+    gy = torch.randn_like(ref)
+    got = _grads(y, [kx, kw_, kb], gy)
+    want = _grads(ref, [rx, rw, rb], gy)
+    assert len(got) == len(names)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_no_grad_stores_nothing_and_matches():
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with torch.no_grad(), gpudl.use_backend("triton"):
+        y = ops.conv2d(x.requires_grad_(), w, None, activation="gelu")
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, F.gelu(F.conv2d(x, w)), atol=1e-5, rtol=1e-5)
+
+
+def test_conv2d_wgrad_split_reduction(monkeypatch):
+    """On GPUs the wgrad reduction is split over programs; force three uneven splits here."""
+    monkeypatch.setattr(conv_kernels, "_wgrad_splits", lambda m, tiles, groups, device: 3)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 3, 7, 5), torch.randn(4, 3, 3, 3) / 5, torch.randn(4)
+    y, r, got, want = _conv_pair(x, w, b, "leaky_relu", padding=1)  # M = 3 * 7 * 5 = 105 rows
+    _assert_all_close(y, r, got, want)
+
+
+def test_conv2d_zero_size_batch_and_channels():
+    torch.manual_seed(0)
+    w, b = torch.randn(4, 3, 3, 3).requires_grad_(), torch.randn(4).requires_grad_()
+    x = torch.randn(0, 3, 5, 5).requires_grad_()
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(x, w, b, padding=1, activation="relu")
+    assert y.shape == (0, 4, 5, 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(torch.randn(2, 3, 5, 5), torch.randn(0, 3, 3, 3))
+        assert y.shape == (2, 0, 3, 3)
+        with pytest.raises(ValueError, match=r"weight \(3, 0, 3, 3\) has no input channels"):
+            ops.conv2d(torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3))
+
+
+def test_conv2d_float64_matches_reference():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 6, 5, dtype=torch.float64), torch.randn(5, 3, 2, 3, dtype=torch.float64), None
+    y, r, got, want = _conv_pair(x, w, b, "sigmoid", stride=(2, 1), dilation=(2, 1))
+    assert y.dtype == torch.float64
+    _assert_all_close(y, r, got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_conv2d_double_backward_is_refused():
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, requires_grad=True)
+    with gpudl.use_backend("triton"):
+        y = ops.conv2d(x, w, None, activation="tanh")
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+        torch.autograd.grad(gx.sum(), w)
+
+
+def test_conv2d_groups_beyond_grid_limit_falls_back(monkeypatch):
+    monkeypatch.setattr(registry, "_warned", set())
+    monkeypatch.setattr(conv_kernels, "_MAX_GRID_Z", 2)  # the real limit is 65535 groups
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=r"conv2d: running the PyTorch reference.*groups > 2"):
+        y = ops.conv2d(x, w, None, padding=1, groups=4, activation="relu")
+    assert y.grad_fn is None or "Conv2dFunction" not in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, F.relu(F.conv2d(x, w, None, padding=1, groups=4)))
+
+
+def test_conv2d_backend_torch_does_not_run_the_kernel():
+    x = torch.randn(1, 2, 4, 4, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3)
+    with gpudl.use_backend("torch"):
+        y = ops.conv2d(x, w, activation="relu")
+    assert "Conv2dFunction" not in type(y.grad_fn).__name__
+
+
+def test_nn_conv2d_under_triton_backend():
+    torch.manual_seed(0)
+    ours = gnn.Conv2d(3, 6, kernel_size=(3, 2), stride=(1, 2), padding="valid", dilation=(2, 1), groups=3,
+                      activation="relu")
+    twin = torch.nn.Conv2d(3, 6, kernel_size=(3, 2), stride=(1, 2), padding="valid", dilation=(2, 1), groups=3)
+    twin.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 9, 8).to(memory_format=CL)
+    with gpudl.use_backend("triton"):
+        y = ours(x)
+    assert "Conv2dFunction" in type(y.grad_fn).__name__
+    r = F.relu(twin(x))
+    torch.testing.assert_close(y, r, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(r)
+    y.backward(gy)
+    r.backward(gy)
+    torch.testing.assert_close(ours.weight.grad, twin.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.bias.grad, twin.bias.grad, atol=1e-5, rtol=1e-5)
+    same = gnn.Conv2d(2, 2, 4, padding="same", bias=False)  # even kernel: asymmetric padding
+    xs = torch.randn(1, 2, 5, 6)
+    with gpudl.use_backend("triton"):
+        torch.testing.assert_close(same(xs), F.conv2d(xs, same.weight, padding="same"), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- max_pool2d
+def _pool_pair(x, *args, **kwargs):
+    kx, rx = _leaf(x), _leaf(x)
+    with gpudl.use_backend("triton"):
+        y = ops.max_pool2d(kx, *args, **kwargs)
+    r = F.max_pool2d(rx, *args, **kwargs)
+    gy = torch.randn_like(r)
+    return y, r, _grads(y, [kx], gy), _grads(r, [rx], gy)
+
+
+@pytest.mark.parametrize("ceil_mode", [False, True])
+def test_max_pool2d_through_ops(ceil_mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 10)
+    y, r, got, want = _pool_pair(x, (3, 2), (2, 3), (1, 1), (1, 2), ceil_mode)
+    assert "MaxPool2dFunction" in type(y.grad_fn).__name__
+    assert y.shape == r.shape
+    _assert_all_close(y, r, got, want, atol=0, rtol=0)
+
+
+def test_max_pool2d_argmax_equals_torch_indices_with_ties():
+    torch.manual_seed(0)
+    x = torch.randint(0, 2, (2, 3, 9, 9)).float().to(memory_format=CL)
+    y, idx = pool_kernels._max_pool2d_forward(x, (3, 3), (2, 2), (1, 1), (1, 1), True, True)
+    r, ridx = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
+    assert torch.equal(y, r) and torch.equal(idx.long(), ridx)
+    assert y.is_contiguous(memory_format=CL) and y.stride() == r.stride()
+
+
+def test_max_pool2d_layouts_nan_and_padding_only_windows():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9)[:, ::2, 1:, ::2]  # non-contiguous, and not dense
+    x[0, 0, 2, 2] = float("nan")
+    kx = x.requires_grad_()
+    with gpudl.use_backend("triton"):
+        y = ops.max_pool2d(kx, 2, 2, 1)
+    rx = x.detach().clone().requires_grad_()
+    r = F.max_pool2d(rx, 2, 2, 1)
+    torch.testing.assert_close(y, r, equal_nan=True)
+    assert torch.isnan(y[0, 0, 1, 1])
+    gy = torch.randn_like(r)
+    (got,) = torch.autograd.grad(y, kx, gy)
+    (want,) = torch.autograd.grad(r, rx, gy)
+    torch.testing.assert_close(got, want)
+    # kernel 2, padding 1, dilation 4 on 3x3: the window's two taps both land in the padding.
+    # Its output is -inf and its gradient goes nowhere. (Not compared with torch's backward: on the
+    # CPU torch stores index 12 for this window, past the 9-element plane, and its backward writes
+    # the gradient there, outside the gradient buffer, corrupting the heap.)
+    x = torch.arange(9.0).reshape(1, 1, 3, 3).requires_grad_()
+    with gpudl.use_backend("triton"):
+        y = ops.max_pool2d(x, 2, 1, 1, 4)
+    assert torch.equal(y.detach(), F.max_pool2d(x.detach(), 2, 1, 1, 4)) and y.item() == float("-inf")
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_max_pool2d_empty_unbatched_and_errors():
+    with gpudl.use_backend("triton"):
+        x = torch.randn(0, 3, 6, 6, requires_grad=True)
+        y = ops.max_pool2d(x, 2)
+        assert y.shape == (0, 3, 3, 3)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        u = torch.randn(3, 6, 5)
+        torch.testing.assert_close(ops.max_pool2d(u, 3, 1, 1), F.max_pool2d(u, 3, 1, 1))
+        with pytest.raises(ValueError, match=r"gives output size \(0, 0\)"):
+            ops.max_pool2d(torch.randn(1, 1, 2, 2), 3, 1, 1, 2)
+    with gpudl.use_backend("torch"), pytest.raises(ValueError, match=r"gives output size"):
+        ops.max_pool2d(torch.randn(1, 1, 2, 2), 3, 1, 1, 2)
+
+
+def test_max_pool2d_float64():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
+    y, r, got, want = _pool_pair(x, 3, 2, 1)
+    assert y.dtype == torch.float64
+    _assert_all_close(y, r, got, want, atol=0, rtol=0)
