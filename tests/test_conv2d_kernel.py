@@ -18,6 +18,16 @@ from gpudl.kernels import registry
 CL = torch.channels_last
 
 
+@pytest.fixture(autouse=True)
+def _on_test_device(device, monkeypatch):
+    """Tensors made in these tests land on the test device (CUDA when there is one, else the CPU
+    and the Triton interpreter); fp32 convolutions on both backends use exact fp32, not TF32."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.set_default_device(device)
+    yield
+    torch.set_default_device(None)
+
+
 def _grads(out, inputs, gy):
     return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], gy)
 
