@@ -98,7 +98,8 @@ def test_unknown_target(tmp_path):
     check_stops_before_training(tmp_path, ["experiment=linreg_toy", "model._target_=gpudl.models.Nope"],
                                 "model._target_: unknown target 'gpudl.models.Nope'")
     check_stops_before_training(tmp_path, ["experiment=linreg_toy", "model.optimizer._target_=torch.optim.Adamm"],
-                                "model.optimizer._target_: unknown target 'torch.optim.Adamm'")
+                                "model.optimizer._target_: unknown target 'torch.optim.Adamm'",
+                                "did you mean 'torch.optim.Adam'")
 
 
 def test_invalid_constructor_argument_names_the_key(tmp_path):

@@ -53,10 +53,32 @@ def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
             yield from _walk(child, dotted)
 
 
-def _locate(target: str) -> None:
-    from hydra._internal.utils import _locate as hydra_locate
+def _locate(target: str) -> Any:
+    """Import a dotted path ('pkg.module.Class'); raise ImportError saying which part is missing
+    (with close names when one is misspelled)."""
+    import difflib
+    import importlib
 
-    hydra_locate(target)
+    parts = target.split(".")
+    if not all(parts):
+        raise ImportError("expected a dotted path such as 'gpudl.models.CNNModule'")
+    obj, found = None, 0
+    for i in range(len(parts), 0, -1):  # the longest importable module prefix
+        try:
+            obj, found = importlib.import_module(".".join(parts[:i])), i
+            break
+        except ModuleNotFoundError as err:
+            if err.name is None or not ".".join(parts[:i]).startswith(err.name):
+                raise  # a module that exists but fails inside on a missing dependency
+    if obj is None:
+        raise ImportError(f"no module named {parts[0]!r}")
+    for i in range(found, len(parts)):
+        if not hasattr(obj, parts[i]):
+            close = difflib.get_close_matches(parts[i], [n for n in dir(obj) if not n.startswith("_")], n=3)
+            hint = f"; did you mean {', '.join(repr('.'.join(parts[:i] + [c])) for c in close)}?" if close else ""
+            raise ImportError(f"{'.'.join(parts[:i])!r} has no attribute {parts[i]!r}{hint}")
+        obj = getattr(obj, parts[i])
+    return obj
 
 
 def validate_config(cfg: DictConfig, required: tuple[str, ...] = ("data", "model", "trainer")) -> None:
@@ -78,7 +100,8 @@ def validate_config(cfg: DictConfig, required: tuple[str, ...] = ("data", "model
     for key in required:
         node = cfg.get(key)
         if not isinstance(node, DictConfig) or "_target_" not in node:
-            raise ConfigError(f"`{key}` must be a config with a `_target_` (got {OmegaConf.to_yaml(node).strip() if node is not None else None!r}); pick one, e.g. {key}=<name>")
+            got = None if node is None else OmegaConf.to_yaml(node).strip() if isinstance(node, DictConfig) else node
+            raise ConfigError(f"`{key}` must be a config with a `_target_` (got {got!r}); pick one, e.g. {key}=<name>")
 
     for dotted, parent, key in _walk(cfg):
         if dotted.startswith("hydra."):
