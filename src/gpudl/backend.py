@@ -48,6 +48,11 @@ def use_backend(name: str) -> Iterator[None]:
         _context_stack.pop()
 
 
+def process_backend() -> str | None:
+    """The process-wide setting made by `set_backend` (None when unset), e.g. to restore it later."""
+    return _process_backend
+
+
 def current_backend() -> str:
     if _context_stack:
         return _context_stack[-1]

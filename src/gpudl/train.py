@@ -252,7 +252,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("W&B mode: %s", mode)
     from gpudl import backend
 
-    previous_backend = backend._process_backend
+    previous_backend = backend.process_backend()
     failed = True
     try:
         metrics, summary = _train(cfg)
@@ -405,7 +405,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     seed = cfg.get("seed") if cfg.get("seed") is not None else run_cfg.get("seed")
     if seed is not None:
         L.seed_everything(seed, workers=True)
-    previous_backend = backend._process_backend
+    previous_backend = backend.process_backend()
     try:
         if cfg.get("kernels") is not None and cfg.kernels.get("backend") is not None:
             backend.set_backend(cfg.kernels.backend)
