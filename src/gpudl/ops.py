@@ -423,17 +423,11 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    from gpudl.optim import check_sgd_hyperparameters, sgd_step_reference
+
+    check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
     if not params:
         return [], []
-    from gpudl.optim import sgd_step_reference
 
     return _dispatch(
         "sgd_step",
