@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,10 @@ def check_stops_before_training(tmp_path: Path, overrides: list[str], *patterns:
     message = str(info.value)
     for pattern in patterns:
         assert pattern in message, (pattern, message)
-    assert not (out / "checkpoints").exists() and not (out / "metrics.json").exists()
+    assert not (out / "checkpoints").exists()
+    if (out / "metrics.json").exists():  # only the failure record (for sweeps), no metrics
+        report = json.loads((out / "metrics.json").read_text())
+        assert report["status"] == "failed" and report["metrics"] == {} and report["error"] == message
     return message
 
 

@@ -3,6 +3,7 @@ SampleGridCallback writes its PNG grids."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,7 +55,8 @@ def test_diverging_run_stops_and_keeps_a_loadable_checkpoint(tmp_path):
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values())
-    assert not (out / "metrics.json").exists()
+    report = json.loads((out / "metrics.json").read_text())  # the failure is recorded, for sweeps
+    assert report["status"] == "failed" and report["error_type"] == "NonFiniteLossError" and report["metrics"] == {}
 
 
 # --------------------------------------------------------------------------- sample grids

@@ -176,8 +176,8 @@ def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
 
     original = train_module._instantiate_group
 
-    def with_spy(node, key):
-        objects = original(node, key)
+    def with_spy(node, key, extra=None):
+        objects = original(node, key, extra)
         return objects + [Spy()] if key == "callbacks" else objects
 
     before = backend._process_backend
@@ -198,7 +198,7 @@ def test_unknown_kernel_backend_is_a_config_error(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GPUDL_TEST_DDP") != "1", reason="spawns 4 processes (~1.5 min on 2 cores); GPUDL_TEST_DDP=1 runs it")
 def test_ddp_spawn_on_two_cpu_processes(tmp_path):
-    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer=ddp_spawn_cpu")
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer=ddp_cpu")
     assert "test/acc" in metrics and Path(read_report(out)["best_checkpoint"]).is_file()
 
 

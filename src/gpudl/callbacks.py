@@ -5,18 +5,29 @@ FiniteLossGuard      stops training at the first NaN/inf training loss, before t
                      disk (ModelCheckpoint's last.ckpt and best) stay as they are.
 SampleGridCallback   for generative modules with `sample(n) -> [n, C, H, W]` in [0, 1]: a PNG
                      grid per validation epoch in <dirpath>/epoch_XXX.png, also logged to W&B.
+PreemptionCheckpoint on SIGTERM/SIGINT during fit: finish the batch, save last.ckpt, raise
+                     TrainingInterrupted (what a preempted cluster job or Ctrl+C gets).
+RNGStateCheckpoint   random states and the training loader's shuffling state in every
+                     checkpoint, restored on resume, so a resumed run repeats an uninterrupted one.
+AtomicCheckpointIO   writes each checkpoint to a temporary file and renames it into place: a
+                     process killed while saving never leaves a truncated checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
+import signal
+import threading
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -152,3 +163,154 @@ class SampleGridCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[array], step=trainer.global_step, caption=[f"epoch {trainer.current_epoch}"])
+
+
+# --------------------------------------------------------------------------- resilience
+class TrainingInterrupted(Exception):
+    """Raised by PreemptionCheckpoint after it saved a checkpoint on SIGTERM/SIGINT."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        self.signum, self.checkpoint = signum, checkpoint
+        self.exit_code = 128 + signum  # the shell's convention for "killed by signal N"
+        super().__init__(f"training interrupted by {signal.Signals(signum).name}; checkpoint saved to {checkpoint}")
+
+
+class PreemptionCheckpoint(Callback):
+    """Save a checkpoint and stop when the process gets SIGTERM or SIGINT during fit.
+
+    The handlers installed at the start of training only set a flag (a checkpoint written from
+    inside a signal handler could catch the model halfway through an optimizer step); at the next
+    training batch end (or validation end) the full training state goes to `dirpath/filename`
+    (default <trainer.default_root_dir>/checkpoints/last.ckpt) and TrainingInterrupted is raised.
+    Resume with ckpt_path=last (or the file). A second SIGINT while waiting stops at once
+    (KeyboardInterrupt). The previous handlers come back when fit ends.
+    Lightning's own SIGTERM handling only stops the loop (and is replaced here while training).
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
+        super().__init__()
+        self.dirpath, self.filename = dirpath, filename
+        self.signals = [getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals]
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread install handlers
+        for signum in self.signals:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handle)
+
+    def _restore(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = None
+        self._install()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._save_and_stop_if_signaled(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save_and_stop_if_signaled(trainer)
+
+    def _save_and_stop_if_signaled(self, trainer: L.Trainer) -> None:
+        if self.received is None:
+            return
+        signum = self.received
+        dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+        path = os.path.join(dirpath, self.filename)
+        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        self._restore()
+        raise TrainingInterrupted(signum, path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+
+def _train_loaders(trainer: L.Trainer) -> list[Any]:
+    loaders = trainer.train_dataloader
+    if loaders is None:
+        return []
+    return list(loaders) if isinstance(loaders, (list, tuple)) else list(loaders.values()) if isinstance(loaders, dict) else [loaders]
+
+
+class RNGStateCheckpoint(Callback):
+    """Make a resumed run repeat an uninterrupted one.
+
+    Each training DataLoader's RandomSampler gets, at every epoch start, a generator seeded from
+    (the loader's seed, epoch): an epoch's order depends on nothing else (not on how many epochs
+    this process ran, nor on draws the DataLoader makes from its own generator when Lightning
+    builds the iterator, which happens at different moments in a resumed run). torch's CPU (and
+    CUDA), numpy's and Python's global random states (dropout, augmentation) are saved in every
+    checkpoint and restored at the first training epoch start after a resume. Stored as tensors
+    and plain types: checkpoints still load with torch.load(weights_only=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+            n = state["numpy"]
+            np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+            p = state["python"]
+            random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+        for loader in _train_loaders(trainer):
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, torch.utils.data.RandomSampler):
+                own = getattr(loader, "generator", None)
+                seed = own.initial_seed() if isinstance(own, torch.Generator) else torch.initial_seed()
+                sampler.generator = torch.Generator().manual_seed((seed * 1_000_003 + trainer.current_epoch) % (1 << 63))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into a temporary file next to the target, then os.replace: the checkpoint on
+    disk is always either the previous complete file or the new complete file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO.save_checkpoint takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()

@@ -2,9 +2,11 @@
 call them with a composed config (see `gpudl.utils.compose`).
 
     train(cfg)     check the config, seed, pick the kernel backend, build datamodule, model,
-                   callbacks, loggers and trainer from their `_target_`s, fit, test the best
-                   checkpoint, write metrics.json and config.yaml in the run folder; returns the
-                   metrics (a sweeper optimizes metrics[cfg.optimized_metric]).
+                   callbacks, loggers and trainer from their `_target_`s, fit (resuming from
+                   cfg.ckpt_path: a file, or `last` = <run dir>/checkpoints/last.ckpt), test the
+                   best checkpoint, write metrics.json (status ok, or failed/interrupted with the
+                   error) and config.yaml in the run folder; returns the metrics (a sweeper
+                   optimizes metrics[cfg.optimized_metric]).
     evaluate(cfg)  rebuild a finished run from its config.yaml, load a checkpoint's weights and
                    test them; returns the test metrics.
 
@@ -34,6 +36,14 @@ log = logging.getLogger(__name__)
 
 class ConfigError(ValueError):
     """The configuration cannot run; the message names the key and what was expected."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint given to resume or test from cannot be read (missing, truncated, corrupted,
+    or not a Lightning checkpoint); the message names the file."""
+
+
+WANDB_ID_FILE = "wandb_id.txt"  # in the run folder: the W&B run a resumed run continues
 
 
 # --------------------------------------------------------------------------- config checks
@@ -175,9 +185,11 @@ def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
         raise ConfigError(f"could not build `{key}` ({node.get('_target_')}){where}: {type(cause).__name__}: {cause}") from cause
 
 
-def _instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
+def _instantiate_group(node: DictConfig | None, key: str, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     """Build every entry of callbacks/logger that has a `_target_` (entries left without one,
-    e.g. an experiment's callbacks.model_checkpoint.monitor after callbacks=none, are skipped)."""
+    e.g. an experiment's callbacks.model_checkpoint.monitor after callbacks=none, are skipped).
+    `extra[name]` holds keyword arguments for entry `name` that override its config."""
+    extra = extra or {}
     objects = []
     if node is None:
         return objects
@@ -185,7 +197,7 @@ def _instantiate_group(node: DictConfig | None, key: str) -> list[Any]:
         raise ConfigError(f"`{key}` must be a mapping of name -> config with `_target_`, got {node!r}")
     for name, entry in node.items():
         if isinstance(entry, DictConfig) and "_target_" in entry:
-            objects.append(_instantiate(entry, f"{key}.{name}"))
+            objects.append(_instantiate(entry, f"{key}.{name}", **extra.get(name, {})))
         elif entry is not None:
             log.info("%s.%s has no _target_; skipped", key, name)
     return objects
@@ -206,6 +218,104 @@ def _finish_wandb(failed: bool) -> None:
 
     if wandb.run is not None:
         wandb.finish(exit_code=1 if failed else 0)
+
+
+def _hydra_job() -> dict[str, Any]:
+    """What Hydra knows about this job: multirun or not, the sweep folder's name, the job's
+    command-line overrides. Empty outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return {}
+        hc = HydraConfig.get()
+        multirun = str(hc.get("mode")) == "RunMode.MULTIRUN"
+        overrides = [str(o) for o in (hc.overrides.task or [])] if "overrides" in hc else []
+        return {"multirun": multirun, "overrides": overrides}
+    except Exception:  # a partial Hydra config (e.g. built by hand): no job information
+        return {}
+
+
+def _wandb_logger_names(cfg: DictConfig) -> list[str]:
+    node = cfg.get("logger")
+    if not isinstance(node, DictConfig):
+        return []
+    return [k for k, v in node.items() if isinstance(v, DictConfig) and str(v.get("_target_", "")).endswith("WandbLogger")]
+
+
+def _wandb_arguments(cfg: DictConfig, output_dir: Path, ckpt_path: str | None, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per W&B logger entry: the run id (kept in <run dir>/wandb_id.txt; a resumed run reads it
+    from its own folder or the checkpoint's run folder and continues that W&B run), and in a
+    multirun group = <group>-<sweep folder name> (one group per sweep) and job_type = the job's
+    overrides."""
+    names = _wandb_logger_names(cfg)
+    if not names:
+        return {}
+    import secrets
+    import string
+
+    run_id = None
+    if ckpt_path:
+        for folder in (output_dir, Path(ckpt_path).resolve().parent.parent):
+            saved = folder / WANDB_ID_FILE
+            if saved.is_file() and saved.read_text().strip():
+                run_id = saved.read_text().strip()
+                break
+    out = {}
+    for name in names:
+        node = cfg.logger[name]
+        args: dict[str, Any] = {"id": node.get("id") or run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)), "resume": "allow"}
+        if job.get("multirun"):
+            args["group"] = f"{node.get('group') or cfg.get('task_name')}-{output_dir.parent.name}"
+            overrides = [o for o in job.get("overrides", []) if not o.startswith("experiment=")]
+            args["job_type"] = (",".join(overrides) or "train")[:64]  # W&B's limit
+        out[name] = args
+    return out
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def resolve_checkpoint(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint file to resume or test from: None, `last` (<output_dir>/checkpoints/last.ckpt)
+    or a path; checked now with torch.load(weights_only=True) (CheckpointError naming the file
+    when it is missing, truncated, corrupted or holds objects that would need code to load)."""
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    if str(ckpt_path) == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last: no checkpoint {path}; `last` means this run folder's last.ckpt: to continue an "
+                "earlier run, run in its folder (hydra.run.dir=<run dir> ckpt_path=last) or pass ckpt_path=<file>"
+            )
+    else:
+        path = Path(ckpt_path)
+    load_checkpoint(path)
+    return str(path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """torch.load(path, weights_only=True) with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path: checkpoint file {path} does not exist; expected a .ckpt written by train()")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"ckpt_path: cannot load checkpoint {path} (truncated, corrupted, or not a checkpoint written by "
+            f"train()): torch.load(weights_only=True) failed: {type(err).__name__}: {first}. Nothing was written; "
+            f"the other checkpoints in {path.parent} are untouched"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"ckpt_path: {path} holds no 'state_dict'; expected a Lightning checkpoint written by train()")
+    return checkpoint
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -243,20 +353,27 @@ def _summary(name: str, metrics: dict[str, float], extra: str = "") -> str:
 
 # --------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and test one configuration; see the module docstring. Returns all metrics as floats."""
-    validate_config(cfg)
-    if _uses_wandb(cfg):
-        from gpudl.utils import choose_wandb_mode
+    """Train and test one configuration; see the module docstring. Returns all metrics as floats.
 
-        mode = choose_wandb_mode()
-        log.info("W&B mode: %s", mode)
+    Any error (a bad value, a NaN loss, a signal) is first recorded in <run dir>/metrics.json
+    with status "failed" (or "interrupted") and the message, then raised: scripts/train.py
+    decides whether a sweep goes on (fail_fast)."""
     from gpudl import backend
 
     previous_backend = backend.process_backend()
     failed = True
     try:
+        validate_config(cfg)
+        if _uses_wandb(cfg):
+            from gpudl.utils import choose_wandb_mode
+
+            mode = choose_wandb_mode()
+            log.info("W&B mode: %s", mode)
         metrics, summary = _train(cfg)
         failed = False
+    except BaseException as err:
+        _record_failure(cfg, err)
+        raise
     finally:
         backend.set_backend(previous_backend)
         _finish_wandb(failed)
@@ -264,6 +381,37 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info(summary)
         print(summary, flush=True)
     return metrics
+
+
+def _record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """metrics.json of a failed job: status, error type and message, the job's overrides."""
+    from gpudl.callbacks import TrainingInterrupted
+
+    if _rank() != 0:
+        return
+    try:
+        output_dir = Path(cfg.paths.output_dir)
+    except Exception:
+        return  # no run folder to write into
+    interrupted = isinstance(err, (TrainingInterrupted, KeyboardInterrupt))
+    report = {
+        "status": "interrupted" if interrupted else "failed",
+        "error_type": type(err).__name__,
+        "error": str(err),
+        "task_name": cfg.get("task_name"),
+        "overrides": _hydra_job().get("overrides", []),
+        "metrics": {},
+        "optimized_metric": cfg.get("optimized_metric") if isinstance(cfg.get("optimized_metric", None), str) else None,
+        "optimized_metric_value": None,
+        "seed": cfg.get("seed", None),
+    }
+    if isinstance(err, TrainingInterrupted):
+        report["last_checkpoint"] = err.checkpoint
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    except OSError as os_err:
+        log.warning("could not record the failure in %s: %s", output_dir, os_err)
 
 
 def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
@@ -288,12 +436,23 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     _check_model_fits_data(cfg, datamodule)
     log.info("Building model <%s>", cfg.model._target_)
     model = _instantiate(cfg.model, "model")
+    # Resolved (and checked) before anything is built or written: a bad checkpoint stops here.
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    job = _hydra_job()
+    wandb_args = _wandb_arguments(cfg, output_dir, ckpt_path, job)
     callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    loggers = _instantiate_group(cfg.get("logger"), "logger", extra=wandb_args)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
     log.info("Building trainer <%s>", cfg.trainer._target_)
-    trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    trainer_kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    if cfg.trainer.get("plugins") is None:
+        from gpudl.callbacks import AtomicCheckpointIO
+
+        trainer_kwargs["plugins"] = [AtomicCheckpointIO()]  # a kill while saving never truncates a checkpoint
+    trainer = _instantiate(cfg.trainer, "trainer", **trainer_kwargs)
+    if wandb_args and _is_global_zero(trainer):
+        (output_dir / WANDB_ID_FILE).write_text(next(iter(wandb_args.values()))["id"] + "\n")
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if _is_global_zero(trainer):
@@ -308,7 +467,9 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     fit_metrics: dict[str, float] = {}
     if cfg.get("train", True):
         log.info("Training")
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if ckpt_path:
+            log.info("Resuming from %s", ckpt_path)
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         fit_metrics = _floats(trainer.callback_metrics)
 
     best, last = _checkpoint_paths(trainer)
@@ -321,9 +482,9 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
             if tested_ckpt is None:
                 log.warning("No checkpoint was saved (fast_dev_run or no ModelCheckpoint): testing the current weights")
         else:
-            tested_ckpt = cfg.get("ckpt_path")
+            tested_ckpt = ckpt_path
         log.info("Testing %s", tested_ckpt or "the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=tested_ckpt)
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=tested_ckpt, weights_only=True)
         test_metrics = _floats(trainer.callback_metrics)
 
     metrics = {**fit_metrics, **test_metrics}
@@ -335,7 +496,10 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
     summary = ""
     if _is_global_zero(trainer):
         report = {
+            "status": "ok",
             "task_name": cfg.get("task_name"),
+            "overrides": job.get("overrides", []),
+            "resumed_from": ckpt_path,
             "metrics": metrics,
             "optimized_metric": name,
             "optimized_metric_value": value,

@@ -105,7 +105,8 @@ class SupervisedModule(L.LightningModule):
         loss = self.loss(out, y)
         on_step = stage == "train"
         # batch_size makes the epoch value a per-sample mean even when the last batch is short.
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
+                 sync_dist=stage != "train")  # val/test: the mean over every process's batches under DDP
         self._update_metrics(stage, out.detach(), y)
         return loss
 
@@ -160,11 +161,23 @@ class ClassificationModule(SupervisedModule):
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
 
     def on_train_start(self):
-        # The sanity-check validation ran on untrained weights: forget its accuracy.
-        self.val_acc_best.reset()
+        # The sanity-check validation ran on untrained weights: forget its accuracy (not when
+        # resuming: the best so far came back from the checkpoint).
+        if self.trainer.global_step == 0:
+            self.val_acc_best.reset()
+
+    # torchmetrics states are not in the state_dict: carry the running best through checkpoints.
+    def on_save_checkpoint(self, checkpoint):
+        if self.val_acc_best.update_count:
+            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+
+    def on_load_checkpoint(self, checkpoint):
+        if "val_acc_best" in checkpoint:
+            self.val_acc_best.reset()
+            self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
             return
         self.val_acc_best.update(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)

@@ -1,0 +1,199 @@
+"""Resilience: a run interrupted after an epoch and resumed with ckpt_path=last ends exactly like
+the same run left alone; SIGTERM/SIGINT to a real training process saves a checkpoint it resumes
+from; truncated, corrupted or code-carrying checkpoints give a clear error naming the file and
+leave the run folder's checkpoints alone; every checkpoint load uses weights_only=True; the W&B
+run continues under the same id."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpudl.train as train_module
+from gpudl.callbacks import AtomicCheckpointIO
+from gpudl.train import CheckpointError, train
+from gpudl.utils import compose, repo_root
+
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# The CNN on digits, small: 3 epochs of 6 batches, deterministic algorithms, the cosine schedule.
+CNN = ["experiment=cnn_digits", "logger=none", "trainer.max_epochs=3", "trainer.limit_train_batches=6",
+       "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.deterministic=true", "seed=3", *QUIET]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _with_callback(monkeypatch, callback) -> None:
+    original = train_module._instantiate_group
+
+    def patched(node, key, extra=None):
+        objects = original(node, key, extra)
+        return objects + [callback] if key == "callbacks" else objects
+
+    monkeypatch.setattr(train_module, "_instantiate_group", patched)
+
+
+def test_interrupted_then_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import Callback
+
+    alone = train(compose(CNN, output_dir=tmp_path / "alone"))
+
+    class StopAfterFirstEpoch(Callback):  # a crash after epoch 0 (and its checkpoints) ended
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise _Stop
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        _with_callback(patch, StopAfterFirstEpoch())
+        with pytest.raises(_Stop):
+            train(compose(CNN, output_dir=out))
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert json.loads((out / "metrics.json").read_text())["status"] == "failed"
+
+    resumed = train(compose([*CNN, "ckpt_path=last"], output_dir=out))
+    assert resumed == alone  # every metric, bit for bit (val/acc_best included)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["status"] == "ok" and report["resumed_from"] == str(out / "checkpoints" / "last.ckpt")
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_and_test_load_checkpoints_with_weights_only(tmp_path, monkeypatch):
+    args = ["experiment=linreg_toy", "logger=none", "trainer.max_epochs=1", *QUIET]
+    out = tmp_path / "run"
+    train(compose(args, output_dir=out))
+    calls = []
+    original = torch.load
+
+    def spy(*a, **kw):
+        calls.append(kw.get("weights_only"))
+        return original(*a, **kw)
+
+    monkeypatch.setattr(torch, "load", spy)
+    train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=out))
+    assert len(calls) >= 3 and all(w is True for w in calls)  # our check, Lightning's resume, the test's load
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    args = ["experiment=linreg_toy", "logger=none", "trainer.max_epochs=1", *QUIET]
+    train(compose(args, output_dir=out))
+    return out, args
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "code", "not_a_checkpoint"])
+def test_bad_checkpoint_is_a_clear_error_and_nothing_is_overwritten(finished_run, damage, tmp_path):
+    out, args = finished_run
+    last = out / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "code-ran"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "garbage":
+        last.write_bytes(b"\x00not a checkpoint" * 100)
+    elif damage == "code":  # unpickling this would run a command
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        torch.save({"state_dict": {}, "payload": Payload()}, last)
+    else:
+        torch.save({"weights": torch.zeros(2)}, last)
+    before = _snapshot(out / "checkpoints")
+    with pytest.raises(CheckpointError) as info:
+        train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=out))
+    message = str(info.value)
+    assert str(last) in message
+    if damage == "not_a_checkpoint":
+        assert "holds no 'state_dict'" in message
+    else:
+        assert "cannot load checkpoint" in message and "weights_only=True" in message
+    assert not marker.exists()
+    assert _snapshot(out / "checkpoints") == before  # the good best checkpoint and the bad file, untouched
+    assert json.loads((out / "metrics.json").read_text())["error_type"] == "CheckpointError"
+
+
+def test_missing_last_checkpoint_says_how_to_resume(tmp_path):
+    with pytest.raises(CheckpointError, match=r"ckpt_path=last: no checkpoint .*last\.ckpt.*hydra\.run\.dir=<run dir>"):
+        train(compose(["experiment=linreg_toy", "logger=none", "ckpt_path=last"], output_dir=tmp_path / "new"))
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_saving_fails(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+    good = path.read_bytes()
+
+    def dies_halfway(obj, f, *a, **kw):
+        Path(f).write_bytes(good[:10])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"epoch": 2}, path)
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    args = ["experiment=linreg_toy", "logger=wandb", "trainer.max_epochs=1", *QUIET]
+    train(compose(args, output_dir=out))
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=out))
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # `wandb sync` merges them
+
+
+# --------------------------------------------------------------------------- signals
+def _start(root: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "GPUDL_ROOT": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, str(repo_root() / "scripts" / "train.py"), *args], env=env, cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path, signum):
+    run_dir = tmp_path / "run"
+    args = ["experiment=cnn_digits", "logger=csv", "trainer.limit_train_batches=10", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", *QUIET]
+    proc = _start(tmp_path, *args, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no checkpoint after 120 s"
+    time.sleep(0.5)  # well inside a later epoch
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert f"interrupted by {signal.Signals(signum).name}" in stderr and "ckpt_path=last" in stderr
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] > 10  # saved when the signal came, after epoch 0's last.ckpt
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["status"] == "interrupted" and report["last_checkpoint"] == str(last)
+    if signum == signal.SIGINT:
+        return  # the same resume as below
+
+    # Resume in the same folder, two more epochs.
+    epochs = saved["epoch"] + 2
+    proc = _start(tmp_path, *args, f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}", "ckpt_path=last")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert report["status"] == "ok" and report["resumed_from"] == str(last)
+    assert torch.load(last, weights_only=True)["epoch"] == epochs - 1
+    assert "test/acc" in report["metrics"]
