@@ -14,6 +14,14 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 
+# pytest-xdist runs one worker per core; more intra-op threads per worker would only fight them.
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the long GPU compile check first, so its worker finishes it while the others test."""
+    items.sort(key=lambda item: "compiles_for_sm80" not in item.name)
+
 
 @pytest.fixture
 def device():
