@@ -22,3 +22,21 @@ def test_bench_smoke_runs_every_kernel(capsys):
         assert f"smoke {op}" in out
     assert "MISMATCH" not in out
     assert rows is None or all(r["ok"] for r in rows)
+
+
+def test_bench_report_files_from_rows(tmp_path):
+    """The GPU report writer (JSON, Markdown table, speedup plot), fed rows shaped like a GPU run's."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [
+        {"op": "linear", "case": "M4096", "dtype": "bf16", "impl": "gpudl", "device": "TestGPU", "fwd_ms": 0.5,
+         "fwd_bwd_ms": 1.6, "fwd_tflops": 275.0, "fwd_frac_peak_flops": 0.28, "fwd_speedup_vs_best": 0.9,
+         "fwd_bwd_speedup_vs_best": 0.8, "peak_mem_mb": 96.0},
+        {"op": "linear", "case": "M4096", "dtype": "bf16", "impl": "torch", "device": "TestGPU", "fwd_ms": 0.45},
+        {"op": "linear", "case": "M4096", "dtype": "bf16", "impl": "torch.compile", "device": "TestGPU", "error": "RuntimeError: x"},
+    ]
+    bench._write_outputs(rows, tmp_path, "TestGPU")
+    table = (tmp_path / "results.md").read_text()
+    assert "| linear | M4096 | bf16 | gpudl | 0.500 | 1.600 | 275.0 |" in table and "error: RuntimeError: x" in table
+    assert (tmp_path / "results.json").exists() and (tmp_path / "speedup.png").stat().st_size > 1000
