@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,7 +156,8 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     run_id = (out / "wandb_id.txt").read_text().strip()
     train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=out))
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # `wandb sync` merges them
+    # Same id (a second folder in the same second gets a "-1" suffix); `wandb sync` merges them.
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d+_\d+-{run_id}(-\d+)?", r.name) for r in runs), runs
 
 
 # --------------------------------------------------------------------------- signals

@@ -195,11 +195,7 @@ def test_unknown_kernel_backend_is_a_config_error(tmp_path):
         run(tmp_path, "experiment=linreg_toy", "kernels.backend=cuda")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("GPUDL_TEST_DDP") != "1", reason="spawns 4 processes (~1.5 min on 2 cores); GPUDL_TEST_DDP=1 runs it")
-def test_ddp_spawn_on_two_cpu_processes(tmp_path):
-    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer=ddp_cpu")
-    assert "test/acc" in metrics and Path(read_report(out)["best_checkpoint"]).is_file()
+# The two-process DDP test (trainer=ddp_cpu) is tests/test_scale.py::test_ddp_on_two_cpu_processes_matches_one_process.
 
 
 @pytest.mark.slow

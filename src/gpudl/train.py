@@ -341,6 +341,12 @@ def _checkpoint_paths(trainer: Any) -> tuple[str, str]:
     return best, lasts[0] if lasts else ""
 
 
+def _spawned(trainer: Any) -> bool:
+    """True when the trainer runs fit in spawned child processes (ddp_spawn with > 1 process)."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return type(launcher).__name__ == "_MultiProcessingLauncher" and getattr(trainer, "world_size", 1) > 1
+
+
 def _is_global_zero(trainer: Any) -> bool:
     return bool(getattr(trainer, "is_global_zero", True))
 
@@ -484,7 +490,14 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
         else:
             tested_ckpt = ckpt_path
         log.info("Testing %s", tested_ckpt or "the current weights")
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=tested_ckpt, weights_only=True)
+        tester = trainer
+        if _spawned(trainer):
+            # ddp_spawn trained in child processes; this (main) process tests on one device:
+            # every test sample counted once (a DistributedSampler pads with repeats), no second spawn.
+            tester = _instantiate(cfg.trainer, "trainer", devices=1, num_nodes=1, strategy="auto", callbacks=[],
+                                  logger=trainer.loggers or False, enable_checkpointing=False)
+        tester.test(model=model, datamodule=datamodule, ckpt_path=tested_ckpt, weights_only=True)
+        trainer = tester
         test_metrics = _floats(trainer.callback_metrics)
 
     metrics = {**fit_metrics, **test_metrics}
