@@ -436,3 +436,43 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
          float(weight_decay), bool(nesterov), bool(maximize), bool(inplace)),
         sgd_step_reference,
     )
+
+
+# --------------------------------------------------------------------------- normalization
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Layer normalization over the last len(normalized_shape) dims, as `F.layer_norm`.
+
+    input [..., *normalized_shape]; normalized_shape an int or a sequence of ints (at least one);
+    weight, bias [*normalized_shape] or None. Returns input's shape. The normalized dims are
+    flattened into one last dim N (a view for contiguous input) before the backend runs.
+    """
+    _check_tensor("input", input)
+    if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
+        normalized_shape = (normalized_shape,)
+    if (
+        not isinstance(normalized_shape, (tuple, list, torch.Size))
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape)
+    ):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+    normalized_shape = tuple(int(d) for d in normalized_shape)
+    if not normalized_shape:
+        raise ValueError("normalized_shape must have at least one dim, got ()")
+    k = len(normalized_shape)
+    if input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+        raise ValueError(
+            f"input of shape {tuple(input.shape)} must end with normalized_shape {normalized_shape}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_tensor(name, t)
+            _check_same(name, t, "input", input)
+            if tuple(t.shape) != normalized_shape:
+                raise ValueError(f"{name} must have shape normalized_shape {normalized_shape}, got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    n = math.prod(normalized_shape)
+    x = input.reshape(tuple(input.shape[: input.dim() - k]) + (n,))
+    w = None if weight is None else weight.reshape(n)
+    b = None if bias is None else bias.reshape(n)
+    out = _dispatch("layer_norm", [x, w, b], (x, w, b, float(eps)), reference.layer_norm)
+    return out.reshape(input.shape)

@@ -105,3 +105,9 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_f
     if batch_first:
         output = output.transpose(0, 1)
     return output, h
+
+
+def layer_norm(input, weight, bias, eps):
+    """input [..., N] (gpudl.ops flattens normalized_shape into the last dim); weight, bias [N] or
+    None; eps a float. Returns [..., N]."""
+    return F.layer_norm(input, input.shape[-1:], weight, bias, eps)
