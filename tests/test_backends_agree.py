@@ -75,5 +75,6 @@ def test_model_step_agrees_between_backends(name):
 def test_models_reach_the_kernels_they_are_meant_to():
     """Under backend 'triton', each op a model calls is one with a registered kernel."""
     expected = {"conv2d", "max_pool2d", "linear", "scaled_dot_product_attention", "rnn", "cross_entropy",
-                "mse_loss", "binary_cross_entropy_with_logits", "gan_discriminator_loss", "gan_generator_loss"}
+                "mse_loss", "binary_cross_entropy_with_logits", "gan_discriminator_loss", "gan_generator_loss",
+                "layer_norm"}
     assert expected <= set(REGISTRY), f"ops without a kernel: {sorted(expected - set(REGISTRY))}"

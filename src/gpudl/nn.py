@@ -155,3 +155,11 @@ def _combine_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, dtype):
         pad = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill(k, float("-inf")) if k.dtype == torch.bool else k.to(dtype)
         mask = pad if mask is None else mask + pad
     return mask
+
+
+class LayerNorm(nn.LayerNorm):
+    """`torch.nn.LayerNorm` (same constructor and parameter names: weight, bias) running on
+    `gpudl.ops.layer_norm`. input [..., *normalized_shape] -> the same shape."""
+
+    def forward(self, input):
+        return ops.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -22,9 +22,9 @@ class Block(torch.nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, mlp_dim: int, dropout: float):
         super().__init__()
-        self.ln_1 = torch.nn.LayerNorm(embed_dim)
+        self.ln_1 = nn.LayerNorm(embed_dim)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, dropout=dropout, batch_first=True)
-        self.ln_2 = torch.nn.LayerNorm(embed_dim)
+        self.ln_2 = nn.LayerNorm(embed_dim)
         self.fc = nn.Linear(embed_dim, mlp_dim, activation="gelu")  # GELU fused into the GEMM epilogue
         self.proj = nn.Linear(mlp_dim, embed_dim)
         self.dropout = torch.nn.Dropout(dropout)
@@ -80,7 +80,7 @@ class AttentionModule(ClassificationModule):
         self.pos_embed = torch.nn.Parameter(torch.randn(1, num_tokens + (pool == "cls"), embed_dim) * 0.02)
         self.drop = torch.nn.Dropout(dropout)
         self.blocks = torch.nn.ModuleList(Block(embed_dim, num_heads, mlp_dim, dropout) for _ in range(num_layers))
-        self.ln_f = torch.nn.LayerNorm(embed_dim)
+        self.ln_f = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
 
     def tokens(self, x):

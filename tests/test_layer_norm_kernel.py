@@ -1,0 +1,280 @@
+"""Op-specific tests of the fused LayerNorm (kernels/layer_norm.py) and gpudl.ops.layer_norm.
+
+The registry harness (tests/test_kernels.py) already compares every registered case with the
+reference; these cover what it cannot: multi-dim normalized_shape through gpudl.ops, layouts,
+empty shapes, numerics against float64, reproducible weight/bias gradients over many programs,
+which kernels launch for which required grads, the fallback for long rows, validation errors,
+backend selection and the nn.LayerNorm drop-in.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpudl
+from gpudl import nn, ops
+from gpudl.kernels import layer_norm as ln
+from gpudl.kernels import registry
+
+KERNELS = ("_ln_fwd_kernel", "_ln_bwd_kernel", "_ln_reduce_partials_kernel")
+
+
+class _Counter:
+    """Stands in for a @triton.jit kernel and records each launch's keyword arguments."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.calls = []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.calls.append({"grid": grid, **kwargs})
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    counters = {name: _Counter(getattr(ln, name)) for name in KERNELS}
+    for name, counter in counters.items():
+        monkeypatch.setattr(ln, name, counter)
+    return counters
+
+
+def _params(shape, device, dtype=torch.float32, requires_grad=True):
+    w = (1.0 + 0.5 * torch.randn(shape, device=device, dtype=dtype)).requires_grad_(requires_grad)
+    b = (0.5 * torch.randn(shape, device=device, dtype=dtype)).requires_grad_(requires_grad)
+    return w, b
+
+
+def _triton_and_torch(fn, *tensors):
+    """Run fn on the triton and torch backends over independent leaf copies; return
+    ((output, grads), (output, grads)) with one random grad_output shared by both."""
+    results = []
+    grad_out = None
+    for name in ("triton", "torch"):
+        leaves = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
+        with gpudl.use_backend(name):
+            out = fn(*leaves)
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(out, wanted, grad_out) if wanted and out.numel() else []
+        results.append((out.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("shape,normalized_shape", [((2, 3, 4, 5), (4, 5)), ((3, 6), 6), ((2, 7), [7]), ((9,), (9,))])
+def test_ops_matches_torch_for_any_normalized_shape(shape, normalized_shape, device):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    w, b = _params(ns, device)
+    (out, grads), (ref, ref_grads) = _triton_and_torch(
+        lambda x, w, b: ops.layer_norm(x, normalized_shape, w, b, eps=1e-5), x, w, b)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_input_and_grad_output(device):
+    torch.manual_seed(0)
+    x = torch.randn(24, 5, device=device).t().requires_grad_()  # [5, 24], rows strided
+    assert not x.is_contiguous()
+    w, b = _params((24,), device)
+    (out, grads), (ref, ref_grads) = _triton_and_torch(lambda x, w, b: ops.layer_norm(x, (24,), w, b), x, w, b)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    # a non-contiguous grad_output (an expanded scalar, as from .sum()) reaches the kernel as well
+    with gpudl.use_backend("triton"):
+        x2 = x.detach().clone().requires_grad_()
+        ops.layer_norm(x2, (24,)).sum().backward()
+    x3 = x.detach().clone().requires_grad_()
+    F.layer_norm(x3, (24,)).sum().backward()
+    torch.testing.assert_close(x2.grad, x3.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (3, 0)])
+def test_empty_shapes(shape, device, launches):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    w, b = _params(shape[-1:], device)
+    with gpudl.use_backend("triton"):
+        out = ops.layer_norm(x, shape[-1:], w, b)
+    assert out.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+    assert gx.shape == x.shape
+    # no rows: the parameter gradients are zeros, as torch gives
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
+    assert all(not c.calls for c in launches.values()), "nothing to launch for an empty input"
+
+
+def test_numerics_against_float64(device):
+    """Rows far from zero (mean 1e3, spread 1e-1), a constant row and a row at 1e4: fp32 stats
+    with a two-pass variance stay close to a float64 computation."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 257, device=device) * 0.1 + 1e3
+    x[1] = 3.0  # constant row: var 0, y = bias exactly
+    x[2] = torch.randn(257, device=device) * 1e2 + 1e4
+    w, b = _params((257,), device, requires_grad=False)
+    with gpudl.use_backend("triton"):
+        out = ops.layer_norm(x, (257,), w, b)
+    want = F.layer_norm(x.double(), (257,), w.double(), b.double())
+    torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(out[1], b)
+
+
+def test_float64_matches_reference_closely(device):
+    torch.manual_seed(0)
+    x = torch.randn(5, 33, device=device, dtype=torch.float64, requires_grad=True)
+    w, b = _params((33,), device, torch.float64)
+    (out, grads), (ref, ref_grads) = _triton_and_torch(lambda x, w, b: ops.layer_norm(x, (33,), w, b), x, w, b)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
+
+
+def test_parameter_grads_over_many_programs_are_reproducible(device, launches):
+    """Enough rows for several backward programs, each walking several row tiles: the partials
+    sum in a fixed order, so two runs agree bit for bit, and they match torch."""
+    torch.manual_seed(0)
+    n = 24
+    block_n, rows, _ = ln.launch_config(n, 10**6)
+    m = rows * 9 + 5  # 10 tiles, the last one ragged
+    x = torch.randn(m, n, device=device)
+    w, b = _params((n,), device)
+    g = torch.randn(m, n, device=device)
+    runs = []
+    for _ in range(2):
+        w_, b_ = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        with gpudl.use_backend("triton"):
+            out = ops.layer_norm(x, (n,), w_, b_)
+        runs.append(torch.autograd.grad(out, (w_, b_), g))
+    bwd = launches["_ln_bwd_kernel"].calls[0]
+    programs = bwd["grid"][0]
+    assert programs > 1 and bwd["ROWS"] == rows, "the test should cover several programs"
+    assert launches["_ln_reduce_partials_kernel"].calls, "the partials are reduced by the second kernel"
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    w_ref, b_ref = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    want = torch.autograd.grad(F.layer_norm(x, (n,), w_ref, b_ref), (w_ref, b_ref), g)
+    for a, r in zip(runs[0], want):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("w",), ("b",), ("w", "b"), ("x", "b")])
+def test_only_required_grads_are_computed(wanted, device, launches):
+    torch.manual_seed(0)
+    x = torch.randn(4, 40, device=device, requires_grad="x" in wanted)
+    w = torch.randn(40, device=device, requires_grad="w" in wanted)
+    b = torch.randn(40, device=device, requires_grad="b" in wanted)
+    with gpudl.use_backend("triton"):
+        out = ops.layer_norm(x, (40,), w, b)
+    leaves = [t for t, name in ((x, "x"), (w, "w"), (b, "b")) if name in wanted]
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert all(g is not None for g in grads)
+    call = launches["_ln_bwd_kernel"].calls[0]
+    assert (call["DX"], call["DW"], call["DB"]) == ("x" in wanted, "w" in wanted, "b" in wanted)
+    assert bool(launches["_ln_reduce_partials_kernel"].calls) == ("w" in wanted or "b" in wanted)
+
+
+def test_inference_saves_no_statistics(device, launches):
+    x = torch.randn(3, 16, device=device)
+    w, b = _params((16,), device)
+    with gpudl.use_backend("triton"), torch.no_grad():
+        ops.layer_norm(x, (16,), w, b)
+    assert launches["_ln_fwd_kernel"].calls[0]["STORE_STATS"] is False
+
+
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
+def test_missing_weight_or_bias(affine, device):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 37, device=device, requires_grad=True)
+    w, b = _params((37,), device)
+    w, b = (w if affine[0] else None), (b if affine[1] else None)
+    (out, grads), (ref, ref_grads) = _triton_and_torch(lambda x, w, b: ops.layer_norm(x, (37,), w, b), x, w, b)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(ref_grads) == 1 + sum(affine)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_long_rows_fall_back_with_a_warning(device, monkeypatch):
+    monkeypatch.setattr(registry, "_warned", set())
+    n = ln.MAX_N + 1
+    x = torch.randn(2, n, device=device)
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=rf"layer_norm.*longer than {ln.MAX_N}.*N={n}"):
+        out = ops.layer_norm(x, (n,))
+    torch.testing.assert_close(out, F.layer_norm(x, (n,)))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x: ops.layer_norm(x, (5,)), ValueError, r"input of shape \(3, 4\) must end with normalized_shape \(5,\)"),
+    (lambda x: ops.layer_norm(x, (2, 3, 4)), ValueError, r"must end with normalized_shape \(2, 3, 4\)"),
+    (lambda x: ops.layer_norm(x, ()), ValueError, r"normalized_shape must have at least one dim"),
+    (lambda x: ops.layer_norm(x, 4.0), TypeError, r"normalized_shape must be an int or a sequence of ints, got 4.0"),
+    (lambda x: ops.layer_norm(x, (True,)), TypeError, r"normalized_shape must be an int or a sequence of ints"),
+    (lambda x: ops.layer_norm(x, (4,), torch.ones(3)), ValueError, r"weight must have shape normalized_shape \(4,\), got \(3,\)"),
+    (lambda x: ops.layer_norm(x, (4,), None, torch.ones(2, 2)), ValueError, r"bias must have shape normalized_shape \(4,\), got \(2, 2\)"),
+    (lambda x: ops.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)), TypeError, r"weight has dtype torch.float64 but input has dtype torch.float32"),
+    (lambda x: ops.layer_norm(x, (4,), [1.0] * 4), TypeError, r"weight must be a torch.Tensor, got list"),
+    (lambda x: ops.layer_norm(x.long(), (4,)), TypeError, r"input must be a floating-point tensor"),
+    (lambda x: ops.layer_norm(x, (4,), eps=-1e-5), ValueError, r"eps must be a finite float >= 0, got -1e-05"),
+    (lambda x: ops.layer_norm(x, (4,), eps=float("nan")), ValueError, r"eps must be a finite float >= 0, got nan"),
+    (lambda x: ops.layer_norm(x, (4,), eps=True), ValueError, r"eps must be a finite float >= 0, got True"),
+])
+def test_validation_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(3, 4))
+
+
+def test_backend_selection(device, launches):
+    x = torch.randn(3, 16, device=device)
+    with gpudl.use_backend("torch"):
+        ops.layer_norm(x, (16,))
+    assert not launches["_ln_fwd_kernel"].calls
+    with gpudl.use_backend("triton"):
+        ops.layer_norm(x, (16,))
+    assert len(launches["_ln_fwd_kernel"].calls) == 1
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}])
+def test_nn_layer_norm_is_a_drop_in(kwargs, device, launches):
+    torch.manual_seed(0)
+    theirs = torch.nn.LayerNorm((4, 6), **kwargs).to(device)
+    if theirs.weight is not None:
+        with torch.no_grad():
+            theirs.weight.normal_()
+            if theirs.bias is not None:
+                theirs.bias.normal_()
+    ours = nn.LayerNorm((4, 6), **kwargs).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(2, 3, 4, 6, device=device)
+    with gpudl.use_backend("triton"):
+        out = ours(x)
+    assert launches["_ln_fwd_kernel"].calls, "the module ran the kernel"
+    torch.testing.assert_close(out, theirs(x), atol=1e-5, rtol=1e-5)
+    if theirs.weight is not None:
+        out.sum().backward()
+        theirs(x).sum().backward()
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_model_runs_its_layer_norms_on_the_kernel(device, launches):
+    from gpudl.models import AttentionModule
+
+    model = AttentionModule(embed_dim=16, num_heads=2, num_layers=1, mlp_dim=16).to(device)
+    assert all(type(m) is nn.LayerNorm for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    with gpudl.use_backend("triton"):
+        model(torch.randn(2, 1, 8, 8, device=device)).sum().backward()
+    assert len(launches["_ln_fwd_kernel"].calls) == 3  # ln_1, ln_2 and ln_f
+    assert len(launches["_ln_bwd_kernel"].calls) == 3
