@@ -91,12 +91,13 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, monkeypatch):
     common = ["experiment=cnn_digits", "trainer.max_epochs=3", *QUIET]
     one = train(compose([*common, "logger=none", "trainer=cpu"], output_dir=tmp_path / "one"))
     out = tmp_path / "two"
-    two = train(compose([*common, "logger=wandb", "trainer=ddp_cpu", "data.batch_size=16"], output_dir=out))
+    two = train(compose([*common, "logger=many", "trainer=ddp_cpu", "data.batch_size=16"], output_dir=out))
     assert one["test/acc"] > 0.85 and two["test/acc"] > 0.85
     assert abs(one["test/acc"] - two["test/acc"]) < 0.05 and abs(one["val/acc_best"] - two["val/acc_best"]) < 0.05
     report = json.loads((out / "metrics.json").read_text())
     assert report["status"] == "ok" and report["metrics"]["test/acc"] == two["test/acc"]
     assert Path(report["best_checkpoint"]).is_file()
+    assert (out / "csv" / "metrics.csv").is_file() and (out / "csv" / "test" / "metrics.csv").is_file()  # fit, test
     run_id = (out / "wandb_id.txt").read_text().strip()
     runs = list((out / "wandb").glob("offline-run-*"))  # fit (rank 0) and test (this process): one run id
     assert runs and all(re.fullmatch(rf"offline-run-\d+_\d+-{run_id}(-\d+)?", r.name) for r in runs), runs

@@ -494,8 +494,15 @@ def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
         if _spawned(trainer):
             # ddp_spawn trained in child processes; this (main) process tests on one device:
             # every test sample counted once (a DistributedSampler pads with repeats), no second spawn.
+            # Fresh loggers: the same W&B run (its id), and CSV rows in <run dir>/csv/test/ (the
+            # child's csv/metrics.csv has columns this process's CSVLogger does not know).
+            extra = dict(wandb_args)
+            for name, entry in (cfg.get("logger") or {}).items():
+                if isinstance(entry, DictConfig) and str(entry.get("_target_", "")).endswith("CSVLogger"):
+                    extra[name] = {"version": "test"}
+            test_loggers = _instantiate_group(cfg.get("logger"), "logger", extra=extra)
             tester = _instantiate(cfg.trainer, "trainer", devices=1, num_nodes=1, strategy="auto", callbacks=[],
-                                  logger=trainer.loggers or False, enable_checkpointing=False)
+                                  logger=test_loggers or False, enable_checkpointing=False)
         tester.test(model=model, datamodule=datamodule, ckpt_path=tested_ckpt, weights_only=True)
         trainer = tester
         test_metrics = _floats(trainer.callback_metrics)
