@@ -78,3 +78,31 @@ def test_models_reach_the_kernels_they_are_meant_to():
                 "mse_loss", "binary_cross_entropy_with_logits", "gan_discriminator_loss", "gan_generator_loss",
                 "layer_norm"}
     assert expected <= set(REGISTRY), f"ops without a kernel: {sorted(expected - set(REGISTRY))}"
+
+
+# Two optimizer steps, one validation and one test batch of every experiment, through train();
+# batches of 4 keep the interpreted kernels' grids small.
+FAST = ["data.batch_size=4", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "callbacks=none"]
+GAN_FAST = ["model.judge_epochs=1", "model.num_eval_samples=50"]
+EXPERIMENTS = ["linreg_diabetes", "linreg_toy", "logreg_cancer", "cnn_digits", "cnn_mnist", "rnn_digits",
+               "attention_digits", "gan_digits", "gan_mnist"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_trains_end_to_end_on_the_kernels(experiment, tmp_path):
+    """kernels.backend=triton (interpreted here) trains and tests with the losses of kernels.backend=torch."""
+    from gpudl.train import train
+    from gpudl.utils import compose
+
+    extra = GAN_FAST if experiment.startswith("gan") else []
+    results = {}
+    for name in ("torch", "triton"):
+        cfg = compose([*FAST, *extra, f"experiment={experiment}", f"kernels.backend={name}"], output_dir=tmp_path / name)
+        results[name] = train(cfg)
+    for key in ("train/loss", "test/loss"):
+        assert key in results["triton"], key
+        torch.testing.assert_close(results["triton"][key], results["torch"][key], atol=1e-4, rtol=1e-3,
+                                   msg=lambda m, key=key: f"{experiment} {key}: {m}")
