@@ -85,7 +85,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, offs_m, offs_d, d_ok,
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -199,12 +199,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, m_base, lse_base, delta_base, off
         p_t = tl.exp2(s_t - lse[None, :])
         do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
         if COMPUTE_DV:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         if COMPUTE_DK:
             delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
     return dk, dv
 
 
@@ -285,7 +285,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, m_base, offs_m, offs_d, d_o
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=dq.dtype)
     return dq
 
 

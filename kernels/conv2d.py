@@ -122,7 +122,7 @@ def _conv2d_fwd_kernel(
         a = tl.load(x_rows[:, None] + (c * sx_c)[None, :] + ih * sx_h + iw * sx_w, mask=a_mask, other=0.0)
         b_offs = c * sw_c + kh * sw_h + kw * sw_w
         b = tl.load(w_cols[None, :] + b_offs[:, None], mask=k_mask[:, None] & o_mask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
     if HAS_BIAS:
         bias = tl.load(b_ptr + chan_o, mask=o_mask, other=0.0)
@@ -192,7 +192,7 @@ def _conv2d_dgrad_kernel(
             g = _grad_pre_activation(g.to(ACC), s.to(ACC), ACTIVATION)
         b = tl.load(w_cols[None, :] + (o * sw_o + kh * sw_h + kw * sw_w)[:, None],
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0)
-        acc = tl.dot(g.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
     dx_offs = (n * sd_n + ih * sd_h + iw * sd_w)[:, None] + ((group * C_IN_G + offs_c) * sd_c)[None, :]
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
@@ -259,7 +259,7 @@ def _conv2d_wgrad_kernel(
             iw = (ow * STRIDE_W - PAD_LEFT)[:, None] + (kw * DIL_W)[None, :]
             a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a = tl.load(x_chan[None, :] + (n * sx_n)[:, None] + ih * sx_h + iw * sx_w, mask=a_mask, other=0.0)
-            acc = tl.dot(g.to(x_ptr.dtype.element_ty), a, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(g.to(x_ptr.dtype.element_ty), a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
     if COMPUTE_W:
         # partial dw is contiguous [splits, C_out, C_in_g, kH, kW]; column k = (kh, kw, c).
