@@ -1,4 +1,6 @@
-"""Small @triton.jit helpers and host utilities shared by the kernel files.
+"""What the kernel files share: small @triton.jit helpers, accumulator dtypes, the deterministic
+partial-sum reduction of the loss kernels, and host utilities. Kernel files import from here,
+never from each other.
 
 Everything here works under the Triton interpreter: no libdevice calls (tanh and softplus are
 written from exp and log), and autotune config lists collapse to one config when interpreting.
@@ -6,8 +8,12 @@ written from exp and log), and autotune config lists collapse to one config when
 
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from gpudl.kernels.registry import INTERPRET
 
@@ -17,6 +23,21 @@ LEAKY_RELU_SLOPE: tl.constexpr = tl.constexpr(0.01)
 
 # Shared-memory limits per block, bytes (CUDA programming guide, compute capability tables).
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+# Loss reductions as a tl.constexpr code.
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+INT32_LIMIT = 2**31 - 1  # element offsets past this need int64 index arithmetic
+REDUCE_BLOCK = 1024  # the one-program partial-sum kernel's block
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator dtype: float32, or float64 for float64 inputs (so the float64 gradcheck is exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    """`acc_dtype` as a Triton dtype, to pass as a tl.constexpr."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def tuning_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -68,6 +89,24 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def activation_grad_from_saved(saved, grad, ACTIVATION: tl.constexpr):
+    """d activation / d pre times grad, from what the forward saved: the OUTPUT y for relu,
+    leaky_relu, tanh and sigmoid (their derivative is a function of y, and the output exists
+    anyway, as in PyTorch's autograd), the pre-activation for gelu (not a function of y)."""
+    if ACTIVATION == 1:
+        grad = tl.where(saved > 0, grad, 0.0)
+    elif ACTIVATION == 2:
+        grad = tl.where(saved > 0, grad, grad * LEAKY_RELU_SLOPE)  # y > 0 exactly when pre > 0
+    elif ACTIVATION == 3:
+        grad = grad * (1.0 - saved * saved)
+    elif ACTIVATION == 4:
+        grad = grad * saved * (1.0 - saved)
+    elif ACTIVATION == 5:
+        grad = activation_grad(saved, grad, 5)
+    return grad
+
+
+@triton.jit
 def activation_grad(pre, grad, ACTIVATION: tl.constexpr):
     """d activation(pre) / d pre times grad, from the pre-activation value."""
     if ACTIVATION == 1:
@@ -85,3 +124,42 @@ def activation_grad(pre, grad, ACTIVATION: tl.constexpr):
         pdf = tl.exp(-0.5 * pre * pre) * 0.3989422804014327
         grad = grad * (cdf + pre * pdf)
     return grad
+
+
+# --------------------------------------------------------------------------- deterministic sums
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, num_partials, divisor, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[0] = sum(partials) (/ divisor): one program, a fixed order, so results are reproducible."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], partial_ptr.dtype.element_ty)
+    for start in range(0, num_partials, BLOCK):
+        acc += tl.load(partial_ptr + start + offs, mask=start + offs < num_partials, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if DIVIDE:
+        total = total / divisor
+    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
+
+
+def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype, divisor: int | None = None) -> torch.Tensor:
+    """0-d tensor of dtype out_dtype: the sum of `partials` [P], divided by `divisor` if given."""
+    out = torch.empty((), dtype=out_dtype, device=partials.device)
+    wrap_triton(_sum_partials_kernel)[(1,)](partials, out, partials.numel(), divisor or 1, DIVIDE=divisor is not None,
+                                            BLOCK=REDUCE_BLOCK, num_warps=4)
+    return out
+
+
+def sum_partials_variants() -> list:
+    """Compile variants of the partial-sum kernel, for the specs of the ops that use it."""
+    from gpudl.kernels.registry import CompileVariant
+
+    return [CompileVariant(
+        f"sum_partials-{out}", _sum_partials_kernel,
+        {"partial_ptr": "*fp32", "out_ptr": f"*{out}", "num_partials": "i32", "divisor": "i64",
+         "DIVIDE": "constexpr", "BLOCK": "constexpr"},
+        {"DIVIDE": True, "BLOCK": REDUCE_BLOCK}, num_warps=4,
+    ) for out in ("fp32", "bf16")]
+
+
+def empty_reduction(reduction: str, like: torch.Tensor) -> torch.Tensor:
+    """What PyTorch returns for a loss over zero elements: nan for mean, 0 for sum."""
+    return torch.full((), math.nan if reduction == "mean" else 0.0, dtype=like.dtype, device=like.device)

@@ -36,21 +36,24 @@ fp32 products unless the user opted into TF32, as F.linear does.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
 from gpudl.kernels._common import (
     ACTIVATION_CODES,
     SHARED_MEMORY_LIMIT,
-    activation_grad,
+    activation_grad_from_saved,
     apply_activation,
+    tl_acc,
     triton_dtype,
     tuning_configs,
 )
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
 
 _GELU = ACTIVATION_CODES["gelu"]
 
@@ -168,20 +171,6 @@ _matmul = triton.autotune(
 
 
 @triton.jit
-def _grad_from_saved(saved, grad, ACTIVATION: tl.constexpr):
-    """dz = act'(pre) * dy, where `saved` is the output y for relu / leaky_relu / tanh / sigmoid
-    and the pre-activation for gelu (see the module docstring)."""
-    if ACTIVATION == 3:
-        grad = grad * (1.0 - saved * saved)
-    elif ACTIVATION == 4:
-        grad = grad * saved * (1.0 - saved)
-    else:
-        # relu and leaky_relu test the sign, which y and pre share; gelu gets the pre-activation.
-        grad = activation_grad(saved, grad, ACTIVATION)
-    return grad
-
-
-@triton.jit
 def _activation_backward_kernel(
     dy_ptr, saved_ptr, dz_ptr,
     M, N,
@@ -197,7 +186,7 @@ def _activation_backward_kernel(
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
     saved = tl.load(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
-    dz = _grad_from_saved(saved.to(COMPUTE_DTYPE), dy.to(COMPUTE_DTYPE), ACTIVATION)
+    dz = activation_grad_from_saved(saved.to(COMPUTE_DTYPE), dy.to(COMPUTE_DTYPE), ACTIVATION)
     tl.store(dz_ptr + offs_m[:, None] * N + offs_n[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -230,10 +219,6 @@ _COLUMN_SUM_WARPS = 4
 
 
 # --------------------------------------------------------------------------- host launchers
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _fp32_matmul_allows_tf32() -> bool:
     """torch's own switch for fp32 matmuls (off by default). The new API's `fp32_precision`
     reflects the legacy `allow_tf32` and `set_float32_matmul_precision` too, while reading
@@ -266,7 +251,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
     else:
         stride_a, stride_b = a.stride(), b.stride()
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _matmul[grid](
+    wrap_triton(_matmul)[grid](
         a, b, c,
         bias.contiguous() if bias is not None else c,  # [N]: a copy only for a strided view, negligible
         pre if pre is not None else c,
@@ -277,7 +262,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         ACTIVATION=activation,
         STORE_PRE=pre is not None,
         ROW_SUM=rowsum is not None,
-        ACC_DTYPE=_acc_dtype(c.dtype),
+        ACC_DTYPE=tl_acc(c.dtype),
         INPUT_PRECISION=_input_precision(c.dtype),
     )
     return c
@@ -290,9 +275,9 @@ def _activation_backward(dy: torch.Tensor, saved: torch.Tensor, activation: int)
     if dz.numel() == 0:
         return dz
     grid = (triton.cdiv(M, _ELEMENTWISE_BLOCK["BLOCK_M"]), triton.cdiv(N, _ELEMENTWISE_BLOCK["BLOCK_N"]))
-    _activation_backward_kernel[grid](
+    wrap_triton(_activation_backward_kernel)[grid](
         dy, saved, dz, M, N, dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1),
-        ACTIVATION=activation, COMPUTE_DTYPE=_acc_dtype(dy.dtype), **_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
+        ACTIVATION=activation, COMPUTE_DTYPE=tl_acc(dy.dtype), **_ELEMENTWISE_BLOCK, num_warps=_ELEMENTWISE_WARPS,
     )
     return dz
 
@@ -305,9 +290,9 @@ def _column_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return out
     stride = x.stride() if M > 0 else (0, 0)
     grid = (triton.cdiv(N, _COLUMN_SUM_BLOCK["BLOCK_N"]),)
-    _column_sum_kernel[grid](
+    wrap_triton(_column_sum_kernel)[grid](
         x if M > 0 else out, out, M, N, stride[0], stride[1],
-        ACC_DTYPE=_acc_dtype(x.dtype), **_COLUMN_SUM_BLOCK, num_warps=_COLUMN_SUM_WARPS,
+        ACC_DTYPE=tl_acc(x.dtype), **_COLUMN_SUM_BLOCK, num_warps=_COLUMN_SUM_WARPS,
     )
     return out
 
@@ -324,55 +309,94 @@ def _forward(input, weight, bias, code: int, store_pre: bool):
     return y, pre, x
 
 
-# --------------------------------------------------------------------------- autograd
-class LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, activation_name):
-        code = ACTIVATION_CODES[activation_name]
-        any_grad = any(ctx.needs_input_grad[:3])
-        y, pre, x = _forward(input, weight, bias, code, store_pre=any_grad and code == _GELU)
-        need_x, need_w, _ = ctx.needs_input_grad[:3]
-        saved = None if code == 0 else (pre if code == _GELU else y)
-        # dx needs only W, dW only x: keep alive only what a requested gradient reads. x is the
-        # flattened input (a view, or the copy forward already made of a non-flattenable one).
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None, saved)
-        ctx.code = code
-        ctx.input_shape = input.shape
-        return y
+# --------------------------------------------------------------------------- custom ops
+@kernel_op("linear")
+def _linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
+               store_pre: bool) -> tuple[Tensor, Tensor]:
+    """(y [..., N], pre-activation [..., N] when store_pre else an empty tensor)."""
+    y, pre, _ = _forward(input, weight, bias, ACTIVATION_CODES[activation], store_pre)
+    return y, (pre if pre is not None else no_tensor(y))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the Triton grads carry no graph: refuse double backward
-    def backward(ctx, grad_output):
-        x, weight, saved = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        M, N = math.prod(grad_output.shape[:-1]), grad_output.shape[-1]
-        dy = grad_output.reshape(M, N)
-        dz = dy if ctx.code == 0 else _activation_backward(dy, saved.reshape(M, N), ctx.code)
-        grad_input = grad_weight = grad_bias = None
-        if need_x:
-            K = weight.shape[1]
-            grad_input = torch.empty((M, K), dtype=weight.dtype, device=dz.device)
-            _gemm(dz, weight, grad_input)
-            grad_input = grad_input.view(ctx.input_shape)
-        if need_w:
-            grad_weight = torch.empty((N, x.shape[1]), dtype=x.dtype, device=dz.device)
-            grad_bias = torch.empty(N, dtype=x.dtype, device=dz.device) if need_b else None
-            _gemm(dz.t(), x, grad_weight, rowsum=grad_bias)
-            if need_b and grad_weight.numel() == 0:  # no GEMM ran (in_features == 0): sum directly
-                grad_bias = _column_sum(dz, x.dtype)
-        elif need_b:
-            grad_bias = _column_sum(dz, dz.dtype)
-        return grad_input, grad_weight, grad_bias, None
+
+@_linear_op.register_fake
+def _(input, weight, bias, activation, store_pre):
+    y = input.new_empty((*input.shape[:-1], weight.shape[0]))
+    return y, (torch.empty_like(y) if store_pre else y.new_empty(0))
+
+
+def _setup_linear(ctx, inputs, output):
+    input, weight, _, activation, _ = inputs
+    y, pre = output
+    code = ACTIVATION_CODES[activation]
+    need_x, need_w, _ = ctx.needs_input_grad[:3]
+    # dx needs only W, dW only x: keep alive only what a requested gradient reads.
+    saved = None if code == 0 else (pre if code == _GELU else y)
+    ctx.save_for_backward(input if need_w else None, weight if need_x else None, saved)
+    ctx.activation, ctx.input_shape = activation, input.shape
+    ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, grad_output, _grad_pre):
+    input, weight, saved = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_output is None:
+        return None, None, None, None, None
+    dx, dw, db = torch.ops.gpudl.linear_backward(
+        grad_output, input, weight, saved, ctx.activation, list(ctx.input_shape), need_x, need_w, need_b)
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None, None
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
+
+
+@kernel_op("linear_backward")
+def _linear_backward_op(grad_output: Tensor, input: Optional[Tensor], weight: Optional[Tensor],
+                        saved: Optional[Tensor], activation: Optional[str], input_shape: list[int],
+                        need_input: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dinput, dweight, dbias); each an empty tensor when not asked for. `saved` is the output
+    (relu, leaky_relu, tanh, sigmoid) or the pre-activation (gelu); None without an activation."""
+    code = ACTIVATION_CODES[activation]
+    N = grad_output.shape[-1]
+    M = math.prod(grad_output.shape[:-1])
+    dy = grad_output.reshape(M, N)
+    dz = dy if code == 0 else _activation_backward(dy, saved.reshape(M, N), code)
+    grad_input, grad_weight, grad_bias = no_tensor(dy), no_tensor(dy), no_tensor(dy)  # distinct: outputs never alias
+    if need_input:
+        grad_input = torch.empty((M, weight.shape[1]), dtype=weight.dtype, device=dz.device)
+        _gemm(dz, weight, grad_input)
+        grad_input = grad_input.view(input_shape)
+    if need_weight:
+        x = input.reshape(M, input.shape[-1])  # a view whenever the leading dims flatten
+        grad_weight = torch.empty((N, x.shape[1]), dtype=x.dtype, device=dz.device)
+        grad_bias = torch.empty(N, dtype=x.dtype, device=dz.device) if need_bias else grad_bias
+        _gemm(dz.t(), x, grad_weight, rowsum=grad_bias if need_bias else None)
+        if need_bias and grad_weight.numel() == 0:  # no GEMM ran (in_features == 0): sum directly
+            grad_bias = _column_sum(dz, x.dtype)
+    elif need_bias:
+        grad_bias = _column_sum(dz, dz.dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+first_order_only(_linear_backward_op)
+
+
+@_linear_backward_op.register_fake
+def _(grad_output, input, weight, saved, activation, input_shape, need_input, need_weight, need_bias):
+    N = grad_output.shape[-1]
+    return (grad_output.new_empty(input_shape if need_input else 0),
+            grad_output.new_empty((N, input.shape[-1]) if need_weight else 0),
+            grad_output.new_empty(N if need_bias else 0))
 
 
 def linear(input, weight, bias, activation_name):
     """activation(input @ weight^T + bias): input [..., K]; weight [N, K]; bias [N] or None;
     activation_name one of gpudl.reference.ACTIVATIONS. Returns [..., N] in input's dtype.
     Same normalized signature as `gpudl.reference.linear`; gpudl.ops.linear validates first."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
-        return LinearFunction.apply(input, weight, bias, activation_name)
-    # Inference: no autograd node, and gelu's pre-activation is not written.
-    return _forward(input, weight, bias, ACTIVATION_CODES[activation_name], store_pre=False)[0]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    # gelu's derivative needs the pre-activation: write it only when a backward will read it.
+    store_pre = needs_grad and ACTIVATION_CODES[activation_name] == _GELU
+    return torch.ops.gpudl.linear(input, weight, bias, activation_name, store_pre)[0]
 
 
 # --------------------------------------------------------------------------- registration
@@ -460,7 +484,6 @@ def _compile_variants() -> list[CompileVariant]:
 SPEC = register(KernelSpec(
     op="linear",
     triton=linear,
-    reference=reference.linear,
     cases=_CASES,
     gradcheck_case=Case("gradcheck-2x3x5x4-gelu", _case((2, 3), 5, 4, True, "gelu")),
     tolerances={torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)},

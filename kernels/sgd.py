@@ -22,10 +22,12 @@ import struct
 import torch
 import triton
 import triton.language as tl
-
-from gpudl.kernels._common import triton_dtype
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+from torch import Tensor
+from torch.library import wrap_triton
 from torch.optim.sgd import sgd as _functional_sgd
+
+from gpudl.kernels._common import tl_acc, triton_dtype
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, kernel_op, register
 
 # One fixed launch configuration, no autotuning: the kernel updates its tensors in place, and an
 # autotuner's benchmark runs would apply the step several times (its restore_value cannot reach
@@ -178,15 +180,54 @@ def _launch(p_in, grads, b_in, p_out, b_out, lr, momentum, dampening, weight_dec
     chunks = meta[_TENSOR_ROWS * num_tensors : _TENSOR_ROWS * num_tensors + 2 * num_chunks]
     hyper_t = meta[-4:].view(torch.float64)
     witness = next(p for p in p_in if p.numel() > 0)  # an empty tensor may have address 0
-    _sgd_multi_tensor_kernel[(num_chunks,)](
+    wrap_triton(_sgd_multi_tensor_kernel)[(num_chunks,)](
         table, chunks, hyper_t, witness, num_tensors, num_chunks, CHUNK,
-        COMPUTE_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        COMPUTE_DTYPE=tl_acc(dtype),
         WEIGHT_DECAY=weight_decay != 0, MOMENTUM=use_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
         ALIGNED=all(a % 16 == 0 for row in rows[:_NUMEL] for a in row), BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 
-# --------------------------------------------------------------------------- public entry
+# --------------------------------------------------------------------------- custom op
+# Not traceable by Inductor: the launch builds a table of data pointers. An optimizer step is no
+# part of a compiled forward/backward anyway; the op keeps it one opaque, in-place node.
+@kernel_op("sgd_step_", mutates_args=("params", "momentum_buffers"), traceable=False)
+def _sgd_step_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], first_step: list[bool],
+                 lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                 maximize: bool) -> None:
+    """Update params (and, with momentum, momentum_buffers, one per param) in place; a buffer
+    whose first_step flag is set is written, not read. Tensors of one (device, dtype) share one
+    launch."""
+    use_momentum = momentum != 0
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    for idx in groups.values():
+        p_group = [params[i] for i in idx]
+        b_out = [momentum_buffers[i] for i in idx] if use_momentum else [None] * len(idx)
+        b_in = [None if first_step[i] else momentum_buffers[i] for i in idx] if use_momentum else b_out
+        _launch(p_group, [grads[i] for i in idx], b_in, p_group, b_out,
+                lr, momentum, dampening, weight_decay, nesterov, maximize)
+
+
+@_sgd_step_op.register_fake
+def _(params, grads, momentum_buffers, first_step, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    return None
+
+
+def _streamable(p: torch.Tensor, g: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return _is_dense(p) and g.stride() == p.stride() and (b is None or b.stride() == p.stride())
+
+
+def unsupported(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, inplace):
+    """The kernel streams each tensor as one flat array: every param dense, its grad and buffer
+    laid out alike."""
+    buffers = momentum_buffers if momentum != 0 else [None] * len(params)
+    if not all(_streamable(p, g, b) for p, g, b in zip(params, grads, buffers)):
+        return "a parameter is not dense, or its grad/buffer has other strides"
+    return None
+
+
 def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, inplace):
     """One SGD step over lists of tensors, torch.optim.SGD's update, fused into one launch per
     (device, dtype).
@@ -201,40 +242,15 @@ def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_de
     params, grads = list(params), list(grads)
     use_momentum = momentum != 0
     buffers = list(momentum_buffers) if use_momentum else [None] * len(params)
-    p_out = params if inplace else [torch.empty_like(p) for p in params]
-    b_out = [None] * len(params)
+    if not inplace:
+        params = [p.detach().clone() for p in params]
+        buffers = [None if b is None else b.clone() for b in buffers]
+    first_step = [b is None for b in buffers]
     if use_momentum:
-        b_out = [b if (inplace and b is not None) else torch.empty_like(p) for p, b in zip(params, buffers)]
-
-    groups: dict[tuple, list[int]] = {}
-    slow = []
-    for i, (p, g, b) in enumerate(zip(params, grads, buffers)):
-        same_layout = g.stride() == p.stride() and (b is None or b.stride() == p.stride())
-        out_layout = p_out[i].stride() == p.stride() and (b_out[i] is None or b_out[i].stride() == p.stride())
-        if _is_dense(p) and same_layout and out_layout:
-            groups.setdefault((p.device, p.dtype), []).append(i)
-        else:
-            slow.append(i)
-    for idx in groups.values():
-        _launch(
-            [params[i] for i in idx], [grads[i] for i in idx], [buffers[i] for i in idx],
-            [p_out[i] for i in idx], [b_out[i] for i in idx],
-            lr, momentum, dampening, weight_decay, nesterov, maximize,
-        )
-    if slow:
-        # A parameter that is not one dense block, or whose grad or buffer is laid out
-        # differently, cannot be streamed as a flat array: torch updates those few.
-        fall_back("sgd_step", "a parameter is not dense, or its grad/buffer has other strides")
-        from gpudl.optim import sgd_step_reference
-
-        sp, sb = sgd_step_reference(
-            [params[i] for i in slow], [grads[i] for i in slow], [buffers[i] for i in slow],
-            lr, momentum, dampening, weight_decay, nesterov, maximize, inplace,
-        )
-        for k, i in enumerate(slow):
-            p_out[i] = sp[k]
-            b_out[i] = sb[k]
-    return p_out, b_out
+        buffers = [torch.empty_like(p) if b is None else b for p, b in zip(params, buffers)]
+    torch.ops.gpudl.sgd_step_(params, grads, buffers if use_momentum else [], first_step if use_momentum else [],
+                              lr, momentum, dampening, weight_decay, nesterov, maximize)
+    return params, buffers
 
 
 # --------------------------------------------------------------------------- registration
@@ -313,16 +329,10 @@ def _compile_variants():
     return variants
 
 
-def _reference(*args):
-    from gpudl.optim import sgd_step_reference
-
-    return sgd_step_reference(*args)
-
-
 SPEC = register(KernelSpec(
     op="sgd_step",
     triton=sgd_step,
-    reference=_reference,
+    unsupported=unsupported,
     cases=[
         Case("plain", _make_case(_SHAPES, 0.0, 0.0, 0.0, False, False, True)),
         Case("momentum-first-step-wd", _make_case(_SHAPES, 0.9, 0.1, 1e-2, False, False, True)),

@@ -134,7 +134,7 @@ def test_mixed_dtypes_layouts_and_empty_tensors(device):
     grads = [torch.randn_like(p) for p in params]
     grads[3] = torch.randn(8, 6, device=device).t()  # same shape as params[3], other strides
     buffers = [torch.randn_like(p) for p in params]
-    from gpudl.optim import sgd_step_reference
+    from gpudl.reference import sgd_step as sgd_step_reference
 
     want_p, want_b = sgd_step_reference(params, grads, buffers, 0.1, 0.9, 0.0, 1e-2, True, False, False)
     with gpudl.use_backend("triton"), pytest.warns(UserWarning, match="other strides"):

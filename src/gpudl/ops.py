@@ -2,15 +2,26 @@
 
 Every op validates its arguments (raising ValueError/TypeError that name the argument, what it
 got and what was expected), normalizes them (tuples, explicit padding, resolved scale), then runs
-either our Triton kernel (`gpudl.kernels`) or the PyTorch reference (`gpudl.reference`), as
-`gpudl.backend` decides. Models call these, never `torch.nn.functional`, so switching backend
-changes no model code.
+either our Triton kernel (`gpudl.kernels`, as a `torch.ops.gpudl` custom op) or the PyTorch
+reference (`gpudl.reference`), as `gpudl.backend` decides. Models call these, never
+`torch.nn.functional`, so switching backend changes no model code.
+
+Inside `torch.autocast` each op behaves as its `torch.nn.functional` twin does: the `@autocast`
+line above each op states its class, per device type, as PyTorch's own autocast op lists do, and
+both backends follow it:
+    lower_precision  floating inputs cast to the autocast dtype (conv2d, linear, attention, rnn)
+    float32          floating inputs cast to float32, float32 result (losses; norms on CUDA)
+    input_dtype      computed in float32, the result in the input's dtype (what CPU autocast
+                     does for layer_norm and softplus, which are on none of its lists)
+    none             run as given (max_pool2d: it keeps its input's dtype; sgd_step)
+Outside autocast, mismatched dtypes are an error that names the arguments.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -62,16 +73,71 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-def _dispatch(op: str, tensors: list, args: tuple, torch_impl: Callable):
-    """Run the Triton kernel registered for `op` or the reference, with the same normalized args."""
+def _dispatch(op: str, tensors: list, args: tuple):
+    """Run the Triton kernel registered for `op`, or `gpudl.reference.<op>`, with the same
+    normalized args. Arguments the kernel's spec declares unsupported run on the reference, with
+    a one-time warning pointing at the caller."""
     if backend.resolve(op, tensors) == "triton":
         from gpudl.kernels import registry
 
-        return registry.REGISTRY[op].triton(*args)
-    return torch_impl(*args)
+        spec = registry.REGISTRY[op]
+        reason = spec.unsupported(*args) if spec.unsupported is not None else None
+        if reason is None:
+            return spec.triton(*args)
+        registry.fall_back(op, reason)
+    return getattr(reference, op)(*args)
+
+
+# --------------------------------------------------------------------------- autocast policy
+AUTOCAST_CLASSES = ("lower_precision", "float32", "input_dtype", "none")
+
+
+def _tensors_in(args, kwargs):
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+
+
+def autocast_class(cuda: str, cpu: str | None = None):
+    """Decorator stating an op's autocast class on CUDA and on the CPU (default: the same).
+
+    Inside `torch.autocast` for the device of the op's tensors, the op's floating-point tensor
+    arguments are cast as its class says before anything else runs, so validation, the backend
+    choice and both backends see the cast tensors; autograd records the casts, so gradients come
+    back in each argument's own dtype. Outside autocast it adds nothing."""
+    classes = {"cuda": cuda, "cpu": cuda if cpu is None else cpu}
+    for name in classes.values():
+        if name not in AUTOCAST_CLASSES:
+            raise ValueError(f"autocast class must be one of {AUTOCAST_CLASSES}, got {name!r}")
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            first = next(_tensors_in(args, kwargs), None)
+            if first is None:
+                return fn(*args, **kwargs)
+            device_type = first.device.type
+            policy = classes.get(device_type, "none")
+            if policy == "none" or not torch.is_autocast_enabled(device_type):
+                return fn(*args, **kwargs)
+            dtype = torch.get_autocast_dtype(device_type) if policy == "lower_precision" else torch.float32
+
+            def cast(a):
+                return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+            out = fn(*(cast(a) for a in args), **{k: cast(v) for k, v in kwargs.items()})
+            if policy == "input_dtype" and first.is_floating_point() and out.dtype != first.dtype:
+                out = out.to(first.dtype)
+            return out
+
+        op.autocast_classes = classes
+        return op
+
+    return decorate
 
 
 # --------------------------------------------------------------------------- convolution
+@autocast_class("lower_precision")
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """2-D convolution followed by a fused activation, as `F.conv2d` then `activation`.
 
@@ -124,15 +190,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             f"input spatial size {tuple(x.shape[2:])} with padding {pad4} is smaller than the dilated kernel "
             f"({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})"
         )
-    out = _dispatch(
-        "conv2d",
-        [x, weight, bias],
-        (x, weight, bias, stride, pad4, dilation, groups, activation),
-        reference.conv2d,
-    )
+    out = _dispatch("conv2d", [x, weight, bias], (x, weight, bias, stride, pad4, dilation, groups, activation))
     return out.squeeze(0) if unbatched else out
 
 
+@autocast_class("none")
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """Max pooling, as `F.max_pool2d` (return_indices is not offered). input [N, C, H, W] or [C, H, W]."""
     _check_tensor("input", input, (3, 4))
@@ -153,11 +215,12 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
             f"input spatial size {tuple(x.shape[2:])} with kernel_size {kernel_size}, padding {padding} and "
             f"dilation {dilation} gives output size {out_size}; it must be at least 1"
         )
-    out = _dispatch("max_pool2d", [x], (x, kernel_size, stride, padding, dilation, bool(ceil_mode)), reference.max_pool2d)
+    out = _dispatch("max_pool2d", [x], (x, kernel_size, stride, padding, dilation, bool(ceil_mode)))
     return out.squeeze(0) if unbatched else out
 
 
 # --------------------------------------------------------------------------- linear
+@autocast_class("lower_precision")
 def linear(input, weight, bias=None, activation=None):
     """`F.linear` followed by a fused activation. input [..., in]; weight [out, in]; bias [out] or None."""
     _check_tensor("input", input)
@@ -176,10 +239,11 @@ def linear(input, weight, bias=None, activation=None):
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
     _check_activation(activation)
-    return _dispatch("linear", [input, weight, bias], (input, weight, bias, activation), reference.linear)
+    return _dispatch("linear", [input, weight, bias], (input, weight, bias, activation))
 
 
 # --------------------------------------------------------------------------- attention
+@autocast_class("lower_precision")
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
     """Attention softmax(q kᵀ · scale + mask) v, as `F.scaled_dot_product_attention`.
 
@@ -228,10 +292,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if mask is None:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target} (batch, heads, Lq, Lk)")
     out = _dispatch(
-        "scaled_dot_product_attention",
-        [q, k, v, mask],
-        (q, k, v, mask, float(dropout_p), bool(is_causal), float(scale)),
-        reference.scaled_dot_product_attention,
+        "scaled_dot_product_attention", [q, k, v, mask], (q, k, v, mask, float(dropout_p), bool(is_causal), float(scale))
     )
     return out.squeeze(1) if three_d else out
 
@@ -252,6 +313,7 @@ def _check_broadcastable(name: str, t: torch.Tensor, to: torch.Size) -> None:
         raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to the input shape {tuple(to)}")
 
 
+@autocast_class("float32")
 def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean", pos_weight=None):
     """Numerically stable BCE on logits, as `F.binary_cross_entropy_with_logits`."""
     _check_tensor("input", input)
@@ -265,29 +327,27 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
             _check_broadcastable(name, t, input.shape)
     _check_reduction(reduction)
     return _dispatch(
-        "binary_cross_entropy_with_logits",
-        [input, target, weight, pos_weight],
-        (input, target, weight, reduction, pos_weight),
-        reference.binary_cross_entropy_with_logits,
+        "binary_cross_entropy_with_logits", [input, target, weight, pos_weight], (input, target, weight, reduction, pos_weight)
     )
 
 
+@autocast_class("float32", cpu="input_dtype")
 def gan_discriminator_loss(real_logits, fake_logits):
     """Discriminator loss: mean softplus(-real) + mean softplus(fake). Shapes may differ."""
     _check_tensor("real_logits", real_logits)
     _check_tensor("fake_logits", fake_logits)
     _check_same("fake_logits", fake_logits, "real_logits", real_logits)
-    return _dispatch(
-        "gan_discriminator_loss", [real_logits, fake_logits], (real_logits, fake_logits), reference.gan_discriminator_loss
-    )
+    return _dispatch("gan_discriminator_loss", [real_logits, fake_logits], (real_logits, fake_logits))
 
 
+@autocast_class("float32", cpu="input_dtype")
 def gan_generator_loss(fake_logits):
     """Non-saturating generator loss: mean softplus(-fake)."""
     _check_tensor("fake_logits", fake_logits)
-    return _dispatch("gan_generator_loss", [fake_logits], (fake_logits,), reference.gan_generator_loss)
+    return _dispatch("gan_generator_loss", [fake_logits], (fake_logits,))
 
 
+@autocast_class("float32")
 def mse_loss(input, target, reduction="mean"):
     """Mean squared error, as `F.mse_loss` (shapes must match: no silent broadcasting)."""
     _check_tensor("input", input)
@@ -295,9 +355,10 @@ def mse_loss(input, target, reduction="mean"):
     _check_same("target", target, "input", input)
     _check_pair_shapes("target", target, "input", input)
     _check_reduction(reduction)
-    return _dispatch("mse_loss", [input, target], (input, target, reduction), reference.mse_loss)
+    return _dispatch("mse_loss", [input, target], (input, target, reduction))
 
 
+@autocast_class("float32")
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Softmax cross-entropy on logits, as `F.cross_entropy`. input [N, C] (or [N, C, d...]);
     target class indices [N] (int64) or class probabilities shaped like input."""
@@ -325,14 +386,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     return _dispatch(
-        "cross_entropy",
-        [input, target, weight],
-        (input, target, weight, int(ignore_index), reduction, float(label_smoothing)),
-        reference.cross_entropy,
+        "cross_entropy", [input, target, weight], (input, target, weight, int(ignore_index), reduction, float(label_smoothing))
     )
 
 
 # --------------------------------------------------------------------------- recurrence
+@autocast_class("lower_precision")
 def rnn(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearity="tanh", batch_first=False):
     """One Elman RNN layer over a whole sequence, as one layer of `torch.nn.RNN`.
 
@@ -375,7 +434,6 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
         "rnn",
         [x, h0, weight_ih, weight_hh, bias_ih, bias_hh],
         (x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, bool(batch_first)),
-        reference.rnn,
     )
     if unbatched:
         return output.squeeze(0 if batch_first else 1), h_n.squeeze(0)
@@ -383,6 +441,19 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
 
 
 # --------------------------------------------------------------------------- optimizer update
+def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
+    """torch.optim.SGD's checks and messages, shared by gpudl.optim.SGD and sgd_step."""
+    if lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"Invalid momentum value: {momentum}")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+
+@autocast_class("none")
 def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
              nesterov=False, maximize=False, inplace=True):
     """One torch.optim.SGD update of many tensors at once (what `gpudl.optim.SGD.step` runs).
@@ -423,8 +494,6 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError(f"{name} must be a finite number, got {value!r}")
-    from gpudl.optim import check_sgd_hyperparameters, sgd_step_reference
-
     check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov)
     if not params:
         return [], []
@@ -434,11 +503,11 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
         list(params) + list(grads),
         (list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
          float(weight_decay), bool(nesterov), bool(maximize), bool(inplace)),
-        sgd_step_reference,
     )
 
 
 # --------------------------------------------------------------------------- normalization
+@autocast_class("float32", cpu="input_dtype")
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Layer normalization over the last len(normalized_shape) dims, as `F.layer_norm`.
 
@@ -474,5 +543,5 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     x = input.reshape(tuple(input.shape[: input.dim() - k]) + (n,))
     w = None if weight is None else weight.reshape(n)
     b = None if bias is None else bias.reshape(n)
-    out = _dispatch("layer_norm", [x, w, b], (x, w, b, float(eps)), reference.layer_norm)
+    out = _dispatch("layer_norm", [x, w, b], (x, w, b, float(eps)))
     return out.reshape(input.shape)

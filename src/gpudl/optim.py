@@ -3,44 +3,16 @@
 `SGD` has torch.optim.SGD's constructor, maths and state ('momentum_buffer' per parameter), so
 state_dicts move between the two both ways. Each `step()` hands every parameter of a group to
 `gpudl.ops.sgd_step`, which runs the multi-tensor Triton kernel (kernels/sgd.py: one launch per
-device and dtype) or, on the torch backend, torch.optim's own functional SGD.
+device and dtype) or, on the torch backend, torch.optim's own functional SGD (gpudl.reference.sgd_step).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.optim import Optimizer
-from torch.optim.sgd import sgd as _functional_sgd
 
 from gpudl import ops
-
-
-def sgd_step_reference(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, inplace):
-    """The PyTorch path of `gpudl.ops.sgd_step` (and the oracle of the kernel): torch.optim's
-    functional SGD. Same normalized arguments as the kernel entry; returns (params, buffers)."""
-    params, grads = list(params), list(grads)
-    buffers = list(momentum_buffers) if momentum != 0 else [None] * len(params)
-    if not inplace:
-        params = [p.detach().clone() for p in params]
-        buffers = [None if b is None else b.clone() for b in buffers]
-    # foreach=False when not in place: torch's foreach nesterov path adds into the grads themselves.
-    _functional_sgd(
-        params, grads, buffers, weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
-        nesterov=nesterov, maximize=maximize, foreach=None if inplace else False,
-    )
-    return params, buffers
-
-
-def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -> None:
-    """torch.optim.SGD's checks and messages, shared by SGD and gpudl.ops.sgd_step."""
-    if lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if momentum < 0.0:
-        raise ValueError(f"Invalid momentum value: {momentum}")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+from gpudl.ops import check_sgd_hyperparameters
 
 
 class SGD(Optimizer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.optim.sgd import sgd as _functional_sgd
 
 ACTIVATIONS = (None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 LEAKY_RELU_SLOPE = 0.01  # torch.nn.functional.leaky_relu's default
@@ -111,3 +112,19 @@ def layer_norm(input, weight, bias, eps):
     """input [..., N] (gpudl.ops flattens normalized_shape into the last dim); weight, bias [N] or
     None; eps a float. Returns [..., N]."""
     return F.layer_norm(input, input.shape[-1:], weight, bias, eps)
+
+
+def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, inplace):
+    """torch.optim's functional SGD over lists of tensors. momentum_buffers: one tensor or None
+    ("no buffer yet") per param. Returns (params, buffers): updated in place, or new tensors."""
+    params, grads = list(params), list(grads)
+    buffers = list(momentum_buffers) if momentum != 0 else [None] * len(params)
+    if not inplace:
+        params = [p.detach().clone() for p in params]
+        buffers = [None if b is None else b.clone() for b in buffers]
+    # foreach=False when not in place: torch's foreach nesterov path adds into the grads themselves.
+    _functional_sgd(
+        params, grads, buffers, weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
+        nesterov=nesterov, maximize=maximize, foreach=None if inplace else False,
+    )
+    return params, buffers
