@@ -21,23 +21,31 @@ logit (+-1000 included) gives finite, exact results.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
-from gpudl.kernels._common import triton_dtype
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
+from gpudl.kernels._common import (
+    INT32_LIMIT,
+    REDUCTION_CODES,
+    acc_dtype,
+    empty_reduction,
+    sum_partials,
+    sum_partials_variants,
+    tl_acc,
+    triton_dtype,
+)
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, kernel_op, no_tensor, register
 
 # One config for every launch (no autotuning): memory-bound elementwise work saturates HBM with
 # 4096 elements per program and 8 warps (16 elements per thread); big blocks also keep the
 # interpreter's program count small.
 BLOCK = 4096
 NUM_WARPS = 8
-REDUCE_BLOCK = 1024  # the one-program partial-sum kernel
-REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-_INT32_LIMIT = 2**31 - 1
 
 
 # --------------------------------------------------------------------------- @triton.jit helpers
@@ -174,41 +182,7 @@ def _softplus_means_kernel(
                        INDEX_64, BLOCK)
 
 
-@triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, num_partials, divisor, DIVIDE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[0] = sum(partials) (/ divisor): one program, a fixed order, so results are reproducible."""
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], partial_ptr.dtype.element_ty)
-    for start in range(0, num_partials, BLOCK):
-        acc += tl.load(partial_ptr + start + offs, mask=start + offs < num_partials, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if DIVIDE:
-        total = total / divisor
-    tl.store(out_ptr, total.to(out_ptr.dtype.element_ty))
-
-
 # --------------------------------------------------------------------------- host launchers
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def sum_partials(partials: torch.Tensor, out_dtype: torch.dtype, divisor: int | None = None) -> torch.Tensor:
-    """0-d tensor of dtype out_dtype: the sum of `partials` [P], divided by `divisor` if given."""
-    out = torch.empty((), dtype=out_dtype, device=partials.device)
-    _sum_partials_kernel[(1,)](partials, out, partials.numel(), divisor or 1, DIVIDE=divisor is not None,
-                               BLOCK=REDUCE_BLOCK, num_warps=4)
-    return out
-
-
-def empty_reduction(reduction: str, like: torch.Tensor) -> torch.Tensor:
-    """What PyTorch returns for a loss over zero elements: nan for mean, 0 for sum."""
-    return torch.full((), math.nan if reduction == "mean" else 0.0, dtype=like.dtype, device=like.device)
-
-
 def _broadcast_view(t: torch.Tensor | None, shape: torch.Size):
     """How a kernel reads `t` broadcast to the contiguous `shape`: (mode, tensor, sizes, strides).
 
@@ -247,12 +221,12 @@ def bce_forward(x, t, weight, pos_weight, reduction: str, grad_x: bool, grad_t: 
     programs = triton.cdiv(n, BLOCK)
     code = REDUCTION_CODES[reduction]
     out = torch.empty_like(x) if code == 0 else torch.empty(programs, dtype=acc_dtype(x.dtype), device=x.device)
-    _bce_fwd_kernel[(programs,)](
+    wrap_triton(_bce_fwd_kernel)[(programs,)](
         x, t, w if w is not None else x, pw if pw is not None else x, out,
         gx if gx is not None else x, gt if gt is not None else x, n,
         *w_sizes, *w_strides, *pw_sizes, *pw_strides,
         W_MODE=w_mode, PW_MODE=pw_mode, REDUCTION=code, GRAD_X=grad_x, GRAD_T=grad_t,
-        ACC=tl_acc(x.dtype), INDEX_64=n > _INT32_LIMIT - BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        ACC=tl_acc(x.dtype), INDEX_64=n > INT32_LIMIT - BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     loss = out if code == 0 else sum_partials(out, x.dtype, n if code == 1 else None)
     return loss, gx, gt
@@ -267,11 +241,11 @@ def softplus_means_forward(neg, pos, grad_neg: bool, grad_pos: bool):
     if neg_programs + pos_programs == 0:
         return empty_reduction("mean", neg), gneg, gpos
     partials = torch.empty(neg_programs + pos_programs, dtype=acc_dtype(neg.dtype), device=neg.device)
-    _softplus_means_kernel[(neg_programs + pos_programs,)](
+    wrap_triton(_softplus_means_kernel)[(neg_programs + pos_programs,)](
         neg, pos if pos is not None else neg, partials,
         gneg if gneg is not None else neg, gpos if gpos is not None else neg,
         n_neg, n_pos, neg_programs, GRAD_NEG=grad_neg, GRAD_POS=grad_pos, ACC=tl_acc(neg.dtype),
-        INDEX_64=max(n_neg, n_pos) > _INT32_LIMIT - BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        INDEX_64=max(n_neg, n_pos) > INT32_LIMIT - BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     loss = sum_partials(partials, neg.dtype)
     if n_neg == 0 or (pos is not None and n_pos == 0):
@@ -279,41 +253,63 @@ def softplus_means_forward(neg, pos, grad_neg: bool, grad_pos: bool):
     return loss, gneg, gpos
 
 
-def scale_saved(saved: torch.Tensor | None, grad_output: torch.Tensor, reduction: str):
-    """Backward of a loss whose d loss / d input was saved by the forward: one multiply."""
-    if saved is None:
-        return None
-    # 'none': grad_output has the input's shape; otherwise it is a 0-d tensor (no host sync).
-    return saved * grad_output
+# --------------------------------------------------------------------------- custom ops
+def _save_grads(ctx, inputs, output):
+    """Autograd of a loss op whose outputs are (loss, saved d/d first input, saved d/d second)."""
+    loss, g_first, g_second = output
+    ctx.save_for_backward(g_first, g_second)
+    ctx.mark_non_differentiable(g_first, g_second)
+    ctx.set_materialize_grads(False)
 
 
-# --------------------------------------------------------------------------- autograd
-class _BCEWithLogits(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, t, weight, pos_weight, reduction, grad_x, grad_t):
-        loss, gx, gt = bce_forward(x, t, weight, pos_weight, reduction, grad_x, grad_t)
-        ctx.reduction = reduction
-        ctx.save_for_backward(gx, gt)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        gx, gt = ctx.saved_tensors
-        return (scale_saved(gx, grad_output, ctx.reduction), scale_saved(gt, grad_output, ctx.reduction),
-                None, None, None, None, None)
+def _scale_saved(ctx, grad_loss, _g_first, _g_second):
+    g_first, g_second = ctx.saved_tensors
+    need_first, need_second = ctx.needs_input_grad[:2]
+    if grad_loss is None:
+        return (None,) * len(ctx.needs_input_grad)
+    # 'none': grad_loss has the input's shape; otherwise it is a 0-d tensor (no host sync).
+    return (g_first * grad_loss if need_first else None, g_second * grad_loss if need_second else None,
+            *(None,) * (len(ctx.needs_input_grad) - 2))
 
 
-class _SoftplusMeans(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, neg, pos, grad_neg, grad_pos):
-        loss, gneg, gpos = softplus_means_forward(neg, pos, grad_neg, grad_pos)
-        ctx.save_for_backward(gneg, gpos)
-        return loss
+@kernel_op("binary_cross_entropy_with_logits")
+def _bce_op(input: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor], reduction: str,
+            grad_input: bool, grad_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, saved d loss / d input, saved d loss / d target): the saved gradients are empty
+    tensors unless asked for, and already scaled by 1/n for 'mean'."""
+    x, t = input.contiguous(), target.contiguous()
+    loss, gx, gt = bce_forward(x, t, weight, pos_weight, reduction, grad_input, grad_target)
+    return loss, (gx if gx is not None else no_tensor(x)), (gt if gt is not None else no_tensor(x))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        gneg, gpos = ctx.saved_tensors
-        return scale_saved(gneg, grad_output, "mean"), scale_saved(gpos, grad_output, "mean"), None, None
+
+@_bce_op.register_fake
+def _(input, target, weight, pos_weight, reduction, grad_input, grad_target):
+    loss = input.new_empty(input.shape if reduction == "none" else ())
+    return (loss, input.new_empty(input.shape if grad_input else 0),
+            target.new_empty(target.shape if grad_target else 0))
+
+
+_bce_op.register_autograd(_scale_saved, setup_context=_save_grads)
+
+
+@kernel_op("softplus_means")
+def _softplus_means_op(neg: Tensor, pos: Optional[Tensor], grad_neg: bool,
+                       grad_pos: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean softplus(-neg) + mean softplus(pos) (pos may be None), saved d/d neg, saved d/d pos):
+    both GAN losses, each in one launch."""
+    neg = neg.contiguous()
+    pos = pos.contiguous() if pos is not None else None
+    loss, gneg, gpos = softplus_means_forward(neg, pos, grad_neg, grad_pos)
+    return loss, (gneg if gneg is not None else no_tensor(neg)), (gpos if gpos is not None else no_tensor(neg))
+
+
+@_softplus_means_op.register_fake
+def _(neg, pos, grad_neg, grad_pos):
+    return (neg.new_empty(()), neg.new_empty(neg.shape if grad_neg else 0),
+            neg.new_empty(pos.shape if grad_pos else 0))
+
+
+_softplus_means_op.register_autograd(_scale_saved, setup_context=_save_grads)
 
 
 def _needs_grad(t: torch.Tensor | None) -> bool:
@@ -329,20 +325,19 @@ def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weigh
         if t is not None and t.requires_grad:
             raise ValueError(f"binary_cross_entropy_with_logits is not differentiable with respect to {name} "
                              f"(as in PyTorch), but {name} requires grad; pass {name}.detach()")
-    return _BCEWithLogits.apply(input.contiguous(), target.contiguous(), weight, pos_weight, reduction,
-                                _needs_grad(input), _needs_grad(target))
+    return torch.ops.gpudl.binary_cross_entropy_with_logits(
+        input, target, weight, pos_weight, reduction, _needs_grad(input), _needs_grad(target))[0]
 
 
 def gan_discriminator_loss(real_logits, fake_logits):
     """real_logits [*], fake_logits [**] (any shapes, same dtype). Returns a 0-d tensor:
     mean softplus(-real) + mean softplus(fake), both halves in one launch."""
-    return _SoftplusMeans.apply(real_logits.contiguous(), fake_logits.contiguous(),
-                                _needs_grad(real_logits), _needs_grad(fake_logits))
+    return torch.ops.gpudl.softplus_means(real_logits, fake_logits, _needs_grad(real_logits), _needs_grad(fake_logits))[0]
 
 
 def gan_generator_loss(fake_logits):
     """fake_logits [*]. Returns a 0-d tensor: mean softplus(-fake)."""
-    return _SoftplusMeans.apply(fake_logits.contiguous(), None, _needs_grad(fake_logits), False)
+    return torch.ops.gpudl.softplus_means(fake_logits, None, _needs_grad(fake_logits), False)[0]
 
 
 # --------------------------------------------------------------------------- registration
@@ -391,16 +386,7 @@ def _bce_variants():
                  "ACC": tl.float32, "INDEX_64": index_64, "BLOCK": BLOCK},
                 num_warps=NUM_WARPS,
             ))
-    return variants + _reduce_variants()
-
-
-def _reduce_variants():
-    return [CompileVariant(
-        f"sum_partials-{out}", _sum_partials_kernel,
-        {"partial_ptr": "*fp32", "out_ptr": f"*{out}", "num_partials": "i32", "divisor": "i64",
-         "DIVIDE": "constexpr", "BLOCK": "constexpr"},
-        {"DIVIDE": True, "BLOCK": REDUCE_BLOCK}, num_warps=4,
-    ) for out in ("fp32", "bf16")]
+    return variants + sum_partials_variants()
 
 
 def _softplus_variants():
@@ -417,7 +403,7 @@ def _softplus_variants():
                 {"GRAD_NEG": True, "GRAD_POS": True, "ACC": tl.float32, "INDEX_64": index_64, "BLOCK": BLOCK},
                 num_warps=NUM_WARPS,
             ))
-    return variants + _reduce_variants()
+    return variants + sum_partials_variants()
 
 
 def _bench_bce(n, reduction="mean"):
@@ -442,7 +428,6 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bf
 SPEC = register(KernelSpec(
     op="binary_cross_entropy_with_logits",
     triton=binary_cross_entropy_with_logits,
-    reference=reference.binary_cross_entropy_with_logits,
     cases=[
         _bce_case("n=1000 sum", (1000,), "sum", target_grad=True),
         # extreme logits under 'mean': their sum (~3e5) would overflow float16 on the GPU run
@@ -485,7 +470,6 @@ def _gan_bytes(args):
 GAN_D_SPEC = register(KernelSpec(
     op="gan_discriminator_loss",
     triton=gan_discriminator_loss,
-    reference=reference.gan_discriminator_loss,
     cases=[
         _gan_case("real=1000 fake=4097", (1000,), (4097,)),
         _gan_case("real[37,1] fake[5,3,2] extreme", (37, 1), (5, 3, 2), extreme=True),
@@ -518,7 +502,6 @@ def _bench_gen(n):
 GAN_G_SPEC = register(KernelSpec(
     op="gan_generator_loss",
     triton=gan_generator_loss,
-    reference=reference.gan_generator_loss,
     cases=[_gen_case("n=4097", (4097,)), _gen_case("[37,5] extreme", (37, 5), extreme=True)],
     gradcheck_case=_gen_case("[9]", (9,)),
     tolerances=TOLERANCES,

@@ -3,7 +3,7 @@
     mse_loss(input, target, reduction)
 
 One kernel launch reads input and target once, writes the loss (per element, or one partial sum
-per program, added by bce.py's one-program kernel in a fixed order: no atomics) and the saved
+per program, added by _common.sum_partials's one-program kernel in a fixed order: no atomics) and the saved
 gradient d loss / d input = 2 (input - target) (/ n for 'mean'). Backward multiplies the saved
 gradient by grad_output; the target's gradient is its negation.
 """
@@ -13,21 +13,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
-from gpudl.kernels._common import triton_dtype
-from gpudl.kernels.bce import (
-    BLOCK,
-    NUM_WARPS,
+from gpudl.kernels._common import (
+    INT32_LIMIT,
     REDUCTION_CODES,
-    _INT32_LIMIT,
-    _reduce_variants,
     acc_dtype,
     empty_reduction,
     sum_partials,
+    sum_partials_variants,
     tl_acc,
+    triton_dtype,
 )
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, kernel_op, no_tensor, register
+
+# One config for every launch, as for the BCE kernels: 4096 elements per program at 8 warps.
+BLOCK = 4096
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -70,34 +73,50 @@ def mse_forward(x, t, reduction: str, grad: bool):
     programs = triton.cdiv(n, BLOCK)
     code = REDUCTION_CODES[reduction]
     out = torch.empty_like(x) if code == 0 else torch.empty(programs, dtype=acc_dtype(x.dtype), device=x.device)
-    _mse_fwd_kernel[(programs,)](
+    wrap_triton(_mse_fwd_kernel)[(programs,)](
         x, t, out, g if g is not None else x, n, REDUCTION=code, GRAD=grad, ACC=tl_acc(x.dtype),
-        INDEX_64=n > _INT32_LIMIT - BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        INDEX_64=n > INT32_LIMIT - BLOCK, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return (out if code == 0 else sum_partials(out, x.dtype, n if code == 1 else None)), g
 
 
-class _MSELoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, t, reduction, grad_x, grad_t):
-        loss, g = mse_forward(x, t, reduction, grad_x or grad_t)
-        ctx.save_for_backward(g)
-        ctx.grads = (grad_x, grad_t)
-        return loss
+# --------------------------------------------------------------------------- custom op
+@kernel_op("mse_loss")
+def _mse_op(input: Tensor, target: Tensor, reduction: str, grad: bool) -> tuple[Tensor, Tensor]:
+    """(loss, saved d loss / d input, or an empty tensor when no gradient will be needed)."""
+    x = input.contiguous()
+    loss, g = mse_forward(x, target.contiguous(), reduction, grad)
+    return loss, (g if g is not None else no_tensor(x))
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (g,) = ctx.saved_tensors
-        grad_x, grad_t = ctx.grads
-        return (g * grad_output if grad_x else None, g * -grad_output if grad_t else None, None, None, None)
+
+@_mse_op.register_fake
+def _(input, target, reduction, grad):
+    return input.new_empty(input.shape if reduction == "none" else ()), input.new_empty(input.shape if grad else 0)
+
+
+def _setup_mse(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _mse_backward(ctx, grad_loss, _grad_saved):
+    (g,) = ctx.saved_tensors
+    need_x, need_t = ctx.needs_input_grad[:2]
+    if grad_loss is None:
+        return None, None, None, None
+    # The target's gradient is the input's, negated.
+    return (g * grad_loss if need_x else None), (g * -grad_loss if need_t else None), None, None
+
+
+_mse_op.register_autograd(_mse_backward, setup_context=_setup_mse)
 
 
 def mse_loss(input, target, reduction):
     """input, target [*] (same shape and dtype); reduction 'none' | 'mean' | 'sum'.
     Returns [*] for 'none', else a 0-d tensor, in input's dtype."""
-    enabled = torch.is_grad_enabled()
-    return _MSELoss.apply(input.contiguous(), target.contiguous(), reduction,
-                          enabled and input.requires_grad, enabled and target.requires_grad)
+    grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    return torch.ops.gpudl.mse_loss(input, target, reduction, grad)[0]
 
 
 # --------------------------------------------------------------------------- registration
@@ -138,13 +157,12 @@ def _variants():
                 {"REDUCTION": reduction, "GRAD": True, "ACC": tl.float32, "INDEX_64": index_64, "BLOCK": BLOCK},
                 num_warps=NUM_WARPS,
             ))
-    return variants + _reduce_variants()
+    return variants + sum_partials_variants()
 
 
 SPEC = register(KernelSpec(
     op="mse_loss",
     triton=mse_loss,
-    reference=reference.mse_loss,
     cases=[
         _case("n=1000 mean", (1000,), "mean", target_grad=True),
         _case("n=4097 sum", (4097,), "sum"),
