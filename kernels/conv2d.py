@@ -22,14 +22,23 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
-from gpudl.kernels._common import ACTIVATION_CODES, LEAKY_RELU_SLOPE, activation_grad, apply_activation, triton_dtype, tuning_configs
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+from gpudl.kernels._common import (
+    ACTIVATION_CODES,
+    acc_dtype,
+    activation_grad_from_saved,
+    apply_activation,
+    triton_dtype,
+    tuning_configs,
+)
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
 
 # The first config of each list is the one the interpreter runs: big tiles, so that the test
 # shapes take one or two programs. Every config fits sm_80's shared memory in fp32 too (the
@@ -51,24 +60,6 @@ _WGRAD_CONFIGS = [
 
 # CUDA caps grid dims y and z at 65535; the group (times wgrad split) index lives on z.
 _MAX_GRID_Z = 65535
-
-
-@triton.jit
-def _grad_pre_activation(grad, saved, ACTIVATION: tl.constexpr):
-    """dy -> dz = dy * act'(z). `saved` is the output y for relu, leaky_relu, tanh and sigmoid
-    (their derivative is a function of y, so no pre-activation is kept), and the pre-activation z
-    for gelu (whose derivative is not a function of y)."""
-    if ACTIVATION == 1:
-        grad = tl.where(saved > 0, grad, 0.0)
-    elif ACTIVATION == 2:
-        grad = tl.where(saved > 0, grad, grad * LEAKY_RELU_SLOPE)  # y > 0 exactly when z > 0
-    elif ACTIVATION == 3:
-        grad = grad * (1.0 - saved * saved)
-    elif ACTIVATION == 4:
-        grad = grad * saved * (1.0 - saved)
-    elif ACTIVATION == 5:
-        grad = activation_grad(saved, grad, 5)
-    return grad
 
 
 @triton.autotune(configs=tuning_configs(_FWD_CONFIGS), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL"])
@@ -189,7 +180,7 @@ def _conv2d_dgrad_kernel(
         g = tl.load(g_rows[:, None] + (o * sg_c)[None, :] + oh * sg_h + ow * sg_w, mask=valid, other=0.0)
         if ACTIVATION != 0:
             s = tl.load(s_rows[:, None] + (o * ss_c)[None, :] + oh * ss_h + ow * ss_w, mask=valid, other=0.0)
-            g = _grad_pre_activation(g.to(ACC), s.to(ACC), ACTIVATION)
+            g = activation_grad_from_saved(s.to(ACC), g.to(ACC), ACTIVATION)
         b = tl.load(w_cols[None, :] + (o * sw_o + kh * sw_h + kw * sw_w)[:, None],
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(g.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
@@ -251,7 +242,7 @@ def _conv2d_wgrad_kernel(
         if ACTIVATION != 0:
             s = tl.load(s_ptr + (chan_o * ss_c)[:, None] + (n * ss_n + oh * ss_h + ow * ss_w)[None, :],
                         mask=g_mask, other=0.0)
-            g = _grad_pre_activation(g, s.to(ACC), ACTIVATION)
+            g = activation_grad_from_saved(s.to(ACC), g, ACTIVATION)
         if COMPUTE_B:
             bias_acc += tl.sum(g, axis=1)
         if COMPUTE_W:
@@ -318,7 +309,7 @@ def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     c_out_g = c_out // groups
     m = n * h_out * w_out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
-    _conv2d_fwd_kernel[grid](
+    wrap_triton(_conv2d_fwd_kernel)[grid](
         x, w, b if b is not None else w, y, z if store_z else y,
         c_in_g, h, wd, c_out_g, h_out, w_out, m, c_in_g * kh * kw,
         *x.stride(), *w.stride(), *y.stride(),
@@ -337,7 +328,7 @@ def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act):
     m_in = n * h * wd
     s = saved if saved is not None else gy
     grid = lambda meta: (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
-    _conv2d_dgrad_kernel[grid](
+    wrap_triton(_conv2d_dgrad_kernel)[grid](
         gy, s, w, dx,
         c_in_g, h, wd, c_out_g, gy.shape[2], gy.shape[3], m_in, c_out_g * kh * kw,
         *gy.stride(), *s.stride(), *w.stride(), *dx.stride(),
@@ -355,17 +346,16 @@ def _conv2d_wgrad(gy, saved, x, w_shape, stride, padding, dilation, groups, act,
     h_out, w_out = gy.shape[2], gy.shape[3]
     m = n * h_out * w_out
     k_total = c_in_g * kh * kw
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     tiles = (triton.cdiv(k_total, 64) if need_w else 1) * triton.cdiv(c_out_g, 64) * groups
     splits = _wgrad_splits(m, tiles, groups, x.device)
     m_per_split = triton.cdiv(m, splits)
     splits = triton.cdiv(m, m_per_split)  # no empty split
-    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), device=x.device, dtype=acc_dtype) if need_w else None
-    db_part = torch.empty((splits, c_out), device=x.device, dtype=acc_dtype) if need_b else None
+    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), device=x.device, dtype=acc_dtype(x.dtype)) if need_w else None
+    db_part = torch.empty((splits, c_out), device=x.device, dtype=acc_dtype(x.dtype)) if need_b else None
     s = saved if saved is not None else gy
     k_programs = (lambda meta: triton.cdiv(k_total, meta["BLOCK_K"])) if need_w else (lambda meta: 1)
     grid = lambda meta: (k_programs(meta), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups * splits)  # noqa: E731
-    _conv2d_wgrad_kernel[grid](
+    wrap_triton(_conv2d_wgrad_kernel)[grid](
         gy, s, x, dw_part if need_w else s, db_part if need_b else s,
         c_in_g, h, wd, c_out_g, h_out, w_out, m, k_total, c_out, groups, m_per_split,
         *gy.stride(), *s.stride(), *x.stride(),
@@ -378,53 +368,114 @@ def _conv2d_wgrad(gy, saved, x, w_shape, stride, padding, dilation, groups, act,
     return dw, db
 
 
-class _Conv2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, stride, padding, dilation, groups, activation_name):
-        act = ACTIVATION_CODES[activation_name]
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        any_grad = need_x or need_w or need_b
-        # gelu's derivative needs the pre-activation z, stored by the forward epilogue; the other
-        # activations' derivatives are computed from the output y, so nothing extra is stored.
-        store_z = any_grad and act == ACTIVATION_CODES["gelu"]
-        y, z = _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z)
-        if any_grad:
-            saved = z if store_z else (y if act != 0 else None)
-            ctx.save_for_backward(x if need_w else None, w if need_x else None, saved)
-            ctx.conf = (x.shape, w.shape, b is not None, stride, padding, dilation, groups, act)
-            # dx follows x's layout (x's strides when x is dense, contiguous otherwise).
-            ctx.dx_stride = torch.empty_like(x, device="meta").stride() if need_x else None
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, w, saved = ctx.saved_tensors
-        x_shape, w_shape, has_bias, stride, padding, dilation, groups, act = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and has_bias
-        dx = dw = db = None
-        if gy.numel() == 0:  # empty batch or no output channels: every gradient is zero
-            dtype, device = gy.dtype, gy.device
-            dx = torch.zeros(x_shape, dtype=dtype, device=device) if need_x else None
-            dw = torch.zeros(w_shape, dtype=dtype, device=device) if need_w else None
-            db = torch.zeros(w_shape[0], dtype=dtype, device=device) if need_b else None
-            return dx, dw, db, None, None, None, None, None
-        if need_x:
-            if math.prod(x_shape) == 0:
-                dx = torch.zeros(x_shape, dtype=gy.dtype, device=gy.device)
-            else:
-                dx = torch.empty_strided(x_shape, ctx.dx_stride, dtype=gy.dtype, device=gy.device)
-                _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act)
-        if need_w or need_b:
-            dw, db = _conv2d_wgrad(gy, saved, x if need_w else _stand_in(x_shape, gy), w_shape, stride, padding,
-                                   dilation, groups, act, need_w, need_b)
-        return dx, dw, db, None, None, None, None, None
+def _conv2d_backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dilation, groups, act,
+                     need_x, need_w, need_b):
+    """(dx with x's strides, dw, db); None for those not asked for."""
+    dx = dw = db = None
+    if gy.numel() == 0:  # empty batch or no output channels: every gradient is zero
+        dtype, device = gy.dtype, gy.device
+        dx = torch.empty_strided(x_shape, x_strides, dtype=dtype, device=device).zero_() if need_x else None
+        dw = torch.zeros(w_shape, dtype=dtype, device=device) if need_w else None
+        db = torch.zeros(w_shape[0], dtype=dtype, device=device) if need_b else None
+        return dx, dw, db
+    if need_x:
+        dx = torch.empty_strided(x_shape, x_strides, dtype=gy.dtype, device=gy.device)
+        if dx.numel() == 0:
+            dx.zero_()
+        else:
+            _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act)
+    if need_w or need_b:
+        dw, db = _conv2d_wgrad(gy, saved, x if need_w else _stand_in(x_shape, gy), w_shape, stride, padding,
+                               dilation, groups, act, need_w, need_b)
+    return dx, dw, db
 
 
 def _stand_in(x_shape, like):
     """A tensor with x's shape that is never read (only the bias gradient is computed)."""
     return like.new_empty((1, 1, 1, 1)).expand(x_shape)
+
+
+# --------------------------------------------------------------------------- custom ops
+def _output_shape(x_shape, w_shape, stride, padding, dilation):
+    n, _, h, wd = x_shape
+    c_out, _, kh, kw = w_shape
+    return (n, c_out, _out_size(h, padding[0], padding[1], dilation[0], kh, stride[0]),
+            _out_size(wd, padding[2], padding[3], dilation[1], kw, stride[1]))
+
+
+@kernel_op("conv2d")
+def _conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+               dilation: list[int], groups: int, activation: Optional[str], store_pre: bool) -> tuple[Tensor, Tensor]:
+    """(y [N, C_out, H_out, W_out], the pre-activation z (same layout) when store_pre, else empty)."""
+    y, z = _conv2d_forward(input, weight, bias, stride, padding, dilation, groups, ACTIVATION_CODES[activation],
+                           store_pre)
+    return y, (z if z is not None else no_tensor(y))
+
+
+@_conv2d_op.register_fake
+def _(input, weight, bias, stride, padding, dilation, groups, activation, store_pre):
+    fmt = torch.channels_last if _is_channels_last(input) or _is_channels_last(weight) else torch.contiguous_format
+    y = torch.empty(_output_shape(input.shape, weight.shape, stride, padding, dilation), dtype=input.dtype,
+                    device=input.device, memory_format=fmt)
+    return y, (torch.empty_like(y) if store_pre else y.new_empty(0))
+
+
+def _setup_conv2d(ctx, inputs, output):
+    x, w, _, stride, padding, dilation, groups, activation, store_pre = inputs
+    y, z = output
+    act = ACTIVATION_CODES[activation]
+    need_x, need_w, _ = ctx.needs_input_grad[:3]
+    # gelu's derivative needs the pre-activation z; the other activations' come from the output y.
+    saved = z if store_pre else (y if act != 0 else None)
+    ctx.save_for_backward(x if need_w else None, w if need_x else None, saved)
+    # dx follows x's layout (x's strides when x is dense, contiguous otherwise).
+    ctx.conf = (list(x.shape), list(torch.empty_like(x, device="meta").stride()), list(w.shape),
+                stride, padding, dilation, groups, activation)
+    ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
+
+
+def _conv2d_backward_autograd(ctx, grad_output, _grad_pre):
+    x, w, saved = ctx.saved_tensors
+    if grad_output is None:
+        return (None,) * 9
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw, db = torch.ops.gpudl.conv2d_backward(grad_output, x, w, saved, *ctx.conf, need_x, need_w, need_b)
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), *(None,) * 6
+
+
+_conv2d_op.register_autograd(_conv2d_backward_autograd, setup_context=_setup_conv2d)
+
+
+@kernel_op("conv2d_backward")
+def _conv2d_backward_op(grad_output: Tensor, input: Optional[Tensor], weight: Optional[Tensor],
+                        saved: Optional[Tensor], input_shape: list[int], input_strides: list[int],
+                        weight_shape: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                        groups: int, activation: Optional[str], need_input: bool, need_weight: bool,
+                        need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dinput, dweight, dbias); each an empty tensor when not asked for."""
+    dx, dw, db = _conv2d_backward(grad_output, input, weight, saved, input_shape, input_strides, weight_shape,
+                                  stride, padding, dilation, groups, ACTIVATION_CODES[activation],
+                                  need_input, need_weight, need_bias)
+    return tuple(t if t is not None else no_tensor(grad_output) for t in (dx, dw, db))
+
+
+first_order_only(_conv2d_backward_op)
+
+
+@_conv2d_backward_op.register_fake
+def _(grad_output, input, weight, saved, input_shape, input_strides, weight_shape, stride, padding, dilation, groups,
+      activation, need_input, need_weight, need_bias):
+    like = dict(dtype=grad_output.dtype, device=grad_output.device)
+    return (torch.empty_strided(input_shape, input_strides, **like) if need_input else grad_output.new_empty(0),
+            torch.empty(weight_shape, **like) if need_weight else grad_output.new_empty(0),
+            torch.empty(weight_shape[0], **like) if need_bias else grad_output.new_empty(0))
+
+
+def unsupported(input, weight, bias, stride, padding, dilation, groups, activation_name):
+    if groups > _MAX_GRID_Z:
+        return f"groups > {_MAX_GRID_Z} (the CUDA grid limit of the group axis)"
+    return None
 
 
 def conv2d(input, weight, bias, stride, padding, dilation, groups, activation_name):
@@ -437,11 +488,10 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups, activation_na
     """
     if weight.shape[1] == 0:  # also refused by gpudl.ops.conv2d; the kernels would divide by C_in_g
         raise ValueError(f"weight {tuple(weight.shape)} has no input channels; a convolution needs at least one")
-    if groups > _MAX_GRID_Z:
-        fall_back("conv2d", f"groups > {_MAX_GRID_Z} (the CUDA grid limit of the group axis)")
-        return reference.conv2d(input, weight, bias, stride, padding, dilation, groups, activation_name)
-    return _Conv2dFunction.apply(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation), groups,
-                                 activation_name)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    store_pre = needs_grad and activation_name == "gelu"
+    return torch.ops.gpudl.conv2d(input, weight, bias, list(stride), list(padding), list(dilation), int(groups),
+                                  activation_name, store_pre)[0]
 
 
 # --------------------------------------------------------------------------- registration
@@ -529,7 +579,7 @@ def _resnet_case(name, n, c, hw):
 SPEC = register(KernelSpec(
     op="conv2d",
     triton=conv2d,
-    reference=reference.conv2d,
+    unsupported=unsupported,
     cases=[
         _conv_case("regular_3x3_relu", 2, 4, 8, (8, 8), (3, 3), padding=(1, 1, 1, 1), act="relu"),
         _conv_case("ragged_stride2_dilation2_leaky", 2, 3, 5, (7, 9), (3, 3), stride=(2, 2), padding=(1, 2, 2, 1),

@@ -1,5 +1,6 @@
 """Max pooling with a saved argmax: forward keeps the index of each window's maximum, backward
-scatters the output gradient back to it.
+gives each input element the gradients of the windows whose maximum it is (a gather in a fixed
+order: deterministic, no atomics).
 
 Shapes (the normalized arguments of gpudl.reference.max_pool2d):
     input  x [N, C, H, W]               any strides (NCHW, channels_last or a view)
@@ -17,10 +18,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
 from gpudl.kernels._common import triton_dtype, tuning_configs
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
 
 # Elementwise over outputs: one output per lane, kH * kW unrolled loads each. The first config is
 # the interpreter's: one big block, so the test shapes take a program or two.
@@ -28,7 +30,7 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 512}, num_warps=4),
 ]
-# The backward is not autotuned: its atomic adds into a zeroed buffer must run exactly once.
+# The backward: elementwise over the input, one fixed config.
 _BWD_BLOCK, _BWD_WARPS = 1024, 4
 
 
@@ -90,23 +92,41 @@ def _max_pool2d_fwd_kernel(
 @triton.jit
 def _max_pool2d_bwd_kernel(
     gy_ptr, idx_ptr, dx_ptr,
-    C, W, H_OUT, W_OUT, TOTAL,
+    C, H, W, H_OUT, W_OUT, TOTAL,
     sg_n, sg_c, sg_h, sg_w,
     si_n, si_c, si_h, si_w,
     sd_n, sd_c, sd_h, sd_w,
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """dx[n, c, idx // W, idx % W] += dy[n, c, oh, ow] for BLOCK outputs. Overlapping windows
-    (stride < kernel) can share an argmax, hence atomics, into a zeroed fp32 (fp64) dx."""
+    """BLOCK elements of dx; TOTAL = N * C * H * W. Each input element gathers the gradients of
+    the windows whose argmax it is: for every tap (kh, kw) the one window that could hold it at
+    that tap, in a fixed order. No atomics, no zeroed buffer: deterministic, and written once in
+    dx's dtype."""
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < TOTAL
-    n, c, oh, ow = _output_coords(offs, C, H_OUT, W_OUT, CHANNELS_LAST)
-    idx = tl.load(idx_ptr + n * si_n + c * si_c + oh * si_h + ow * si_w, mask=mask, other=-1)
-    g = tl.load(gy_ptr + n * sg_n + c * sg_c + oh * sg_h + ow * sg_w, mask=mask, other=0.0)
-    valid = mask & (idx >= 0)  # -1: a window wholly in the padding, whose gradient goes nowhere
-    ih = (idx // W).to(tl.int64)
-    iw = (idx % W).to(tl.int64)
-    tl.atomic_add(dx_ptr + n * sd_n + c * sd_c + ih * sd_h + iw * sd_w, g.to(dx_ptr.dtype.element_ty), mask=valid)
+    n, c, ih, iw = _output_coords(offs, C, H, W, CHANNELS_LAST)  # coordinates in x's plane
+    me = (ih * W + iw).to(tl.int32)
+    g_base = gy_ptr + n * sg_n + c * sg_c
+    i_base = idx_ptr + n * si_n + c * si_c
+    acc = tl.zeros((BLOCK,), ACC)
+    # Taps in reverse, so the windows come in ascending (oh, ow) order: the order in which a
+    # scatter over the outputs (PyTorch's CPU kernel) adds them, hence bit-identical sums.
+    for tap_h in tl.static_range(KH):
+        kh = KH - 1 - tap_h
+        oh_s = ih + PAD_H - kh * DIL_H  # = oh * STRIDE_H for the window holding ih at tap kh
+        oh = oh_s // STRIDE_H
+        row_ok = mask & (oh_s >= 0) & (oh_s % STRIDE_H == 0) & (oh < H_OUT)
+        for tap_w in tl.static_range(KW):
+            kw = KW - 1 - tap_w
+            ow_s = iw + PAD_W - kw * DIL_W
+            ow = ow_s // STRIDE_W
+            ok = row_ok & (ow_s >= 0) & (ow_s % STRIDE_W == 0) & (ow < W_OUT)
+            argmax = tl.load(i_base + oh * si_h + ow * si_w, mask=ok, other=-1)
+            hit = ok & (argmax == me)
+            acc += tl.load(g_base + oh * sg_h + ow * sg_w, mask=hit, other=0.0).to(ACC)
+    tl.store(dx_ptr + n * sd_n + c * sd_c + ih * sd_h + iw * sd_w, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- host launchers
@@ -134,7 +154,7 @@ def _max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode, st
     if total == 0:
         return y, idx
     grid = lambda meta: (triton.cdiv(total, meta["BLOCK"]),)  # noqa: E731
-    _max_pool2d_fwd_kernel[grid](
+    wrap_triton(_max_pool2d_fwd_kernel)[grid](
         x, y, idx if store_index else y,
         c, h, w, h_out, w_out, total,
         *x.stride(), *y.stride(),
@@ -144,57 +164,103 @@ def _max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode, st
     return y, idx
 
 
-def _max_pool2d_backward(gy, idx, x_shape, x_stride, dtype):
-    """dx [N, C, H, W] with x's strides, from gy and the argmax index [N, C, H_out, W_out]."""
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dx = torch.zeros(x_shape, device=gy.device, dtype=acc_dtype).as_strided(x_shape, x_stride)
-    total = gy.numel()
-    if total and dx.numel():
-        _, c, h_out, w_out = gy.shape
-        channels_last = _is_channels_last(idx)
-        grid = (triton.cdiv(total, _BWD_BLOCK),)
-        _max_pool2d_bwd_kernel[grid](
-            gy, idx, dx,
-            c, x_shape[3], h_out, w_out, total,
-            *gy.stride(), *idx.stride(), *dx.stride(),
-            CHANNELS_LAST=channels_last, BLOCK=_BWD_BLOCK, num_warps=_BWD_WARPS,
-        )
-    return dx.to(dtype)
+def _max_pool2d_backward(gy, idx, x_shape, channels_last, kernel_size, stride, padding, dilation):
+    """dx [N, C, H, W] (channels_last when x was) from gy and the argmax index [N, C, H_out, W_out]."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = torch.empty(x_shape, device=gy.device, dtype=gy.dtype, memory_format=fmt)
+    total = dx.numel()
+    if total == 0:
+        return dx
+    _, c, h, w = x_shape
+    if gy.numel() == 0:
+        return dx.zero_()
+    h_out, w_out = gy.shape[2], gy.shape[3]
+    wrap_triton(_max_pool2d_bwd_kernel)[(triton.cdiv(total, _BWD_BLOCK),)](
+        gy, idx, dx,
+        c, h, w, h_out, w_out, total,
+        *gy.stride(), *idx.stride(), *dx.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=kernel_size[0], KW=kernel_size[1], CHANNELS_LAST=channels_last, BLOCK=_BWD_BLOCK, num_warps=_BWD_WARPS,
+    )
+    return dx
 
 
-class _MaxPool2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
-        need_grad = ctx.needs_input_grad[0]
-        y, idx = _max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode, need_grad)
-        if need_grad:
-            ctx.save_for_backward(idx)
-            ctx.x_shape = x.shape
-            # dx follows x's layout (x's strides when x is dense, contiguous otherwise).
-            ctx.x_stride = torch.empty_like(x, device="meta").stride()
-        return y
+# --------------------------------------------------------------------------- custom ops
+def _pooled_shape(x_shape, kernel_size, stride, padding, dilation, ceil_mode):
+    n, c, h, w = x_shape
+    return (n, c, *(pool_output_size(size, k, st, p, d, ceil_mode)
+                    for size, k, st, p, d in zip((h, w), kernel_size, stride, padding, dilation)))
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        (idx,) = ctx.saved_tensors
-        return _max_pool2d_backward(gy, idx, ctx.x_shape, ctx.x_stride, gy.dtype), None, None, None, None, None
+
+@kernel_op("max_pool2d")
+def _max_pool2d_op(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                   ceil_mode: bool, store_index: bool) -> tuple[Tensor, Tensor]:
+    """(y [N, C, H_out, W_out], int32 argmax of y's shape and layout, or an empty tensor)."""
+    y, idx = _max_pool2d_forward(input, kernel_size, stride, padding, dilation, ceil_mode, store_index)
+    return y, (idx if idx is not None else no_tensor(y))
+
+
+@_max_pool2d_op.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode, store_index):
+    fmt = torch.channels_last if _is_channels_last(input) else torch.contiguous_format
+    y = torch.empty(_pooled_shape(input.shape, kernel_size, stride, padding, dilation, ceil_mode),
+                    dtype=input.dtype, device=input.device, memory_format=fmt)
+    return y, (torch.empty_like(y, dtype=torch.int32) if store_index else y.new_empty(0))
+
+
+def _setup_max_pool2d(ctx, inputs, output):
+    input, kernel_size, stride, padding, dilation, _, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.x_shape, ctx.channels_last = list(input.shape), _is_channels_last(input)
+    ctx.window = (kernel_size, stride, padding, dilation)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _max_pool2d_backward_autograd(ctx, grad_output, _grad_index):
+    (idx,) = ctx.saved_tensors
+    if grad_output is None or not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    dx = torch.ops.gpudl.max_pool2d_backward(grad_output, idx, ctx.x_shape, ctx.channels_last, *ctx.window)
+    return (dx,) + (None,) * 6
+
+
+_max_pool2d_op.register_autograd(_max_pool2d_backward_autograd, setup_context=_setup_max_pool2d)
+
+
+@kernel_op("max_pool2d_backward")
+def _max_pool2d_backward_op(grad_output: Tensor, index: Tensor, input_shape: list[int], channels_last: bool,
+                            kernel_size: list[int], stride: list[int], padding: list[int],
+                            dilation: list[int]) -> Tensor:
+    return _max_pool2d_backward(grad_output, index, input_shape, channels_last, kernel_size, stride, padding, dilation)
+
+
+first_order_only(_max_pool2d_backward_op)
+
+
+@_max_pool2d_backward_op.register_fake
+def _(grad_output, index, input_shape, channels_last, kernel_size, stride, padding, dilation):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(input_shape, dtype=grad_output.dtype, device=grad_output.device, memory_format=fmt)
+
+
+def unsupported(input, kernel_size, stride, padding, dilation, ceil_mode):
+    if input.shape[2] * input.shape[3] >= 2**31:
+        return "H * W >= 2**31 does not fit the int32 argmax index"
+    return None
 
 
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     """F.max_pool2d in Triton. input [N, C, H, W]; kernel_size, stride, padding, dilation pairs;
     ceil_mode a bool. Returns [N, C, H_out, W_out] (channels_last when input is)."""
-    n, c, h, w = input.shape
-    sizes = [pool_output_size(s, k, st, p, d, ceil_mode)
-             for s, k, st, p, d in zip((h, w), kernel_size, stride, padding, dilation)]
+    sizes = _pooled_shape(input.shape, kernel_size, stride, padding, dilation, ceil_mode)[2:]
     if min(sizes) < 1:
-        raise ValueError(f"max_pool2d: input spatial size {(h, w)} with kernel_size {tuple(kernel_size)}, padding "
-                         f"{tuple(padding)}, dilation {tuple(dilation)} gives output size {tuple(sizes)}; it must be >= 1")
-    if h * w >= 2**31:
-        fall_back("max_pool2d", "H * W >= 2**31 does not fit the int32 argmax index")
-        return reference.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-    return _MaxPool2dFunction.apply(input, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
-                                    bool(ceil_mode))
+        raise ValueError(f"max_pool2d: input spatial size {tuple(input.shape[2:])} with kernel_size "
+                         f"{tuple(kernel_size)}, padding {tuple(padding)}, dilation {tuple(dilation)} gives output "
+                         f"size {tuple(sizes)}; it must be >= 1")
+    store_index = torch.is_grad_enabled() and input.requires_grad
+    return torch.ops.gpudl.max_pool2d(input, list(kernel_size), list(stride), list(padding), list(dilation),
+                                      bool(ceil_mode), store_index)[0]
 
 
 # --------------------------------------------------------------------------- registration
@@ -241,9 +307,9 @@ def _compile_variants():
                 variants.append(CompileVariant(f"fwd-{label}-{layout}-b{config.kwargs['BLOCK']}-w{config.num_warps}",
                                                fn, signature, constexprs, config.num_warps, config.num_stages))
             fn = _max_pool2d_bwd_kernel
-            constexprs = {"CHANNELS_LAST": channels_last, "BLOCK": _BWD_BLOCK}
-            signature = {a: "constexpr" if a in constexprs else ptr if a == "gy_ptr" else "*i32" if a == "idx_ptr"
-                         else "*fp32" if a == "dx_ptr" else "i32" for a in fn.arg_names}
+            constexprs = {"KH": 3, "KW": 3, "CHANNELS_LAST": channels_last, "BLOCK": _BWD_BLOCK}
+            signature = {a: "constexpr" if a in constexprs else ptr if a in ("gy_ptr", "dx_ptr") else
+                         "*i32" if a == "idx_ptr" else "i32" for a in fn.arg_names}
             variants.append(CompileVariant(f"bwd-{label}-{layout}-b{_BWD_BLOCK}-w{_BWD_WARPS}", fn, signature,
                                            constexprs, _BWD_WARPS))
     return variants
@@ -252,7 +318,7 @@ def _compile_variants():
 SPEC = register(KernelSpec(
     op="max_pool2d",
     triton=max_pool2d,
-    reference=reference.max_pool2d,
+    unsupported=unsupported,
     cases=[
         _pool_case("regular_k2_s2", 2, 3, (8, 8), (2, 2), (2, 2)),
         _pool_case("overlapping_k3_s2_p1_ties", 2, 3, (9, 7), (3, 3), (2, 2), (1, 1), ties=True),
@@ -275,5 +341,5 @@ SPEC = register(KernelSpec(
     ],
     flops=_pool_flops,
     bytes_moved=_pool_bytes,
-    description="max_pool2d storing the int32 argmax; backward scatters to it with atomics",
+    description="max_pool2d storing the int32 argmax; backward gathers each input's windows (deterministic)",
 ))
