@@ -46,10 +46,23 @@ class Conv2d(nn.Conv2d):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
 
-class RNN(nn.RNN):
+class RNN(nn.RNNBase):
     """`torch.nn.RNN` (Elman, tanh or relu; layers, bidirectional, dropout between layers), each
     layer and direction one `gpudl.ops.rnn` call. input [L, N, H_in] ([N, L, H_in] if batch_first)
-    or [L, H_in]; hx [layers * directions, N, H]. Returns (output [..., directions * H], h_n)."""
+    or [L, H_in]; hx [layers * directions, N, H]. Returns (output [..., directions * H], h_n).
+
+    Same constructor, parameters and state_dict as `torch.nn.RNN`, built on its base class
+    `nn.RNNBase` rather than on `nn.RNN` itself: torch.compile refuses to trace `nn.RNN`
+    instances (cuDNN's RNN has no tracing rules), and this forward is plain gpudl ops."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        mode = "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
 
     def forward(self, input, hx=None):
         if isinstance(input, nn.utils.rnn.PackedSequence):
