@@ -66,11 +66,38 @@ class SGD(Optimizer):
                 buffers.append(self.state[p].get("momentum_buffer") if group["momentum"] != 0 else None)
             if not params:
                 continue
+            # Sharded parameters (FSDP2's DTensors): the update is elementwise, so each process
+            # steps its own shards; the momentum state stays a DTensor with the parameter's sharding.
             _, new_buffers = ops.sgd_step(
-                params, grads, buffers, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                [_local(p) for p in params], [_local(g) for g in grads], [_local(b) for b in buffers],
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"],
             )
             if group["momentum"] != 0:
-                for p, b in zip(params, new_buffers):
-                    self.state[p]["momentum_buffer"] = b
+                for p, old, new in zip(params, buffers, new_buffers):
+                    # An existing buffer was updated in place; a first step's new one is wrapped.
+                    self.state[p]["momentum_buffer"] = old if old is not None else _like(p, new)
         return loss
+
+
+def _is_dtensor(t) -> bool:
+    if t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t):
+    """A DTensor's local shard (sharing its storage, so in-place updates land in the DTensor)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _like(param, local):
+    """`local` as a DTensor sharded like `param` when param is one, else unchanged."""
+    if not _is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
