@@ -98,3 +98,23 @@ def test_training_step_compiles_fullgraph_and_matches_eager(name, backend, devic
                 torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-4, atol=1e-6, msg=key)
     # One graph for the first batch size, one more (dynamic batch) for the ragged ones.
     assert counter.frame_count <= 2, f"{counter.frame_count} compilations for batch sizes {sizes}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor over the Triton kernels needs a CUDA device")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_step_compiles_with_inductor_on_the_kernels(name):
+    """On a GPU the kernels are triton_ops: Inductor traces into their launches (wrap_triton) and
+    compiles the graph around them; the step still gives eager's loss and gradients."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model, step, make_batch = MODELS[name](device)
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
+    with gpudl.use_backend("triton"):
+        for n in (64, 48):
+            batch = make_batch(n, device)
+            want_loss, want_grads = _loss_and_grads(model, step, batch)
+            got_loss, got_grads = _loss_and_grads(model, compiled, batch)
+            torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+            for key in want_grads:
+                torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-3, atol=1e-5, msg=key)
