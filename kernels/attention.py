@@ -16,22 +16,36 @@ and zero gradients, as PyTorch (2.5 and later) does for both bool and -inf float
 Shapes: query [B, H, Lq, D], key [B, H, Lk, D], value [B, H, Lk, D] (Dv == D), attn_mask None,
 bool or float, expanded (zero strides allowed) to [B, H, Lq, Lk]; output [B, H, Lq, D].
 Any strides are accepted for every tensor (e.g. q/k/v transposed from [B, L, H, D]).
-Falls back to the PyTorch reference (one warning per reason) for dropout_p > 0, Dv != D,
-D > 128 and a float mask that requires grad.
+`unsupported` names what the kernel does not run: dropout_p > 0, Dv != D, D > 128 and a float
+mask that requires grad (gpudl.ops runs the PyTorch reference for those, warning once).
+
+Custom ops: torch.ops.gpudl.scaled_dot_product_attention (q, k, v, mask, is_causal, scale) ->
+(out, lse), and its backward op ..._backward -> (dq, dk, dv), computing only the gradients asked
+for. The mask is read through its own strides (an expanded mask is never materialized).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
-from gpudl.kernels._common import SHARED_MEMORY_LIMIT, triton_dtype, tuning_configs
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+from gpudl.kernels._common import SHARED_MEMORY_LIMIT, acc_dtype, triton_dtype, tuning_configs
+from gpudl.kernels.registry import (
+    Case,
+    CompileVariant,
+    KernelSpec,
+    first_order_only,
+    kernel_op,
+    no_tensor,
+    register,
+)
 
 OP = "scaled_dot_product_attention"
 LOG2E = 1.4426950408889634
@@ -420,10 +434,6 @@ def _tune_lengths(lq: int, lk: int) -> tuple[int, int]:
     return triton.next_power_of_2(max(lq, 1)), triton.next_power_of_2(max(lk, 1))
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float):
     """q [B, H, Lq, D], k and v [B, H, Lk, D], mask None or [B, H, Lq, Lk] (any strides).
     Returns out [B, H, Lq, D] (contiguous, q's dtype) and lse [B*H, Lq] (base-2 log-sum-exp of
@@ -431,95 +441,142 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float):
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     out = torch.empty((batch, heads, lq, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch * heads, lq), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty((batch * heads, lq), dtype=acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     m_ptr, m_strides, mask_kind = _mask_args(mask, q)
     grid = lambda meta: (batch * heads * triton.cdiv(lq, meta["BLOCK_M"]),)  # noqa: E731
-    _attn_fwd_tuned[grid](q, k, v, m_ptr, out, lse, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-                          heads, lq, lk, scale * LOG2E, *_tune_lengths(lq, lk), **_common_meta(q, mask_kind, is_causal))
+    wrap_triton(_attn_fwd_tuned)[grid](
+        q, k, v, m_ptr, out, lse, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+        heads, lq, lk, scale * LOG2E, *_tune_lengths(lq, lk), **_common_meta(q, mask_kind, is_causal))
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, mask, is_causal: bool, scale: float, needs=(True, True, True)):
-    """Gradients (dq, dk, dv) for dO [B, H, Lq, D]; None for each input that `needs` leaves out."""
+    """Gradients (dq, dk, dv) for dO [B, H, Lq, D] (any strides, zero strides included), each
+    contiguous; an empty tensor for each input that `needs` leaves out."""
     batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     need_q, need_k, need_v = needs
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_q else None
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_k else None
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_v else None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_q else no_tensor(q)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if need_k else no_tensor(k)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if need_v else no_tensor(v)
     if batch * heads == 0 or head_dim == 0:
         return dq, dk, dv
     if lq == 0:  # no query: nothing flows back
-        return tuple(None if g is None else g.zero_() for g in (dq, dk, dv))
+        return dq, dk.zero_(), dv.zero_()
     delta = torch.empty((batch * heads, lq), dtype=lse.dtype, device=q.device)
-    meta = _common_meta(q, *_mask_args(mask, q)[2:], is_causal)
-    _attn_bwd_preprocess[(batch * heads * triton.cdiv(lq, PRE_BLOCK_M),)](
+    m_ptr, m_strides, mask_kind = _mask_args(mask, q)
+    meta = _common_meta(q, mask_kind, is_causal)
+    wrap_triton(_attn_bwd_preprocess)[(batch * heads * triton.cdiv(lq, PRE_BLOCK_M),)](
         out, do, delta, *out.stride(), *do.stride(), heads, lq,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=PRE_BLOCK_M, num_warps=PRE_WARPS)
-    m_ptr, m_strides, _ = _mask_args(mask, q)
     common = (*q.stride(), *k.stride(), *v.stride(), *m_strides, *do.stride(),
               heads, lq, lk, scale * LOG2E, scale, *_tune_lengths(lq, lk))
     if (need_k or need_v) and lk > 0:
         grid = lambda m: (batch * heads * triton.cdiv(lk, m["BLOCK_N"]),)  # noqa: E731
         # An output that is not wanted is never written; pass the other buffer as a placeholder.
-        _attn_bwd_dkdv_tuned[grid](q, k, v, m_ptr, do, lse, delta, dk if need_k else dv, dv if need_v else dk, *common,
-                                   COMPUTE_DK=need_k, COMPUTE_DV=need_v, **meta)
+        wrap_triton(_attn_bwd_dkdv_tuned)[grid](
+            q, k, v, m_ptr, do, lse, delta, dk if need_k else dv, dv if need_v else dk, *common,
+            COMPUTE_DK=need_k, COMPUTE_DV=need_v, **meta)
     if need_q:
         grid = lambda m: (batch * heads * triton.cdiv(lq, m["BLOCK_M"]),)  # noqa: E731
-        _attn_bwd_dq_tuned[grid](q, k, v, m_ptr, do, lse, delta, dq, *common, **meta)
+        wrap_triton(_attn_bwd_dq_tuned)[grid](q, k, v, m_ptr, do, lse, delta, dq, *common, **meta)
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    """Differentiable in q, k, v; the mask is a constant (see scaled_dot_product_attention)."""
+# --------------------------------------------------------------------------- custom ops
+@kernel_op(OP)
+def _attention_op(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """(out [B, H, Lq, D] contiguous, lse [B*H, Lq] in the accumulator dtype, saved for backward)."""
+    return attention_forward(query, key, value, attn_mask, is_causal, scale)
 
-    @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal, scale):
-        out, lse = attention_forward(q, k, v, mask, is_causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.is_causal, ctx.scale = is_causal, scale
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, mask, ctx.is_causal, ctx.scale, tuple(ctx.needs_input_grad[:3]))
-        return dq, dk, dv, None, None, None
+@_attention_op.register_fake
+def _(query, key, value, attn_mask, is_causal, scale):
+    batch, heads, lq, head_dim = query.shape
+    return (query.new_empty((batch, heads, lq, head_dim)),
+            query.new_empty((batch * heads, lq), dtype=acc_dtype(query.dtype)))
+
+
+def _setup_attention(ctx, inputs, output):
+    query, key, value, attn_mask, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask)  # every gradient recomputes P from q, k (and v)
+    ctx.is_causal, ctx.scale = is_causal, scale
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, attn_mask = ctx.saved_tensors
+    need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
+    if need_mask:
+        raise RuntimeError(f"torch.ops.gpudl.{OP} gives no gradient for attn_mask; gpudl.ops.{OP} runs the "
+                           "PyTorch reference for a float mask that requires grad")
+    if grad_out is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = torch.ops.gpudl.scaled_dot_product_attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, ctx.is_causal, ctx.scale, need_q, need_k, need_v)
+    return (dq if need_q else None), (dk if need_k else None), (dv if need_v else None), None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_setup_attention)
+
+
+@kernel_op(OP + "_backward")
+def _attention_backward_op(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                           attn_mask: Optional[Tensor], is_causal: bool, scale: float, need_query: bool,
+                           need_key: bool, need_value: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dquery, dkey, dvalue), each contiguous; an empty tensor for each one not asked for."""
+    return attention_backward(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale,
+                              (need_query, need_key, need_value))
+
+
+first_order_only(_attention_backward_op)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, need_query, need_key, need_value):
+    return (query.new_empty(query.shape if need_query else 0), key.new_empty(key.shape if need_key else 0),
+            value.new_empty(value.shape if need_value else 0))
 
 
 # --------------------------------------------------------------------------- public entry
+def unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale) -> str | None:
+    """What the kernel does not run (gpudl.ops runs the reference instead, warning once)."""
+    if dropout_p > 0.0:
+        return "dropout_p > 0 is not implemented in the Triton kernel"
+    if value.shape[-1] != query.shape[-1]:
+        return "the value head dim Dv differs from the query/key head dim D"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM} are not supported by the Triton kernel"
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad; the Triton kernel gives no gradient for the mask"
+    return None
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale):
     """Normalized signature of gpudl.reference.scaled_dot_product_attention.
 
     query [B, H, Lq, D]; key [B, H, Lk, D]; value [B, H, Lk, Dv]; attn_mask None, bool (True =
     attend) or float (added), expanded to [B, H, Lq, Lk] (zero strides welcome); dropout_p a
     float; is_causal a bool (top-left aligned); scale a float. Returns [B, H, Lq, Dv].
+    Arguments `unsupported` names are an error here; gpudl.ops sends them to the reference.
     """
-    args = (query, key, value, attn_mask, dropout_p, is_causal, scale)
     if attn_mask is not None and is_causal:
         raise ValueError("pass either attn_mask or is_causal=True, not both (as in torch.nn.functional)")
-    if dropout_p > 0.0:
-        fall_back(OP, "dropout_p > 0 is not implemented in the Triton kernel")
-        return reference.scaled_dot_product_attention(*args)
-    if value.shape[-1] != query.shape[-1]:
-        fall_back(OP, "the value head dim Dv differs from the query/key head dim D")
-        return reference.scaled_dot_product_attention(*args)
-    if query.shape[-1] > MAX_HEAD_DIM:
-        fall_back(OP, f"head dims above {MAX_HEAD_DIM} are not supported by the Triton kernel")
-        return reference.scaled_dot_product_attention(*args)
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
-        fall_back(OP, "attn_mask requires grad; the Triton kernel gives no gradient for the mask")
-        return reference.scaled_dot_product_attention(*args)
-    return FlashAttention.apply(query, key, value, attn_mask, bool(is_causal), float(scale))
+    reason = unsupported(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    if reason is not None:
+        raise ValueError(f"the Triton kernel cannot run this call ({reason}); gpudl.ops.{OP} runs the reference")
+    return torch.ops.gpudl.scaled_dot_product_attention(query, key, value, attn_mask, bool(is_causal), float(scale))[0]
 
 
 # --------------------------------------------------------------------------- registration
 def _signature(kernel, dtype: torch.dtype, mask_kind: int, constexprs: dict) -> dict[str, str]:
     """Argument types of one compilation: tensors of `dtype`, fp32 (fp64) LSE/Delta, i32 ints."""
-    ptr, stat = triton_dtype(dtype), triton_dtype(_lse_dtype(dtype))
+    ptr, stat = triton_dtype(dtype), triton_dtype(acc_dtype(dtype))
     mask_ptr = {MASK_NONE: ptr, MASK_BOOL: "*i1", MASK_FLOAT: ptr}[mask_kind]
     types = {"M": mask_ptr, "LSE": stat, "Delta": stat, "qk_scale": "fp32", "sm_scale": "fp32"}
     sig = {}
@@ -639,7 +696,7 @@ SPEC = register(
     KernelSpec(
         op=OP,
         triton=scaled_dot_product_attention,
-        reference=reference.scaled_dot_product_attention,
+        unsupported=unsupported,
         cases=[
             _case("regular", 2, 2, 32, 32, 16),
             _case("ragged_lq13_lk29", 1, 2, 13, 29, 16),

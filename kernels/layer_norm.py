@@ -17,19 +17,33 @@ One launch of a fixed number of programs (about two per SM), each walking a cont
 tiles: it writes dx and adds its rows' dy * xhat and dy into register accumulators, stored once
 as one partial row per program [P, N]. A second small kernel sums the P partials per column in a
 fixed order (no atomics), so the weight and bias gradients are reproducible run to run.
+
+Custom ops: torch.ops.gpudl.layer_norm (input, weight, bias, eps, store_stats) -> (y, mean, rstd),
+the statistics only when store_stats (a backward will read them), and its backward op
+layer_norm_backward -> (dx, dweight, dbias), computing only the gradients asked for.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
-from gpudl.kernels._common import triton_dtype
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+from gpudl.kernels._common import acc_dtype, tl_acc, triton_dtype
+from gpudl.kernels.registry import (
+    Case,
+    CompileVariant,
+    KernelSpec,
+    first_order_only,
+    kernel_op,
+    no_tensor,
+    register,
+)
 
 # The largest row kept in registers: 16384 fp32 values over 16 warps is 32 per thread. Longer rows
 # would spill; they run on the reference (a warning says so) rather than slowly here.
@@ -170,10 +184,6 @@ def _ln_reduce_partials_kernel(
 
 
 # --------------------------------------------------------------------------- host launchers
-def _acc(dtype: torch.dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
-
-
 def launch_config(n: int, m: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of n elements, m rows: tiles of up to TILE elements
     (more for rows longer than TILE), 16 elements per thread (32 at BLOCK_N = 16384)."""
@@ -193,56 +203,64 @@ def _backward_programs(num_tiles: int, device: torch.device) -> int:
     return max(1, min(num_tiles, target))
 
 
-def layer_norm_forward(x: torch.Tensor, weight, bias, eps: float, store_stats: bool):
-    """x [M, N] contiguous; weight, bias [N] contiguous or None.
-    Returns (y [M, N], mean [M], rstd [M]) (mean, rstd None unless store_stats)."""
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] as [M, N] contiguous (a view when it already is; explicit M: reshape(-1, 0) is ambiguous)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()
+
+
+def layer_norm_forward(input: torch.Tensor, weight, bias, eps: float, store_stats: bool):
+    """input [..., N] (any strides); weight, bias [N] or None.
+    Returns (y [..., N] contiguous, mean [M], rstd [M]) (mean, rstd empty unless store_stats)."""
+    x = _rows(input)
     m, n = x.shape
-    y = torch.empty_like(x)
-    acc_torch, acc_tl = _acc(x.dtype)
-    mean = torch.empty(m, dtype=acc_torch, device=x.device) if store_stats else None
-    rstd = torch.empty(m, dtype=acc_torch, device=x.device) if store_stats else None
+    y = torch.empty(input.shape, dtype=input.dtype, device=input.device)
+    stats_shape = m if store_stats else 0
+    mean = torch.empty(stats_shape, dtype=acc_dtype(x.dtype), device=x.device)
+    rstd = torch.empty(stats_shape, dtype=acc_dtype(x.dtype), device=x.device)
     if m == 0 or n == 0:
-        if mean is not None and m:  # N == 0: torch gives an empty output; stats are unused
+        if store_stats:  # N == 0: torch gives an empty output; stats are unused
             mean.zero_(), rstd.zero_()
         return y, mean, rstd
     block_n, rows, num_warps = launch_config(n, m)
-    _ln_fwd_kernel[(triton.cdiv(m, rows),)](
-        x, weight if weight is not None else x, bias if bias is not None else x, y,
+    wrap_triton(_ln_fwd_kernel)[(triton.cdiv(m, rows),)](
+        x, weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x, y,
         mean if store_stats else y, rstd if store_stats else y,
         m, n, eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats, ACC=acc_tl,
+        HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats, ACC=tl_acc(x.dtype),
         ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
     )
     return y, mean, rstd
 
 
-def layer_norm_backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
-    """dy, x [M, N] contiguous; weight [N] or None; mean, rstd [M].
-    Returns (dx [M, N] or None, dweight [N] or None, dbias [N] or None)."""
+def layer_norm_backward(dy, input, weight, mean, rstd, need_dx: bool, need_dw: bool, need_db: bool):
+    """dy, input [..., N] (any strides); weight [N] or None; mean, rstd [M].
+    Returns (dx [..., N] contiguous, dweight [N], dbias [N]), each empty when not asked for."""
+    x, dy = _rows(input), _rows(dy)
     m, n = x.shape
     param_dtype = weight.dtype if weight is not None else x.dtype
-    dx = torch.empty_like(x) if need_dx else None
-    dw = torch.zeros(n, dtype=param_dtype, device=x.device) if need_dw else None
-    db = torch.zeros(n, dtype=param_dtype, device=x.device) if need_db else None
+    dx = torch.empty(input.shape, dtype=input.dtype, device=x.device) if need_dx else no_tensor(x)
+    # No rows: the parameter gradients are exactly zero, as in torch.
+    dw = torch.zeros(n, dtype=param_dtype, device=x.device) if need_dw else no_tensor(x)
+    db = torch.zeros(n, dtype=param_dtype, device=x.device) if need_db else no_tensor(x)
     if m == 0 or n == 0 or not (need_dx or need_dw or need_db):
-        return dx, dw, db  # no rows: the parameter gradients are exactly zero, as in torch
+        return dx, dw, db
     block_n, rows, num_warps = launch_config(n, m)
-    acc_torch, acc_tl = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     num_tiles = triton.cdiv(m, rows)
     programs = _backward_programs(num_tiles, x.device)
     tiles_per_program = triton.cdiv(num_tiles, programs)
     programs = triton.cdiv(num_tiles, tiles_per_program)  # no program left without tiles
-    dw_part = torch.empty(programs, n, dtype=acc_torch, device=x.device) if need_dw else None
-    db_part = torch.empty(programs, n, dtype=acc_torch, device=x.device) if need_db else None
-    _ln_bwd_kernel[(programs,)](
-        x, dy, weight if weight is not None else x, mean, rstd,
+    dw_part = torch.empty(programs, n, dtype=acc, device=x.device) if need_dw else None
+    db_part = torch.empty(programs, n, dtype=acc, device=x.device) if need_db else None
+    wrap_triton(_ln_bwd_kernel)[(programs,)](
+        x, dy, weight.contiguous() if weight is not None else x, mean, rstd,
         dx if need_dx else x, dw_part if need_dw else mean, db_part if need_db else mean,
         m, n, tiles_per_program,
-        HAS_W=weight is not None, DX=need_dx, DW=need_dw, DB=need_db, ACC=acc_tl,
+        HAS_W=weight is not None, DX=need_dx, DW=need_dw, DB=need_db, ACC=tl_acc(x.dtype),
         ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
     )
     if need_dw or need_db:
-        _ln_reduce_partials_kernel[(triton.cdiv(n, REDUCE_BLOCK_N),)](
+        wrap_triton(_ln_reduce_partials_kernel)[(triton.cdiv(n, REDUCE_BLOCK_N),)](
             dw_part if need_dw else db_part, db_part if need_db else dw_part,
             dw if need_dw else db, db if need_db else dw,
             programs, n, DW=need_dw, DB=need_db,
@@ -251,35 +269,88 @@ def layer_norm_backward(dy, x, weight, mean, rstd, need_dx: bool, need_dw: bool,
     return dx, dw, db
 
 
-class _LayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, store_stats):
-        y, mean, rstd = layer_norm_forward(x, weight, bias, eps, store_stats)
-        if store_stats:
-            ctx.save_for_backward(x, weight, mean, rstd)
-        return y
+# --------------------------------------------------------------------------- custom ops
+@kernel_op("layer_norm")
+def _layer_norm_op(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   store_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [..., N] contiguous, mean [M], rstd [M]); mean and rstd (accumulator dtype) only when
+    store_stats (a backward will read them), else empty tensors."""
+    return layer_norm_forward(input, weight, bias, eps, store_stats)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx, dw, db = layer_norm_backward(dy.contiguous(), x, weight, mean, rstd, need_dx, need_dw, need_db)
-        return dx, dw, db, None, None
+
+@_layer_norm_op.register_fake
+def _(input, weight, bias, eps, store_stats):
+    stats_shape = math.prod(input.shape[:-1]) if store_stats else 0
+    return (input.new_empty(input.shape), input.new_empty(stats_shape, dtype=acc_dtype(input.dtype)),
+            input.new_empty(stats_shape, dtype=acc_dtype(input.dtype)))
+
+
+def _setup_layer_norm(ctx, inputs, output):
+    input, weight, _, _, store_stats = inputs
+    _, mean, rstd = output
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    # The backward kernel reads x and the statistics for every gradient; the weight only for dx.
+    ctx.save_for_backward(input, weight if need_x else None, mean, rstd)
+    ctx.store_stats = store_stats
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _layer_norm_backward(ctx, grad_output, _grad_mean, _grad_rstd):
+    input, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_output is None:
+        return None, None, None, None, None
+    if not ctx.store_stats:
+        raise RuntimeError("torch.ops.gpudl.layer_norm was called with store_stats=False, so it has no statistics "
+                           "for a backward pass; pass store_stats=True when a gradient will be needed")
+    dx, dw, db = torch.ops.gpudl.layer_norm_backward(grad_output, input, weight, mean, rstd, need_x, need_w, need_b)
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None, None
+
+
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm)
+
+
+@kernel_op("layer_norm_backward")
+def _layer_norm_backward_op(grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                            need_input: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dinput [..., N] contiguous, dweight [N], dbias [N]); each an empty tensor when not asked
+    for. `weight` is needed only for dinput."""
+    return layer_norm_backward(grad_output, input, weight, mean, rstd, need_input, need_weight, need_bias)
+
+
+first_order_only(_layer_norm_backward_op)
+
+
+@_layer_norm_backward_op.register_fake
+def _(grad_output, input, weight, mean, rstd, need_input, need_weight, need_bias):
+    n = input.shape[-1]
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    return (input.new_empty(input.shape if need_input else 0),
+            input.new_empty(n if need_weight else 0, dtype=param_dtype if need_weight else input.dtype),
+            input.new_empty(n if need_bias else 0, dtype=param_dtype if need_bias else input.dtype))
+
+
+# --------------------------------------------------------------------------- public entry
+def unsupported(input, weight, bias, eps) -> str | None:
+    """What the kernel does not run (gpudl.ops runs the reference instead, warning once)."""
+    n = input.shape[-1]
+    if n > MAX_N:
+        return f"rows longer than {MAX_N} elements (got N={n}) do not fit in registers"
+    return None
 
 
 def layer_norm(input, weight, bias, eps):
     """input [..., N]; weight, bias [N] or None (input's dtype and device); eps a float.
-    Returns [..., N]: each row normalized to zero mean and unit variance, scaled and shifted."""
-    n = input.shape[-1]
-    if n > MAX_N:
-        fall_back("layer_norm", f"rows longer than {MAX_N} elements (got N={n}) do not fit in registers")
-        return reference.layer_norm(input, weight, bias, eps)
-    x = input.reshape(math.prod(input.shape[:-1]), n).contiguous()  # explicit M: reshape(-1, 0) is ambiguous
-    w = weight.contiguous() if weight is not None else None
-    b = bias.contiguous() if bias is not None else None
-    needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    y = _LayerNorm.apply(x, w, b, float(eps), needs)
-    return y.reshape(input.shape)
+    Returns [..., N]: each row normalized to zero mean and unit variance, scaled and shifted.
+    Arguments `unsupported` names are an error here; gpudl.ops sends them to the reference."""
+    reason = unsupported(input, weight, bias, eps)
+    if reason is not None:
+        raise ValueError(f"the Triton kernel cannot run this call ({reason}); gpudl.ops.layer_norm runs the reference")
+    # Statistics are written only when a backward will read them.
+    store_stats = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
+    # A strided input is copied once here (autograd keeps the copy for backward), not in both ops.
+    return torch.ops.gpudl.layer_norm(input.contiguous(), weight, bias, float(eps), store_stats)[0]
 
 
 # --------------------------------------------------------------------------- registration
@@ -325,8 +396,7 @@ def _compile_variants() -> list[CompileVariant]:
     block_ns = [2**k for k in range(4, MAX_N.bit_length())]
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         ptr = triton_dtype(dtype)
-        acc_ptr = "*fp64" if dtype == torch.float64 else "*fp32"
-        acc = tl.float64 if dtype == torch.float64 else tl.float32
+        acc_ptr, acc = triton_dtype(acc_dtype(dtype)), tl_acc(dtype)
         for block_n in block_ns if dtype != torch.float64 else [16]:
             _, rows, warps = launch_config(block_n, 2**20)
             tag = f"{ptr[1:]}-N{block_n}-R{rows}-w{warps}"
@@ -347,10 +417,9 @@ def _compile_variants() -> list[CompileVariant]:
                 {"HAS_W": True, "DX": True, "DW": True, "DB": True, "ACC": acc, "ROWS": rows, "BLOCK_N": block_n},
                 num_warps=warps,
             ))
-        acc_ptr_red = "*fp64" if dtype == torch.float64 else "*fp32"
         variants.append(CompileVariant(
             f"ln_reduce-{ptr[1:]}", _ln_reduce_partials_kernel,
-            {"dw_part_ptr": acc_ptr_red, "db_part_ptr": acc_ptr_red, "dw_ptr": ptr, "db_ptr": ptr, "P": "i32", "N": "i32",
+            {"dw_part_ptr": acc_ptr, "db_part_ptr": acc_ptr, "dw_ptr": ptr, "db_ptr": ptr, "P": "i32", "N": "i32",
              "DW": "constexpr", "DB": "constexpr", "BLOCK_P": "constexpr", "BLOCK_N": "constexpr"},
             {"DW": True, "DB": True, "BLOCK_P": REDUCE_BLOCK_P, "BLOCK_N": REDUCE_BLOCK_N},
             num_warps=REDUCE_WARPS,
@@ -361,7 +430,7 @@ def _compile_variants() -> list[CompileVariant]:
 SPEC = register(KernelSpec(
     op="layer_norm",
     triton=layer_norm,
-    reference=reference.layer_norm,
+    unsupported=unsupported,
     cases=[
         _case((4, 64)),
         _case((3, 5, 37)),

@@ -1,6 +1,6 @@
 """Elman RNN layer (one layer of torch.nn.RNN): the whole sequence in one persistent launch.
 
-    xproj = x @ W_ih^T + b_ih                     one GEMM over all time steps (gpudl.ops.linear)
+    xproj = x @ W_ih^T + b_ih                     one GEMM over all time steps (the linear kernel)
     h_t   = act(xproj_t + h_{t-1} @ W_hh^T + b_hh) one launch: each program owns BLOCK_N batch rows,
                                                   keeps h on chip and loops over t
 
@@ -9,7 +9,12 @@ Backward (BPTT), also one launch, looping t = L-1 .. 0 with dh carried on chip:
     dh_{t-1} = dz_t @ W_hh
 dz is stored for every t; then plain torch GEMMs/reductions finish the weight gradients:
 grad W_hh = sum_t dz_t^T h_{t-1}, grad b_hh = sum_t dz_t, and dz is the gradient of xproj, which
-autograd carries back through gpudl.ops.linear to x, W_ih and b_ih.
+autograd carries back through the linear kernel's op (gpudl::linear) to x, W_ih and b_ih.
+
+Custom ops: torch.ops.gpudl.rnn_recurrence (xproj, h0, W_hh, b_hh, nonlinearity, batch_first) ->
+(output, h_n), and its backward op rnn_recurrence_backward (BPTT, then the weight gradients) ->
+(dxproj, dh0, dW_hh, db_hh), computing only what is asked for. The KernelSpec entry `rnn` is the
+composition linear -> rnn_recurrence.
 
 Two ways to multiply by W_hh each step, picked by the hidden size:
   * resident (BLOCK_H <= 64): the [BLOCK_H, BLOCK_H] tile is loaded once and kept in registers
@@ -22,20 +27,30 @@ Two ways to multiply by W_hh each step, picked by the hidden size:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
-from gpudl import reference
-from gpudl.kernels._common import tanh, triton_dtype
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, fall_back, register
+from gpudl.kernels import linear as linear_kernel
+from gpudl.kernels._common import acc_dtype, tanh, tl_acc, triton_dtype
+from gpudl.kernels.registry import (
+    Case,
+    CompileVariant,
+    KernelSpec,
+    first_order_only,
+    kernel_op,
+    no_tensor,
+    register,
+)
 
 MAX_HIDDEN = 512  # beyond: the fp32 accumulator [BLOCK_N, BLOCK_H] and W chunks outgrow one CTA
 RESIDENT_MAX_BLOCK_H = 64  # W_hh kept in registers up to this padded hidden size
 BLOCK_N = 16  # batch rows per program: tl.dot's smallest M
-ACTIVATIONS = {"tanh": 0, "relu": 1}
+NONLINEARITY_CODES = {"tanh": 0, "relu": 1}  # the kernels' ACTIVATION constexpr
 
 
 # --------------------------------------------------------------------------- kernels
@@ -183,91 +198,137 @@ def _config(hidden: int, dtype: torch.dtype) -> dict:
                 num_warps=4 if block_h <= 64 else 8)
 
 
-def _acc_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _time_batch_strides(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
+    return (t.stride(1), t.stride(0)) if batch_first else (t.stride(0), t.stride(1))
 
 
 def _forward(xp, h0, w_hh, b_hh, nonlinearity, batch_first):
-    """xp [L, N, H] ([N, L, H] if batch_first); h0 [N, H]; returns (output like xp's layout, h_n)."""
+    """xp [L, N, H] ([N, L, H] if batch_first, any strides); h0 [N, H]; returns (output [L, N, H]
+    ([N, L, H]) contiguous, h_n [N, H])."""
+    h0, w_hh = h0.contiguous(), w_hh.contiguous()
+    b_hh = b_hh.contiguous() if b_hh is not None else None
     n, hidden = h0.shape
     length = xp.shape[1] if batch_first else xp.shape[0]
     out = torch.empty(xp.shape, dtype=xp.dtype, device=xp.device)
     hn = torch.empty(n, hidden, dtype=xp.dtype, device=xp.device)
-    s_xt, s_xn = (xp.stride(1), xp.stride(0)) if batch_first else (xp.stride(0), xp.stride(1))
-    s_ot, s_on = (out.stride(1), out.stride(0)) if batch_first else (out.stride(0), out.stride(1))
     if n == 0:
         return out, hn
+    s_xt, s_xn = _time_batch_strides(xp, batch_first)
+    s_ot, s_on = _time_batch_strides(out, batch_first)
     cfg = _config(hidden, xp.dtype)
-    _rnn_forward_kernel[(triton.cdiv(n, BLOCK_N),)](
+    wrap_triton(_rnn_forward_kernel)[(triton.cdiv(n, BLOCK_N),)](
         xp, h0, w_hh, b_hh if b_hh is not None else w_hh, out, hn,
         length, n, hidden, s_xt, s_xn, xp.stride(2), s_ot, s_on,
-        HAS_BIAS=b_hh is not None, ACTIVATION=ACTIVATIONS[nonlinearity], ACC_DTYPE=_acc_dtype(xp.dtype), **cfg,
+        HAS_BIAS=b_hh is not None, ACTIVATION=NONLINEARITY_CODES[nonlinearity], ACC_DTYPE=tl_acc(xp.dtype), **cfg,
     )
     return out, hn
 
 
 def _backward(dy, dhn, out, w_hh, nonlinearity, batch_first):
-    """Returns (dz shaped and laid out like out, dh0 [N, H])."""
+    """BPTT. dy like out, dhn [N, H] (any strides, zero strides included); returns (dz shaped and
+    laid out like out: the gradient of the pre-activation, i.e. of xp; dh0 [N, H])."""
+    w_hh = w_hh.contiguous()
     n, hidden = dhn.shape
     length = out.shape[1] if batch_first else out.shape[0]
     dz = torch.empty_like(out)
     dh0 = torch.empty(n, hidden, dtype=out.dtype, device=out.device)
     if n == 0:
         return dz, dh0
-    s_dyt, s_dyn = (dy.stride(1), dy.stride(0)) if batch_first else (dy.stride(0), dy.stride(1))
-    s_ot, s_on = (out.stride(1), out.stride(0)) if batch_first else (out.stride(0), out.stride(1))
+    s_dyt, s_dyn = _time_batch_strides(dy, batch_first)
+    s_ot, s_on = _time_batch_strides(out, batch_first)
     cfg = _config(hidden, out.dtype)
-    _rnn_backward_kernel[(triton.cdiv(n, BLOCK_N),)](
+    wrap_triton(_rnn_backward_kernel)[(triton.cdiv(n, BLOCK_N),)](
         dy, dhn, out, w_hh, dz, dh0,
         length, n, hidden, s_dyt, s_dyn, dy.stride(2), dhn.stride(0), dhn.stride(1), s_ot, s_on,
         (length - 1) * s_dyt, (length - 1) * s_ot,
-        ACTIVATION=ACTIVATIONS[nonlinearity], ACC_DTYPE=_acc_dtype(out.dtype), **cfg,
+        ACTIVATION=NONLINEARITY_CODES[nonlinearity], ACC_DTYPE=tl_acc(out.dtype), **cfg,
     )
     return dz, dh0
 
 
-class _RNNRecurrence(torch.autograd.Function):
-    """The recurrence given the input projection: (xp, h0, W_hh, b_hh) -> (output, h_n)."""
+# --------------------------------------------------------------------------- custom ops
+@kernel_op("rnn_recurrence")
+def _rnn_recurrence_op(input_projection: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Optional[Tensor],
+                       nonlinearity: str, batch_first: bool) -> tuple[Tensor, Tensor]:
+    """The recurrence given the input projection xp = x @ W_ih^T + b_ih [L, N, H] ([N, L, H] if
+    batch_first): (output, contiguous in xp's shape, h_n [N, H])."""
+    return _forward(input_projection, h0, weight_hh, bias_hh, nonlinearity, batch_first)
 
-    @staticmethod
-    def forward(ctx, xp, h0, w_hh, b_hh, nonlinearity, batch_first):
-        h0 = h0.contiguous()
-        w_hh = w_hh.contiguous()
-        b_hh = b_hh.contiguous() if b_hh is not None else None
-        out, hn = _forward(xp, h0, w_hh, b_hh, nonlinearity, batch_first)
-        ctx.save_for_backward(out, h0, w_hh)
-        ctx.nonlinearity, ctx.batch_first = nonlinearity, batch_first
-        ctx.has_bias = b_hh is not None
-        return out, hn
 
-    @staticmethod
-    @once_differentiable  # the BPTT kernel builds no graph: double backward raises instead of being silently wrong
-    def backward(ctx, dy, dhn):
-        out, h0, w_hh = ctx.saved_tensors
-        need_xp, need_h0, need_w, need_b = ctx.needs_input_grad[:4]
-        dz, dh0 = _backward(dy, dhn, out, w_hh, ctx.nonlinearity, ctx.batch_first)
-        # Weight and bias gradients are plain torch GEMM / reduction over the stored dz.
-        grad_w = grad_b = None
-        hidden = h0.shape[1]
-        if need_w:
-            time_dim = 1 if ctx.batch_first else 0
-            h_prev = torch.cat([h0.unsqueeze(time_dim), out.narrow(time_dim, 0, out.shape[time_dim] - 1)], time_dim)
-            grad_w = dz.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
-        if need_b and ctx.has_bias:
-            grad_b = dz.reshape(-1, hidden).sum(0, dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(dz.dtype)
-        return (dz if need_xp else None), (dh0 if need_h0 else None), grad_w, grad_b, None, None
+@_rnn_recurrence_op.register_fake
+def _(input_projection, h0, weight_hh, bias_hh, nonlinearity, batch_first):
+    return input_projection.new_empty(input_projection.shape), input_projection.new_empty(h0.shape)
+
+
+def _setup_rnn_recurrence(ctx, inputs, output):
+    _, h0, weight_hh, _, nonlinearity, batch_first = inputs
+    out, _ = output
+    need_w = ctx.needs_input_grad[2]
+    # BPTT reads the outputs (act' from h_t) and W_hh; grad W_hh also the states before each step.
+    ctx.save_for_backward(out, h0 if need_w else None, weight_hh)
+    ctx.nonlinearity, ctx.batch_first = nonlinearity, batch_first
+    ctx.set_materialize_grads(False)
+
+
+def _rnn_recurrence_backward(ctx, grad_output, grad_h_n):
+    out, h0, weight_hh = ctx.saved_tensors
+    need_xp, need_h0, need_w, need_b = ctx.needs_input_grad[:4]
+    if grad_output is None and grad_h_n is None:
+        return None, None, None, None, None, None
+    dxp, dh0, dw, db = torch.ops.gpudl.rnn_recurrence_backward(
+        grad_output, grad_h_n, out, h0, weight_hh, ctx.nonlinearity, ctx.batch_first, need_xp, need_h0, need_w, need_b)
+    return (dxp if need_xp else None), (dh0 if need_h0 else None), (dw if need_w else None), \
+        (db if need_b else None), None, None
+
+
+_rnn_recurrence_op.register_autograd(_rnn_recurrence_backward, setup_context=_setup_rnn_recurrence)
+
+
+@kernel_op("rnn_recurrence_backward")
+def _rnn_recurrence_backward_op(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], output: Tensor,
+                                h0: Optional[Tensor], weight_hh: Tensor, nonlinearity: str, batch_first: bool,
+                                need_input_projection: bool, need_h0: bool, need_weight: bool,
+                                need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d input_projection like output, dh0 [N, H], dweight_hh [H, H], dbias_hh [H]), each an
+    empty tensor when not asked for; a missing grad_output or grad_h_n counts as zeros. h0 is
+    needed only for dweight_hh."""
+    n, hidden = output.shape[0 if batch_first else 1], weight_hh.shape[0]
+    # Zeros for a missing gradient, read through zero strides: nothing is materialized.
+    dy = grad_output if grad_output is not None else output.new_zeros(()).expand(output.shape)
+    dhn = grad_h_n if grad_h_n is not None else output.new_zeros(()).expand(n, hidden)
+    dz, dh0 = _backward(dy, dhn, output, weight_hh, nonlinearity, batch_first)
+    # Then the weight gradients, as GEMM and reduction over the stored dz:
+    # grad W_hh = sum_t dz_t^T h_{t-1} (h_{-1} = h0), grad b_hh = sum_t dz_t.
+    grad_w, grad_b = no_tensor(dz), no_tensor(dz)
+    if need_weight:
+        time_dim = 1 if batch_first else 0
+        h_prev = torch.cat([h0.unsqueeze(time_dim), output], time_dim).narrow(time_dim, 0, output.shape[time_dim])
+        grad_w = dz.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
+    if need_bias:
+        grad_b = dz.reshape(-1, hidden).sum(0, dtype=acc_dtype(dz.dtype)).to(dz.dtype)
+    return (dz if need_input_projection else no_tensor(dz)), (dh0 if need_h0 else no_tensor(dz)), grad_w, grad_b
+
+
+first_order_only(_rnn_recurrence_backward_op)
+
+
+@_rnn_recurrence_backward_op.register_fake
+def _(grad_output, grad_h_n, output, h0, weight_hh, nonlinearity, batch_first, need_input_projection, need_h0,
+      need_weight, need_bias):
+    n, hidden = output.shape[0 if batch_first else 1], weight_hh.shape[0]
+    return (output.new_empty(output.shape if need_input_projection else 0),
+            output.new_empty((n, hidden) if need_h0 else 0),
+            output.new_empty((hidden, hidden) if need_weight else 0),
+            output.new_empty(hidden if need_bias else 0))
 
 
 # --------------------------------------------------------------------------- public entry
-def _input_projection(x, weight_ih, bias_ih):
-    """All time steps' x @ W_ih^T + b_ih as one GEMM: gpudl.ops.linear under the current backend,
-    or torch's F.linear when no linear kernel is registered (a build without kernels/linear.py)."""
-    from gpudl import ops
-    from gpudl.kernels.registry import REGISTRY
-
-    if "linear" in REGISTRY:
-        return ops.linear(x, weight_ih, bias_ih)
-    return F.linear(x, weight_ih, bias_ih)
+def unsupported(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_first) -> str | None:
+    """What the kernel does not run (gpudl.ops runs the reference instead, warning once)."""
+    hidden = weight_hh.shape[0]
+    if hidden > MAX_HIDDEN:
+        return f"hidden size {hidden} > {MAX_HIDDEN} (the kernel keeps a [16, H] fp32 state per program)"
+    return None
 
 
 def rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_first):
@@ -276,18 +337,21 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_f
     input [L, N, H_in] ([N, L, H_in] if batch_first); hx [N, H]; weight_ih [H, H_in];
     weight_hh [H, H]; bias_ih, bias_hh [H] or None; nonlinearity 'tanh' or 'relu'.
     Returns (output [L, N, H] ([N, L, H] if batch_first), h_n [N, H]).
+    Arguments `unsupported` names are an error here; gpudl.ops sends them to the reference.
     """
+    reason = unsupported(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_first)
+    if reason is not None:
+        raise ValueError(f"the Triton kernel cannot run this call ({reason}); gpudl.ops.rnn runs the reference")
     hidden = weight_hh.shape[0]
-    if hidden > MAX_HIDDEN:
-        fall_back("rnn", f"hidden size {hidden} > {MAX_HIDDEN} (the kernel keeps a [16, H] fp32 state per program)")
-        return reference.rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_first)
     length = input.shape[1] if batch_first else input.shape[0]
     if length == 0:
         # Nothing to run: an empty output and h_n = hx (a copy, so it can be modified safely).
         shape = (input.shape[0], 0, hidden) if batch_first else (0, input.shape[1], hidden)
         return input.new_empty(shape), hx.clone()
-    xp = _input_projection(input, weight_ih, bias_ih)
-    return _RNNRecurrence.apply(xp, hx, weight_hh, bias_hh, nonlinearity, bool(batch_first))
+    # All time steps' input projection as one GEMM, on the linear kernel itself (gpudl::linear).
+    xp = linear_kernel.linear(input, weight_ih, bias_ih, None)
+    output, h_n = torch.ops.gpudl.rnn_recurrence(xp, hx, weight_hh, bias_hh, nonlinearity, bool(batch_first))
+    return output, h_n
 
 
 # --------------------------------------------------------------------------- registration
@@ -359,7 +423,7 @@ def _compile_variants():
                            "s_ot": "i32", "s_on": "i32", "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr",
                            "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
                            "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
-                constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": _acc_dtype(dtype), **consts},
+                constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts},
                 num_warps=cfg["num_warps"],
             ))
             variants.append(CompileVariant(
@@ -369,7 +433,7 @@ def _compile_variants():
                            "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32", "last_dy": "i32", "last_o": "i32",
                            "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
-                constexprs={"ACTIVATION": act, "ACC_DTYPE": _acc_dtype(dtype), **consts},
+                constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts},
                 num_warps=cfg["num_warps"],
             ))
     return variants
@@ -378,7 +442,7 @@ def _compile_variants():
 SPEC = register(KernelSpec(
     op="rnn",
     triton=rnn,
-    reference=reference.rnn,
+    unsupported=unsupported,
     cases=[
         Case("tanh-L6-N3-H16", _make(6, 3, 7, 16)),
         Case("relu-L5-N4-H24-ragged", _make(5, 4, 7, 24, "relu")),

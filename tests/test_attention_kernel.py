@@ -152,40 +152,22 @@ def test_gradcheck_float64(mask_kind):
 
 
 # --------------------------------------------------------------------------- gradients not required
-class _LaunchSpy:
-    """Wraps an autotuned kernel and records the keyword arguments of each launch."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, []
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            self.calls.append(kwargs)
-            return launch(*args, **kwargs)
-
-        return run
-
-
 @pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
-def test_only_required_gradients_are_computed(monkeypatch, wanted):
-    dkdv = _LaunchSpy(A._attn_bwd_dkdv_tuned)
-    dq = _LaunchSpy(A._attn_bwd_dq_tuned)
-    monkeypatch.setattr(A, "_attn_bwd_dkdv_tuned", dkdv)
-    monkeypatch.setattr(A, "_attn_bwd_dq_tuned", dq)
+def test_only_required_gradients_are_computed(kernel_launches, wanted):
+    launches = kernel_launches(A)
     q, k, v = _qkv(1, 2, 11, 13, 16)
     for t, w in zip((q, k, v), wanted):
         t.requires_grad_(w)
     out = A.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.25)
     out.sum().backward()
     assert [t.grad is not None for t in (q, k, v)] == list(wanted)
-    assert len(dq.calls) == int(wanted[0])
+    assert len(launches["_attn_bwd_dq"]) == int(wanted[0])
+    dkdv = launches["_attn_bwd_dkdv"]
     if wanted[1] or wanted[2]:
-        assert len(dkdv.calls) == 1
-        assert (dkdv.calls[0]["COMPUTE_DK"], dkdv.calls[0]["COMPUTE_DV"]) == wanted[1:]
+        assert len(dkdv) == 1
+        assert (dkdv[0]["COMPUTE_DK"], dkdv[0]["COMPUTE_DV"]) == wanted[1:]
     else:
-        assert not dkdv.calls
+        assert not dkdv
     # The gradients that are computed are right.
     rq, rk, rv = (t.detach().requires_grad_(w) for t, w in zip((q, k, v), wanted))
     F.scaled_dot_product_attention(rq, rk, rv, scale=0.25).sum().backward()
@@ -196,13 +178,19 @@ def test_only_required_gradients_are_computed(monkeypatch, wanted):
 
 # --------------------------------------------------------------------------- fallbacks
 def _ran_kernel(out) -> bool:
-    return out.grad_fn is not None and out.grad_fn.name() == "FlashAttentionBackward"
+    return out.grad_fn is not None and "gpudl_scaled_dot_product_attention" in out.grad_fn.name()
 
 
 def _fallback(args, match):
-    with pytest.warns(UserWarning, match=match):
-        out = A.scaled_dot_product_attention(*args)
+    """gpudl.ops on the triton backend runs the reference for these arguments, warning once;
+    the kernel's own entry refuses them."""
+    q, k, v, mask, dropout_p, is_causal, scale = args
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=match):
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                               scale=scale)
     assert not _ran_kernel(out)
+    with pytest.raises(ValueError, match=match):
+        A.scaled_dot_product_attention(*args)
     return out
 
 
@@ -216,7 +204,8 @@ def test_dropout_falls_back_with_one_warning(fresh_warnings):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call does not warn again
-        A.scaled_dot_product_attention(q, k, v, None, 0.3, False, 0.25)
+        with gpudl.use_backend("triton"):
+            ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, scale=0.25)
 
 
 def test_value_head_dim_mismatch_falls_back(fresh_warnings):
@@ -238,6 +227,21 @@ def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient(fresh_warnin
     out = _fallback((q, k, v, mask, 0.0, False, 0.25), "attn_mask requires grad")
     (g,) = torch.autograd.grad(out.sum(), mask)
     assert g.shape == mask.shape and g.abs().sum() > 0
+
+
+def test_fallback_warning_points_at_the_callers_line(fresh_warnings):
+    q, k, v = _qkv(1, 2, 6, 6, 16)
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match="dropout_p > 0") as record:
+        ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert record[0].filename == __file__
+
+
+def test_double_backward_is_refused():
+    q, k, v = _qkv(1, 2, 5, 6, 8)
+    out = A.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.3)
+    (gq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
 
 
 def test_mask_together_with_causal_is_an_error():

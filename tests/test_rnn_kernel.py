@@ -11,6 +11,7 @@ import torch
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
+from gpudl.kernels import rnn as rnn_kernel
 
 
 def _leaf(t):
@@ -57,10 +58,12 @@ def test_triton_backend_runs_the_kernel_and_torch_backend_does_not(device):
     args = [_leaf(a) for a in args]
     with gpudl.use_backend("triton"):
         out, _ = ops.rnn(*args)
-    assert "RNNRecurrence" in type(out.grad_fn).__name__
+    assert "gpudl_rnn_recurrence" in out.grad_fn.name()
+    projection = out.grad_fn.next_functions[0][0]  # the input projection runs on the linear kernel's op
+    assert "gpudl_linear" in projection.name()
     with gpudl.use_backend("torch"):
         out_ref, _ = ops.rnn(*args)
-    assert "RNNRecurrence" not in type(out_ref.grad_fn).__name__
+    assert "gpudl_rnn_recurrence" not in out_ref.grad_fn.name()
     _compare([out], [out_ref])
 
 
@@ -146,6 +149,8 @@ def test_hidden_size_beyond_the_kernel_falls_back_with_a_warning(device):
         out, h_n = ops.rnn(*args)
     want_out, want_h = reference.rnn(*args, None, None, "tanh", False)
     _compare([out, h_n], [want_out, want_h])
+    with pytest.raises(ValueError, match="hidden size 513 > 512"):  # the kernel's own entry refuses it
+        rnn_kernel.rnn(*args, None, None, "tanh", False)
 
 
 def test_double_backward_raises(device):
@@ -153,5 +158,5 @@ def test_double_backward_raises(device):
     with gpudl.use_backend("triton"):
         out, _ = ops.rnn(x, None, torch.randn(16, 4, device=device), torch.randn(16, 16, device=device))
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
