@@ -26,7 +26,7 @@ import lightning as L
 import torch
 
 from gpudl import nn, ops
-from gpudl.models._base import check_factory, check_int_tuple, check_positive_int
+from gpudl.checks import check_factory, check_float, check_int, check_int_tuple
 
 
 class Generator(torch.nn.Module):
@@ -79,18 +79,16 @@ class GANModule(L.LightningModule):
         super().__init__()
         owner = type(self).__name__
         image_shape = check_int_tuple(owner, "image_shape", image_shape, length=3)
-        latent_dim = check_positive_int(owner, "latent_dim", latent_dim)
-        hidden = check_positive_int(owner, "hidden", hidden)
-        judge_epochs = check_positive_int(owner, "judge_epochs", judge_epochs)
-        judge_hidden = check_positive_int(owner, "judge_hidden", judge_hidden)
-        num_eval_samples = check_positive_int(owner, "num_eval_samples", num_eval_samples)
-        if gradient_clip_val is not None:
-            if isinstance(gradient_clip_val, bool) or not isinstance(gradient_clip_val, (int, float)) or not gradient_clip_val > 0:
-                raise ValueError(f"{owner}: gradient_clip_val must be a positive number or None, got {gradient_clip_val!r}")
-            gradient_clip_val = float(gradient_clip_val)
-        if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
-            raise ValueError(f"{owner}: eval_seed must be an int >= 0, got {eval_seed!r}")
-        for name, value in (("optimizer", optimizer), ("scheduler", scheduler), ("g_optimizer", g_optimizer), ("d_optimizer", d_optimizer)):
+        latent_dim = check_int(owner, "latent_dim", latent_dim)
+        hidden = check_int(owner, "hidden", hidden)
+        judge_epochs = check_int(owner, "judge_epochs", judge_epochs)
+        judge_hidden = check_int(owner, "judge_hidden", judge_hidden)
+        num_eval_samples = check_int(owner, "num_eval_samples", num_eval_samples)
+        gradient_clip_val = check_float(owner, "gradient_clip_val", gradient_clip_val, 0.0, low_open=True,
+                                        allow_none=True)
+        eval_seed = check_int(owner, "eval_seed", eval_seed, minimum=0)
+        for name, value in (("optimizer", optimizer), ("scheduler", scheduler), ("g_optimizer", g_optimizer),
+                            ("d_optimizer", d_optimizer)):
             check_factory(owner, name, value)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "g_optimizer", "d_optimizer"])
         self.automatic_optimization = False  # G and D take turns within each batch
@@ -113,8 +111,7 @@ class GANModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images [n, *image_shape] in [0, 1] from fresh noise (a CPU torch.Generator seeds it)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"GANModule.sample: n must be an int >= 0, got {n!r}")
+        check_int("GANModule.sample", "n", n, minimum=0)
         z = torch.randn(n, self.hparams.latent_dim, generator=generator).to(self.device)
         was_training = self.generator.training
         self.generator.eval()
