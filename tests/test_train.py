@@ -47,8 +47,10 @@ EXPECTED_KEYS = {
     "cnn_mnist": ["test/acc", "val/acc_best"],
     "rnn_digits": ["test/acc", "val/acc_best"],
     "attention_digits": ["test/acc", "val/acc_best"],
-    "gan_digits": ["val/gen_score", "test/gen_confidence", "test/gen_classes", "baseline/gen_confidence"],
-    "gan_mnist": ["val/gen_score", "test/gen_confidence", "test/gen_classes", "baseline/gen_confidence"],
+    "gan_digits": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
+                   "baseline/gen_confidence"],
+    "gan_mnist": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
+                  "baseline/gen_confidence"],
 }
 
 
@@ -79,7 +81,17 @@ def test_gan_trains_logs_quality_and_saves_sample_grids(tmp_path):
     from PIL import Image
 
     assert min(Image.open(grids[0]).size) >= 256  # 8x8 digits upscaled to be readable
-    assert read_report(out)["optimized_metric"] == "val/gen_score"
+
+    # A sweep ranks GAN runs by the best epoch's score, the best checkpoint's (as classifiers by val/acc_best).
+    report = read_report(out)
+    assert report["optimized_metric"] == "val/gen_score_best"
+    states = torch.load(report["best_checkpoint"], weights_only=True)["callbacks"]
+    (best_score,) = [state["best_model_score"] for key, state in states.items() if "val/gen_score" in key]
+    assert report["optimized_metric_value"] == metrics["val/gen_score_best"] == pytest.approx(float(best_score))
+    assert metrics["val/gen_score_best"] >= metrics["val/gen_score"]  # the last epoch's
+    # The running best travels in checkpoints (a resumed run keeps it).
+    last = torch.load(report["last_checkpoint"], weights_only=True)
+    assert last["val_gen_score_best"] == pytest.approx(metrics["val/gen_score_best"])
 
 
 def test_run_folder_holds_resolved_config_and_csv_logs(tmp_path):

@@ -14,6 +14,8 @@ trained on the run's real training images, and each validation/test epoch it cla
 `num_eval_samples` generated images. Good samples look like confident digits of every class:
     gen_confidence = mean top-1 probability,  gen_classes = distinct predicted classes,
     gen_score = gen_confidence * gen_classes / num_classes   (monitor it, mode max).
+val/gen_score_best is the best val/gen_score so far (the score of the best checkpoint), what a
+sweep optimizes, as classifiers return val/acc_best.
 The same numbers for the untrained generator (its initial weights) are logged as baseline/*.
 """
 
@@ -102,6 +104,7 @@ class GANModule(L.LightningModule):
         self._initial_generator_state = copy.deepcopy(self.generator.state_dict())
         self._set_judge(None, None)
         self._baseline: dict[str, float] | None = None
+        self._best_gen_score: float | None = None  # the running max of val/gen_score
 
     # ------------------------------------------------------------------ model
     def forward(self, z):
@@ -220,6 +223,11 @@ class GANModule(L.LightningModule):
         scores = self.judge_generator(self.generator, self.hparams.eval_seed + (stage == "test"))
         for key, value in scores.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "gen_score", sync_dist=True)
+        if stage == "val":
+            # Every rank judges the same seeded noise, so every rank keeps the same maximum.
+            best = self._best_gen_score
+            self._best_gen_score = scores["gen_score"] if best is None else max(best, scores["gen_score"])
+            self.log("val/gen_score_best", self._best_gen_score, sync_dist=True)
         if self._baseline is None:
             untrained = copy.deepcopy(self.generator)
             untrained.load_state_dict(self._initial_generator_state)
@@ -229,6 +237,14 @@ class GANModule(L.LightningModule):
         # The judge's own quality: accuracy and mean top-1 probability on real test images.
         self.log("judge/acc", self.judge_acc, sync_dist=True)
         self.log("judge/real_confidence", self.judge_real_confidence, sync_dist=True)
+
+    # The running best travels in checkpoints, so a resumed run keeps it.
+    def on_save_checkpoint(self, checkpoint):
+        if self._best_gen_score is not None:
+            checkpoint["val_gen_score_best"] = self._best_gen_score
+
+    def on_load_checkpoint(self, checkpoint):
+        self._best_gen_score = checkpoint.get("val_gen_score_best")
 
     @torch.no_grad()
     def judge_generator(self, generator: torch.nn.Module, seed: int | None = None) -> dict[str, float]:
