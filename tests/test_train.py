@@ -129,18 +129,24 @@ def test_toy_line_tests_its_final_epoch(tmp_path):
 
 
 def test_without_a_monitor_the_last_checkpoint_is_tested(tmp_path):
-    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=null")
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=2",
+                       "callbacks.model_checkpoint.monitor=null")
     report = read_report(out)
     assert report["best_checkpoint"] is None
     assert report["tested_checkpoint"] == report["last_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     assert torch.load(report["last_checkpoint"], weights_only=True)["epoch"] == 1
 
 
-def test_resume_from_checkpoint_and_test_only(tmp_path):
+def test_resume_from_checkpoint_and_test_only(tmp_path, caplog):
     _, first = run(tmp_path / "a", "experiment=linreg_toy")
     last = first / "checkpoints" / "last.ckpt"
     metrics, second = run(tmp_path / "b", "experiment=linreg_toy", "trainer.max_epochs=2", f"ckpt_path={last}")
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert "nothing will train" not in caplog.text
+    # The finished run's checkpoint with the same max_epochs: nothing to train, and the user is told.
+    run(tmp_path / "d", "experiment=linreg_toy", "trainer.max_epochs=1", f"ckpt_path={last}")
+    assert (f"ckpt_path={last} has finished 1 epoch(s) and trainer.max_epochs=1: nothing will train, the run only "
+            "tests. To train on, set trainer.max_epochs above 1") in caplog.text
     # train=false: only test the given checkpoint.
     only_test, third = run(tmp_path / "c", "experiment=linreg_toy", "train=false", f"ckpt_path={last}")
     assert set(only_test) == {k for k in only_test if k.startswith("test/")}
@@ -163,7 +169,7 @@ def test_wandb_logger_runs_offline_without_login(tmp_path, monkeypatch):
 
 
 def test_wandb_mode_respects_user_setting(monkeypatch, tmp_path):
-    from gpudl.utils import choose_wandb_mode
+    from gpudl.tracking import choose_wandb_mode
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert choose_wandb_mode() == "disabled"
@@ -186,18 +192,18 @@ def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
 
     import gpudl.train as train_module
 
-    original = train_module._instantiate_group
+    original = train_module.instantiate_group
 
     def with_spy(node, key, extra=None):
         objects = original(node, key, extra)
         return objects + [Spy()] if key == "callbacks" else objects
 
     before = backend._process_backend
-    train_module._instantiate_group = with_spy
+    train_module.instantiate_group = with_spy
     try:
         run(tmp_path, "experiment=linreg_toy", "kernels.backend=torch")
     finally:
-        train_module._instantiate_group = original
+        train_module.instantiate_group = original
     assert seen == ["torch"]
     assert backend._process_backend == before
 
@@ -205,6 +211,19 @@ def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
 def test_unknown_kernel_backend_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"kernels.backend: .*unknown backend 'cuda'"):
         run(tmp_path, "experiment=linreg_toy", "kernels.backend=cuda")
+
+
+def test_triton_backend_on_a_cpu_without_the_interpreter_is_a_config_error(tmp_path, monkeypatch):
+    from gpudl.kernels import registry
+
+    monkeypatch.setattr(registry, "INTERPRET", False)  # as in a shell without TRITON_INTERPRET=1
+    with pytest.raises(ConfigError) as info:
+        run(tmp_path, "experiment=linreg_toy", "kernels.backend=triton", "trainer.accelerator=cpu")
+    message = str(info.value)
+    assert message.startswith("kernels.backend=triton runs the Triton kernels, which need a CUDA device") and \
+        "this run is on the cpu" in message and "kernels.backend=auto" in message and "TRITON_INTERPRET=1" in message
+    assert "\n" not in message and not (tmp_path / "run" / "checkpoints").exists()  # before training
+    assert backend.current_backend() != "triton"  # the process's backend is restored
 
 
 # The two-process DDP test (trainer=ddp_cpu) is tests/test_scale.py::test_ddp_on_two_cpu_processes_matches_one_process.
