@@ -1,32 +1,19 @@
-"""Test a saved checkpoint on its run's test split, with the run's own config.
+"""Test a saved checkpoint on its run's test split, with the run's own config: `gpudl-eval` in a checkout.
 
+    python scripts/eval.py run_dir=logs/cnn_digits/runs/<timestamp>       # the checkpoint the run tested
     python scripts/eval.py ckpt_path=logs/cnn_digits/runs/<timestamp>/checkpoints/last.ckpt
 
 The run's config.yaml (written by train() next to checkpoints/) rebuilds the datamodule and the
-model; the weights load with torch.load(weights_only=True). Prints and returns the test metrics.
+model; the weights load with torch.load(weights_only=True). Prints the test metrics and writes
+them to logs/eval/runs/<timestamp>/eval_metrics.json. See gpudl.cli.
 """
 
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("GPUDL_ROOT", str(ROOT))
+os.environ.setdefault("GPUDL_ROOT", str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from gpudl.train import ConfigError, evaluate  # noqa: E402
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
-def main(cfg: DictConfig) -> dict:
-    try:
-        return evaluate(cfg)
-    except ConfigError as err:
-        print(f"gpudl: config error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
+from gpudl.cli import eval_main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    eval_main()

@@ -121,7 +121,8 @@ def run_script(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_command_line_errors_are_one_clean_message(tmp_path):
     proc = run_script("experiment=linreg_toy", "model.optimizer.lr=-1", "logger=none", tmp_path=tmp_path)
     assert proc.returncode == 2
-    assert "gpudl: config error: model.optimizer.lr must be a positive number (the learning rate), got -1" in proc.stderr
+    expected = "gpudl: config error: model.optimizer.lr must be a positive number (the learning rate), got -1"
+    assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("logs/*/runs/*/checkpoints"))
 

@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from gpudl.train import _check_model_fits_data, validate_config
+from gpudl.config import check_model_fits_data, validate_config
 from gpudl.utils import compose, config_dir
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
@@ -40,7 +40,7 @@ def test_experiment_composes_and_fits_its_data(experiment, tmp_path):
     assert cfg.optimized_metric
     assert cfg.trainer.max_epochs >= 1
     # The model's sizes agree with what its data module provides.
-    _check_model_fits_data(cfg, _datamodule(OmegaConf.to_yaml(cfg.data)))
+    check_model_fits_data(cfg, _datamodule(OmegaConf.to_yaml(cfg.data)))
     if experiment.startswith("gan"):
         assert cfg.callbacks.sample_grid._target_ == "gpudl.callbacks.SampleGridCallback"
         assert cfg.callbacks.model_checkpoint.mode == "max"
@@ -151,4 +151,17 @@ def test_eval_config_composes(tmp_path):
     cfg = compose(["ckpt_path=/some/where.ckpt"], config_name="eval", output_dir=tmp_path)
     assert cfg.ckpt_path == "/some/where.ckpt" and cfg.task_name == "eval"
     assert cfg.trainer._target_.endswith("Trainer")
-    assert OmegaConf.is_missing(compose([], config_name="eval", output_dir=tmp_path), "ckpt_path")
+    default = compose([], config_name="eval", output_dir=tmp_path)
+    assert default.ckpt_path is None and default.run_dir is None  # evaluate() asks for one of them
+
+
+def test_every_config_folder_ships_in_the_package():
+    """pyproject.toml lists each folder of conf/ as a package of gpudl.conf, so a wheel carries it."""
+    import tomllib
+
+    from gpudl.utils import repo_root
+
+    packages = set(tomllib.loads((repo_root() / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {p.parent for p in config_dir().rglob("*.yaml")}
+    expected = {".".join(["gpudl.conf", *folder.relative_to(config_dir()).parts]) for folder in folders}
+    assert expected <= packages, sorted(expected - packages)

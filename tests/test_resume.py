@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import gpudl.train as train_module
-from gpudl.callbacks import AtomicCheckpointIO
-from gpudl.train import CheckpointError, train
+from gpudl.checkpoints import AtomicCheckpointIO, CheckpointError
+from gpudl.train import train
 from gpudl.utils import compose, repo_root
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -34,13 +34,13 @@ class _Stop(Exception):
 
 
 def _with_callback(monkeypatch, callback) -> None:
-    original = train_module._instantiate_group
+    original = train_module.instantiate_group
 
     def patched(node, key, extra=None):
         objects = original(node, key, extra)
         return objects + [callback] if key == "callbacks" else objects
 
-    monkeypatch.setattr(train_module, "_instantiate_group", patched)
+    monkeypatch.setattr(train_module, "instantiate_group", patched)
 
 
 def test_interrupted_then_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -114,6 +114,7 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_overwritten(finished_run
     else:
         torch.save({"weights": torch.zeros(2)}, last)
     before = _snapshot(out / "checkpoints")
+    config = (out / "config.yaml").read_bytes()
     with pytest.raises(CheckpointError) as info:
         train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"], output_dir=out))
     message = str(info.value)
@@ -124,6 +125,9 @@ def test_bad_checkpoint_is_a_clear_error_and_nothing_is_overwritten(finished_run
         assert "cannot load checkpoint" in message and "weights_only=True" in message
     assert not marker.exists()
     assert _snapshot(out / "checkpoints") == before  # the good best checkpoint and the bad file, untouched
+    assert (out / "config.yaml").read_bytes() == config  # checked before anything is built or written
+    # What is written: the failure record (a sweep's summary lists the job), over the run's metrics.json.
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.json"]
     assert json.loads((out / "metrics.json").read_text())["error_type"] == "CheckpointError"
 
 

@@ -12,8 +12,6 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import pytest
-
 from gpudl.utils import compose, repo_root
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -93,9 +91,11 @@ def test_single_run_still_fails(tmp_path):
 
 def test_optuna_search_is_seeded_and_records_failed_trials(tmp_path):
     # batch_size 0 is a bad value: that trial fails (Optuna records it as FAIL) and the search goes on.
+    space = "{model.optimizer.lr:'tag(log, interval(1e-4, 1e-1))',data.batch_size:'choice(32,0)'}"
     args = ["experiment=logreg_cancer", "hparams_search=logreg_cancer_optuna", "hydra.sweeper.n_trials=4",
-            "hydra.sweeper.sampler.n_startup_trials=2", "hydra.sweeper.params={model.optimizer.lr:'tag(log, interval(1e-4, 1e-1))',data.batch_size:'choice(32,0)'}",
-            "logger=none", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", *QUIET]
+            "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweeper.params={space}",
+            "logger=none", "trainer.max_epochs=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+            *QUIET]
     script("train.py", *args, root=tmp_path)
     sweep = sweep_dir(tmp_path, "logreg_cancer")
     results = (sweep / "optimization_results.yaml").read_text()

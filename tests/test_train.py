@@ -47,8 +47,10 @@ EXPECTED_KEYS = {
     "cnn_mnist": ["test/acc", "val/acc_best"],
     "rnn_digits": ["test/acc", "val/acc_best"],
     "attention_digits": ["test/acc", "val/acc_best"],
-    "gan_digits": ["val/gen_score", "test/gen_confidence", "test/gen_classes", "baseline/gen_confidence"],
-    "gan_mnist": ["val/gen_score", "test/gen_confidence", "test/gen_classes", "baseline/gen_confidence"],
+    "gan_digits": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
+                   "baseline/gen_confidence"],
+    "gan_mnist": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
+                  "baseline/gen_confidence"],
 }
 
 
@@ -79,7 +81,17 @@ def test_gan_trains_logs_quality_and_saves_sample_grids(tmp_path):
     from PIL import Image
 
     assert min(Image.open(grids[0]).size) >= 256  # 8x8 digits upscaled to be readable
-    assert read_report(out)["optimized_metric"] == "val/gen_score"
+
+    # A sweep ranks GAN runs by the best epoch's score, the best checkpoint's (as classifiers by val/acc_best).
+    report = read_report(out)
+    assert report["optimized_metric"] == "val/gen_score_best"
+    states = torch.load(report["best_checkpoint"], weights_only=True)["callbacks"]
+    (best_score,) = [state["best_model_score"] for key, state in states.items() if "val/gen_score" in key]
+    assert report["optimized_metric_value"] == metrics["val/gen_score_best"] == pytest.approx(float(best_score))
+    assert metrics["val/gen_score_best"] >= metrics["val/gen_score"]  # the last epoch's
+    # The running best travels in checkpoints (a resumed run keeps it).
+    last = torch.load(report["last_checkpoint"], weights_only=True)
+    assert last["val_gen_score_best"] == pytest.approx(metrics["val/gen_score_best"])
 
 
 def test_run_folder_holds_resolved_config_and_csv_logs(tmp_path):
@@ -117,18 +129,24 @@ def test_toy_line_tests_its_final_epoch(tmp_path):
 
 
 def test_without_a_monitor_the_last_checkpoint_is_tested(tmp_path):
-    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=2", "callbacks.model_checkpoint.monitor=null")
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=2",
+                       "callbacks.model_checkpoint.monitor=null")
     report = read_report(out)
     assert report["best_checkpoint"] is None
     assert report["tested_checkpoint"] == report["last_checkpoint"] == str(out / "checkpoints" / "last.ckpt")
     assert torch.load(report["last_checkpoint"], weights_only=True)["epoch"] == 1
 
 
-def test_resume_from_checkpoint_and_test_only(tmp_path):
+def test_resume_from_checkpoint_and_test_only(tmp_path, caplog):
     _, first = run(tmp_path / "a", "experiment=linreg_toy")
     last = first / "checkpoints" / "last.ckpt"
     metrics, second = run(tmp_path / "b", "experiment=linreg_toy", "trainer.max_epochs=2", f"ckpt_path={last}")
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+    assert "nothing will train" not in caplog.text
+    # The finished run's checkpoint with the same max_epochs: nothing to train, and the user is told.
+    run(tmp_path / "d", "experiment=linreg_toy", "trainer.max_epochs=1", f"ckpt_path={last}")
+    assert (f"ckpt_path={last} has finished 1 epoch(s) and trainer.max_epochs=1: nothing will train, the run only "
+            "tests. To train on, set trainer.max_epochs above 1") in caplog.text
     # train=false: only test the given checkpoint.
     only_test, third = run(tmp_path / "c", "experiment=linreg_toy", "train=false", f"ckpt_path={last}")
     assert set(only_test) == {k for k in only_test if k.startswith("test/")}
@@ -151,7 +169,7 @@ def test_wandb_logger_runs_offline_without_login(tmp_path, monkeypatch):
 
 
 def test_wandb_mode_respects_user_setting(monkeypatch, tmp_path):
-    from gpudl.utils import choose_wandb_mode
+    from gpudl.tracking import choose_wandb_mode
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert choose_wandb_mode() == "disabled"
@@ -174,18 +192,18 @@ def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
 
     import gpudl.train as train_module
 
-    original = train_module._instantiate_group
+    original = train_module.instantiate_group
 
     def with_spy(node, key, extra=None):
         objects = original(node, key, extra)
         return objects + [Spy()] if key == "callbacks" else objects
 
     before = backend._process_backend
-    train_module._instantiate_group = with_spy
+    train_module.instantiate_group = with_spy
     try:
         run(tmp_path, "experiment=linreg_toy", "kernels.backend=torch")
     finally:
-        train_module._instantiate_group = original
+        train_module.instantiate_group = original
     assert seen == ["torch"]
     assert backend._process_backend == before
 
@@ -193,6 +211,19 @@ def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
 def test_unknown_kernel_backend_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"kernels.backend: .*unknown backend 'cuda'"):
         run(tmp_path, "experiment=linreg_toy", "kernels.backend=cuda")
+
+
+def test_triton_backend_on_a_cpu_without_the_interpreter_is_a_config_error(tmp_path, monkeypatch):
+    from gpudl.kernels import registry
+
+    monkeypatch.setattr(registry, "INTERPRET", False)  # as in a shell without TRITON_INTERPRET=1
+    with pytest.raises(ConfigError) as info:
+        run(tmp_path, "experiment=linreg_toy", "kernels.backend=triton", "trainer.accelerator=cpu")
+    message = str(info.value)
+    assert message.startswith("kernels.backend=triton runs the Triton kernels, which need a CUDA device") and \
+        "this run is on the cpu" in message and "kernels.backend=auto" in message and "TRITON_INTERPRET=1" in message
+    assert "\n" not in message and not (tmp_path / "run" / "checkpoints").exists()  # before training
+    assert backend.current_backend() != "triton"  # the process's backend is restored
 
 
 # The two-process DDP test (trainer=ddp_cpu) is tests/test_scale.py::test_ddp_on_two_cpu_processes_matches_one_process.

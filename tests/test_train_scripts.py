@@ -17,8 +17,8 @@ QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit
          "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
 
 
-def script(name: str, *args: str, root: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GPUDL_ROOT": str(root)}
+def script(name: str, *args: str, root: Path, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPUDL_ROOT": str(root), **extra_env}
     env.pop("WANDB_MODE", None)  # train() must pick offline by itself (no login here)
     env["NETRC"] = str(root / "no-netrc")
     proc = subprocess.run([sys.executable, str(repo_root() / "scripts" / name), *args], capture_output=True,
@@ -27,8 +27,16 @@ def script(name: str, *args: str, root: Path, cwd: Path) -> subprocess.Completed
     return proc
 
 
+def imported_modules(importtime_log: str) -> set[str]:
+    """Modules listed by python -X importtime (PYTHONPROFILEIMPORTTIME=1) on stderr."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
 def test_default_train_prints_summary_and_eval_reproduces_it(tmp_path):
-    proc = script("train.py", "logger=csv", *QUICK, root=tmp_path, cwd=tmp_path)
+    proc = script("train.py", "logger=csv", *QUICK, root=tmp_path, cwd=tmp_path, PYTHONPROFILEIMPORTTIME="1")
+    # A run imports what it uses: no W&B without a W&B logger, no sweep plugins without a sweep.
+    imported = imported_modules(proc.stderr)
+    assert "lightning" in imported and not imported & {"wandb", "optuna", "submitit", "hydra_plugins"}
     last_line = proc.stdout.strip().splitlines()[-1]
     assert last_line.startswith("[gpudl] cnn_digits: ") and "test/acc=" in last_line
     (run_dir,) = (tmp_path / "logs" / "cnn_digits" / "runs").iterdir()

@@ -9,8 +9,8 @@ PreemptionCheckpoint on SIGTERM/SIGINT during fit: finish the batch, save last.c
                      TrainingInterrupted (what a preempted cluster job or Ctrl+C gets).
 RNGStateCheckpoint   random states and the training loader's shuffling state in every
                      checkpoint, restored on resume, so a resumed run repeats an uninterrupted one.
-AtomicCheckpointIO   writes each checkpoint to a temporary file and renames it into place: a
-                     process killed while saving never leaves a truncated checkpoint.
+
+(Writing checkpoints atomically is gpudl.checkpoints.AtomicCheckpointIO, a Trainer plugin.)
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import os
 import random
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
+
+from gpudl.checks import check_int
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -57,7 +57,8 @@ class FiniteLossGuard(Callback):
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._check(trainer, loss, "the loss passed to backward")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         loss = _loss_from_outputs(outputs)
         if loss is not None:
             self._check(trainer, loss, "the loss returned by training_step", batch_idx)
@@ -77,7 +78,8 @@ class FiniteLossGuard(Callback):
             for path in (cb.last_model_path, cb.best_model_path)
             if path and os.path.isfile(path)
         ]
-        kept = f"; last good checkpoint(s) kept: {', '.join(dict.fromkeys(saved))}" if saved else "; no checkpoint had been saved yet"
+        kept = (f"; last good checkpoint(s) kept: {', '.join(dict.fromkeys(saved))}" if saved
+                else "; no checkpoint had been saved yet")
         raise NonFiniteLossError(
             f"FiniteLossGuard: training stopped, {what} is {value} at {where}. "
             f"Lower the learning rate or check the data for NaN/inf{kept}"
@@ -91,7 +93,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, p
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value, dtype=images.dtype)
+    height, width = rows * (h + padding) + padding, nrow * (w + padding) + padding
+    grid = torch.full((c, height, width), pad_value, dtype=images.dtype)
     for i in range(n):
         r, col = divmod(i, nrow)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
@@ -118,12 +121,8 @@ class SampleGridCallback(Callback):
 
     def __init__(self, every_n_epochs: int = 1, num_samples: int = 64, dirpath: str | None = None):
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"SampleGridCallback: every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"SampleGridCallback: num_samples must be an int >= 1, got {num_samples!r}")
-        self.every_n_epochs = every_n_epochs
-        self.num_samples = num_samples
+        self.every_n_epochs = check_int("SampleGridCallback", "every_n_epochs", every_n_epochs)
+        self.num_samples = check_int("SampleGridCallback", "num_samples", num_samples)
         self.dirpath = dirpath
         self.saved: list[str] = []
 
@@ -162,7 +161,8 @@ class SampleGridCallback(Callback):
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[array], step=trainer.global_step, caption=[f"epoch {trainer.current_epoch}"])
+                logger.log_image(key="samples", images=[array], step=trainer.global_step,
+                                 caption=[f"epoch {trainer.current_epoch}"])
 
 
 # --------------------------------------------------------------------------- resilience
@@ -187,7 +187,8 @@ class PreemptionCheckpoint(Callback):
     Lightning's own SIGTERM handling only stops the loop (and is replaced here while training).
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
+    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt",
+                 signals: tuple[str, ...] = ("SIGTERM", "SIGINT")):
         super().__init__()
         self.dirpath, self.filename = dirpath, filename
         self.signals = [getattr(signal, name) if isinstance(name, str) else signal.Signals(name) for name in signals]
@@ -218,7 +219,8 @@ class PreemptionCheckpoint(Callback):
         self.received = None
         self._install()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         self._save_and_stop_if_signaled(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -246,7 +248,9 @@ def _train_loaders(trainer: L.Trainer) -> list[Any]:
     loaders = trainer.train_dataloader
     if loaders is None:
         return []
-    return list(loaders) if isinstance(loaders, (list, tuple)) else list(loaders.values()) if isinstance(loaders, dict) else [loaders]
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    return list(loaders.values()) if isinstance(loaders, dict) else [loaders]
 
 
 class RNGStateCheckpoint(Callback):
@@ -295,22 +299,5 @@ class RNGStateCheckpoint(Callback):
             if isinstance(sampler, torch.utils.data.RandomSampler):
                 own = getattr(loader, "generator", None)
                 seed = own.initial_seed() if isinstance(own, torch.Generator) else torch.initial_seed()
-                sampler.generator = torch.Generator().manual_seed((seed * 1_000_003 + trainer.current_epoch) % (1 << 63))
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file next to the target, then os.replace: the checkpoint on
-    disk is always either the previous complete file or the new complete file."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"AtomicCheckpointIO.save_checkpoint takes no storage_options, got {storage_options!r}")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+                epoch_seed = (seed * 1_000_003 + trainer.current_epoch) % (1 << 63)
+                sampler.generator = torch.Generator().manual_seed(epoch_seed)

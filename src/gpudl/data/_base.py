@@ -9,7 +9,6 @@ split arrays into tensors (`_prepare`); `setup` splits and prepares once.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -17,24 +16,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
-
-def check_int(owner: str, key: str, value: Any, minimum: int, allow_none: bool = False, none_means: str = "") -> None:
-    """Raise ValueError naming `key` unless `value` is an int >= minimum (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        extra = f" or None ({none_means})" if allow_none else ""
-        raise ValueError(f"{owner}: {key} must be an int >= {minimum}{extra}, got {value!r}")
-
-
-def check_float(owner: str, key: str, value: Any, low: float, high: float, low_open=False, high_open=False) -> None:
-    """Raise ValueError naming `key` unless `value` is a real number in the given interval."""
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and np.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{owner}: {key} must be a number in {interval}, got {value!r}")
+from gpudl.checks import check_float, check_int
 
 
 def load_npz(owner: str, path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

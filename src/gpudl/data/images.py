@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from gpudl.checks import check_bool
 from gpudl.data._base import ArrayDataModule, check_labels, load_npz, standardize
 
 
@@ -27,8 +28,7 @@ class ImageDataModule(ArrayDataModule):
                  num_workers=0, path: str | None = None, standardize: bool = False):
         super().__init__(batch_size, val_fraction, test_fraction, split_seed, num_workers)
         owner = type(self).__name__
-        if not isinstance(standardize, bool):
-            raise ValueError(f"{owner}: standardize must be True or False, got {standardize!r}")
+        check_bool(owner, "standardize", standardize)
         self.path, self.standardize = path, standardize
         self.image_shape = tuple(self.default_image_shape)
         if path is None:

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from gpudl.data._base import ArrayDataModule, check_float, check_int, check_labels, load_npz, standardize
+from gpudl.checks import check_float, check_int
+from gpudl.data._base import ArrayDataModule, check_labels, load_npz, standardize
 
 
 def _tensors(X: np.ndarray, y: np.ndarray) -> TensorDataset:

@@ -1,14 +1,15 @@
-"""What the supervised modules share: hyperparameter checks, optimizer/scheduler construction from
-Hydra partials, and the train/val/test steps with their metrics.
+"""What the supervised modules share: the checks every one of them needs (optimizer and scheduler
+factories; num_classes >= 2 for classifiers), optimizer/scheduler construction from Hydra
+partials, and the train/val/test steps with their metrics.
 
-A model file only builds its layers, says `forward`, and picks a base: `RegressionModule` (MSE,
-logs mse and r2 over the whole split) or `ClassificationModule` (logs acc, acc_best).
+A model file checks its own hyperparameters with `gpudl.checks`, builds its layers, says
+`forward`, and picks a base: `RegressionModule` (MSE, logs mse and r2 over the whole split) or
+`ClassificationModule` (logs acc, acc_best).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Callable
 
 import lightning as L
 import torch
@@ -16,52 +17,7 @@ from torchmetrics import MaxMetric, MeanSquaredError, R2Score
 from torchmetrics.classification import Accuracy
 
 from gpudl import ops
-
-
-# --------------------------------------------------------------------------- hyperparameter checks
-def check_positive_int(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def check_positive_float(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def check_probability(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}: {name} must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_int_tuple(owner: str, name: str, value: Any, length: int | None = None) -> tuple[int, ...]:
-    """A list/tuple (Hydra passes ListConfig) of positive ints, returned as a plain tuple so the
-    checkpoint's hyperparameters stay plain types (they load with torch.load(weights_only=True))."""
-    try:
-        items = tuple(value)
-    except TypeError:
-        items = None
-    if (
-        items is None
-        or isinstance(value, str)
-        or (length is not None and len(items) != length)
-        or len(items) == 0
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
-    ):
-        size = f"{length} " if length is not None else ""
-        raise ValueError(f"{owner}: {name} must be a non-empty sequence of {size}positive ints, got {value!r}")
-    return tuple(int(v) for v in items)
-
-
-def check_factory(owner: str, name: str, value: Any) -> None:
-    if value is not None and not callable(value):
-        raise TypeError(
-            f"{owner}: {name} must be a callable such as functools.partial(torch.optim.Adam, lr=1e-3) "
-            f"(Hydra: _partial_: true) or None, got {type(value).__name__}"
-        )
+from gpudl.checks import check_factory, check_int
 
 
 def build_optimizer(params, optimizer: Callable | None, scheduler: Callable | None, default_lr: float,
@@ -148,6 +104,7 @@ class ClassificationModule(SupervisedModule):
 
     def __init__(self, num_classes: int, optimizer=None, scheduler=None):
         super().__init__(optimizer, scheduler)
+        num_classes = check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
         task = "binary" if num_classes == 2 else "multiclass"
         self.train_acc, self.val_acc, self.test_acc = (Accuracy(task=task, num_classes=num_classes) for _ in range(3))
         self.val_acc_best = MaxMetric()

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from gpudl import nn, ops
-from gpudl.models._base import ClassificationModule, check_positive_int, check_probability
+from gpudl.checks import check_choice, check_float, check_int
+from gpudl.models._base import ClassificationModule
 
 
 class Block(torch.nn.Module):
@@ -50,25 +51,21 @@ class AttentionModule(ClassificationModule):
                  num_layers: int = 2, mlp_dim: int = 128, num_classes: int = 10, dropout: float = 0.0,
                  optimizer=None, scheduler=None, in_channels: int = 1, pool: str = "cls"):
         owner = type(self).__name__
-        image_size = check_positive_int(owner, "image_size", image_size)
+        image_size = check_int(owner, "image_size", image_size)
+        patch_size = check_int(owner, "patch_size", patch_size, allow_none=True, none_means="one token per row")
         if patch_size is not None:
-            patch_size = check_positive_int(owner, "patch_size", patch_size)
             if image_size % patch_size:
                 raise ValueError(f"{owner}: patch_size {patch_size} must divide image_size {image_size}")
-        embed_dim = check_positive_int(owner, "embed_dim", embed_dim)
-        num_heads = check_positive_int(owner, "num_heads", num_heads)
+        embed_dim = check_int(owner, "embed_dim", embed_dim)
+        num_heads = check_int(owner, "num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"{owner}: num_heads {num_heads} must divide embed_dim {embed_dim}")
-        num_layers = check_positive_int(owner, "num_layers", num_layers)
-        mlp_dim = check_positive_int(owner, "mlp_dim", mlp_dim)
-        num_classes = check_positive_int(owner, "num_classes", num_classes)
-        if num_classes < 2:
-            raise ValueError(f"{owner}: num_classes must be >= 2, got {num_classes}")
-        dropout = check_probability(owner, "dropout", dropout)
-        in_channels = check_positive_int(owner, "in_channels", in_channels)
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"{owner}: pool must be 'cls' or 'mean', got {pool!r}")
-        super().__init__(num_classes, optimizer, scheduler)
+        num_layers = check_int(owner, "num_layers", num_layers)
+        mlp_dim = check_int(owner, "mlp_dim", mlp_dim)
+        dropout = check_float(owner, "dropout", dropout, 0.0, 1.0, high_open=True)
+        in_channels = check_int(owner, "in_channels", in_channels)
+        pool = check_choice(owner, "pool", pool, ("cls", "mean"))
+        super().__init__(num_classes, optimizer, scheduler)  # checks num_classes and the factories
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
 
         if patch_size is None:

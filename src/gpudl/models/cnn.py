@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from gpudl import nn, ops
-from gpudl.models._base import ClassificationModule, check_int_tuple, check_positive_int, check_probability
+from gpudl.checks import check_float, check_int, check_int_tuple
+from gpudl.models._base import ClassificationModule
 
 
 class CNNModule(ClassificationModule):
@@ -29,20 +30,17 @@ class CNNModule(ClassificationModule):
     def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int = 10, channels=(32, 64),
                  hidden: int = 128, dropout: float = 0.0, optimizer=None, scheduler=None):
         owner = type(self).__name__
-        in_channels = check_positive_int(owner, "in_channels", in_channels)
-        image_size = check_positive_int(owner, "image_size", image_size)
-        num_classes = check_positive_int(owner, "num_classes", num_classes)
-        if num_classes < 2:
-            raise ValueError(f"{owner}: num_classes must be >= 2, got {num_classes}")
+        in_channels = check_int(owner, "in_channels", in_channels)
+        image_size = check_int(owner, "image_size", image_size)
         channels = check_int_tuple(owner, "channels", channels)
-        hidden = check_positive_int(owner, "hidden", hidden)
-        dropout = check_probability(owner, "dropout", dropout)
+        hidden = check_int(owner, "hidden", hidden)
+        dropout = check_float(owner, "dropout", dropout, 0.0, 1.0, high_open=True)
         if image_size < 2 ** len(channels):
             raise ValueError(
                 f"{owner}: image_size {image_size} is too small for {len(channels)} conv blocks, each of which "
                 f"halves it; need image_size >= {2 ** len(channels)}"
             )
-        super().__init__(num_classes, optimizer, scheduler)
+        super().__init__(num_classes, optimizer, scheduler)  # checks num_classes and the factories
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
 
         convs, c_in, size = [], in_channels, image_size

@@ -14,6 +14,8 @@ trained on the run's real training images, and each validation/test epoch it cla
 `num_eval_samples` generated images. Good samples look like confident digits of every class:
     gen_confidence = mean top-1 probability,  gen_classes = distinct predicted classes,
     gen_score = gen_confidence * gen_classes / num_classes   (monitor it, mode max).
+val/gen_score_best is the best val/gen_score so far (the score of the best checkpoint), what a
+sweep optimizes, as classifiers return val/acc_best.
 The same numbers for the untrained generator (its initial weights) are logged as baseline/*.
 """
 
@@ -26,7 +28,7 @@ import lightning as L
 import torch
 
 from gpudl import nn, ops
-from gpudl.models._base import check_factory, check_int_tuple, check_positive_int
+from gpudl.checks import check_factory, check_float, check_int, check_int_tuple
 
 
 class Generator(torch.nn.Module):
@@ -79,18 +81,16 @@ class GANModule(L.LightningModule):
         super().__init__()
         owner = type(self).__name__
         image_shape = check_int_tuple(owner, "image_shape", image_shape, length=3)
-        latent_dim = check_positive_int(owner, "latent_dim", latent_dim)
-        hidden = check_positive_int(owner, "hidden", hidden)
-        judge_epochs = check_positive_int(owner, "judge_epochs", judge_epochs)
-        judge_hidden = check_positive_int(owner, "judge_hidden", judge_hidden)
-        num_eval_samples = check_positive_int(owner, "num_eval_samples", num_eval_samples)
-        if gradient_clip_val is not None:
-            if isinstance(gradient_clip_val, bool) or not isinstance(gradient_clip_val, (int, float)) or not gradient_clip_val > 0:
-                raise ValueError(f"{owner}: gradient_clip_val must be a positive number or None, got {gradient_clip_val!r}")
-            gradient_clip_val = float(gradient_clip_val)
-        if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
-            raise ValueError(f"{owner}: eval_seed must be an int >= 0, got {eval_seed!r}")
-        for name, value in (("optimizer", optimizer), ("scheduler", scheduler), ("g_optimizer", g_optimizer), ("d_optimizer", d_optimizer)):
+        latent_dim = check_int(owner, "latent_dim", latent_dim)
+        hidden = check_int(owner, "hidden", hidden)
+        judge_epochs = check_int(owner, "judge_epochs", judge_epochs)
+        judge_hidden = check_int(owner, "judge_hidden", judge_hidden)
+        num_eval_samples = check_int(owner, "num_eval_samples", num_eval_samples)
+        gradient_clip_val = check_float(owner, "gradient_clip_val", gradient_clip_val, 0.0, low_open=True,
+                                        allow_none=True)
+        eval_seed = check_int(owner, "eval_seed", eval_seed, minimum=0)
+        for name, value in (("optimizer", optimizer), ("scheduler", scheduler), ("g_optimizer", g_optimizer),
+                            ("d_optimizer", d_optimizer)):
             check_factory(owner, name, value)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "g_optimizer", "d_optimizer"])
         self.automatic_optimization = False  # G and D take turns within each batch
@@ -104,6 +104,7 @@ class GANModule(L.LightningModule):
         self._initial_generator_state = copy.deepcopy(self.generator.state_dict())
         self._set_judge(None, None)
         self._baseline: dict[str, float] | None = None
+        self._best_gen_score: float | None = None  # the running max of val/gen_score
 
     # ------------------------------------------------------------------ model
     def forward(self, z):
@@ -113,8 +114,7 @@ class GANModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images [n, *image_shape] in [0, 1] from fresh noise (a CPU torch.Generator seeds it)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"GANModule.sample: n must be an int >= 0, got {n!r}")
+        check_int("GANModule.sample", "n", n, minimum=0)
         z = torch.randn(n, self.hparams.latent_dim, generator=generator).to(self.device)
         was_training = self.generator.training
         self.generator.eval()
@@ -223,6 +223,11 @@ class GANModule(L.LightningModule):
         scores = self.judge_generator(self.generator, self.hparams.eval_seed + (stage == "test"))
         for key, value in scores.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "gen_score", sync_dist=True)
+        if stage == "val":
+            # Every rank judges the same seeded noise, so every rank keeps the same maximum.
+            best = self._best_gen_score
+            self._best_gen_score = scores["gen_score"] if best is None else max(best, scores["gen_score"])
+            self.log("val/gen_score_best", self._best_gen_score, sync_dist=True)
         if self._baseline is None:
             untrained = copy.deepcopy(self.generator)
             untrained.load_state_dict(self._initial_generator_state)
@@ -232,6 +237,14 @@ class GANModule(L.LightningModule):
         # The judge's own quality: accuracy and mean top-1 probability on real test images.
         self.log("judge/acc", self.judge_acc, sync_dist=True)
         self.log("judge/real_confidence", self.judge_real_confidence, sync_dist=True)
+
+    # The running best travels in checkpoints, so a resumed run keeps it.
+    def on_save_checkpoint(self, checkpoint):
+        if self._best_gen_score is not None:
+            checkpoint["val_gen_score_best"] = self._best_gen_score
+
+    def on_load_checkpoint(self, checkpoint):
+        self._best_gen_score = checkpoint.get("val_gen_score_best")
 
     @torch.no_grad()
     def judge_generator(self, generator: torch.nn.Module, seed: int | None = None) -> dict[str, float]:

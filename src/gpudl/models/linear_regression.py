@@ -8,7 +8,8 @@ textbook gradient descent on the least-squares objective.
 from __future__ import annotations
 
 from gpudl import nn
-from gpudl.models._base import RegressionModule, check_positive_int
+from gpudl.checks import check_int
+from gpudl.models._base import RegressionModule
 
 
 class LinearRegressionModule(RegressionModule):
@@ -24,7 +25,7 @@ class LinearRegressionModule(RegressionModule):
 
     def __init__(self, num_features: int, optimizer=None, scheduler=None):
         super().__init__(optimizer, scheduler)
-        num_features = check_positive_int(type(self).__name__, "num_features", num_features)
+        num_features = check_int(type(self).__name__, "num_features", num_features)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.linear = nn.Linear(num_features, 1)
 

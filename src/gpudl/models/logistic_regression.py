@@ -6,7 +6,8 @@ log(sigmoid(z)) computed in one step (softplus) stays finite where sigmoid(z) ro
 from __future__ import annotations
 
 from gpudl import nn, ops
-from gpudl.models._base import ClassificationModule, check_positive_int
+from gpudl.checks import check_int
+from gpudl.models._base import ClassificationModule
 
 
 class LogisticRegressionModule(ClassificationModule):
@@ -19,7 +20,7 @@ class LogisticRegressionModule(ClassificationModule):
     default_lr = 0.01
 
     def __init__(self, num_features: int, optimizer=None, scheduler=None):
-        num_features = check_positive_int(type(self).__name__, "num_features", num_features)
+        num_features = check_int(type(self).__name__, "num_features", num_features)
         super().__init__(2, optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.linear = nn.Linear(num_features, 1)

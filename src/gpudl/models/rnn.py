@@ -8,7 +8,8 @@ sequences of 8 rows of 8 pixels (MNIST: 28 rows of 28), the classic "sequential 
 from __future__ import annotations
 
 from gpudl import nn, ops
-from gpudl.models._base import ClassificationModule, check_positive_int
+from gpudl.checks import check_int
+from gpudl.models._base import ClassificationModule
 
 
 class RNNModule(ClassificationModule):
@@ -25,13 +26,10 @@ class RNNModule(ClassificationModule):
     def __init__(self, input_size: int = 8, hidden_size: int = 128, num_layers: int = 1, num_classes: int = 10,
                  optimizer=None, scheduler=None):
         owner = type(self).__name__
-        input_size = check_positive_int(owner, "input_size", input_size)
-        hidden_size = check_positive_int(owner, "hidden_size", hidden_size)
-        num_layers = check_positive_int(owner, "num_layers", num_layers)
-        num_classes = check_positive_int(owner, "num_classes", num_classes)
-        if num_classes < 2:
-            raise ValueError(f"{owner}: num_classes must be >= 2, got {num_classes}")
-        super().__init__(num_classes, optimizer, scheduler)
+        input_size = check_int(owner, "input_size", input_size)
+        hidden_size = check_int(owner, "hidden_size", hidden_size)
+        num_layers = check_int(owner, "num_layers", num_layers)
+        super().__init__(num_classes, optimizer, scheduler)  # checks num_classes and the factories
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.rnn = nn.RNN(input_size, hidden_size, num_layers=num_layers, nonlinearity="tanh", batch_first=True)
         self.head = nn.Linear(hidden_size, num_classes)
