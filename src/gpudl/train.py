@@ -137,6 +137,8 @@ def _build(cfg: DictConfig) -> _Run:
     check_model_fits_data(cfg, datamodule)
     log.info("Building model <%s>", cfg.model._target_)
     model = instantiate(cfg.model, "model")
+    if cfg.get("compile") and cfg.compile.get("enabled"):
+        _compile(model, cfg.compile)
     job = tracking.hydra_job()
     wandb_args = tracking.wandb_arguments(cfg, output_dir, ckpt, job)
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
@@ -165,6 +167,18 @@ def _build(cfg: DictConfig) -> _Run:
             logger.log_hyperparams(hparams)
     return _Run(output_dir, datamodule, model, trainer, str(ckpt) if ckpt else None, wandb_args,
                 job.get("overrides", []))
+
+
+def _compile(model: Any, options: DictConfig) -> None:
+    """torch.compile the model in place for this run (config group `compile`): its forward, or the
+    modules its `compiled_modules()` names (the GAN's two networks, which its training step calls
+    directly). In place, so the LightningModule, its checkpoints and state_dict keys are unchanged;
+    the backward is compiled with the forward (AOT autograd)."""
+    kwargs = {k: options.get(k) for k in ("backend", "mode", "fullgraph", "dynamic")}
+    targets = model.compiled_modules() if hasattr(model, "compiled_modules") else [model]
+    log.info("torch.compile %s with %s", ", ".join(type(m).__name__ for m in targets), kwargs)
+    for module in targets:
+        module.compile(**kwargs)
 
 
 def _progress(checkpoint: dict[str, Any]) -> tuple[int, int]:

@@ -111,6 +111,10 @@ class GANModule(L.LightningModule):
         """z [N, latent_dim] -> images [N, *image_shape] in [0, 1]."""
         return self.generator(z)
 
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        """What `compile.enabled=true` compiles: the training step calls both networks directly."""
+        return [self.generator, self.discriminator]
+
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images [n, *image_shape] in [0, 1] from fresh noise (a CPU torch.Generator seeds it)."""
