@@ -107,3 +107,13 @@ def test_gan_trains_on_the_kernels_under_autocast():
         return out
 
     assert losses("triton") == pytest.approx(losses("torch"), rel=2e-2, abs=2e-3)
+
+
+def test_trainer_gpu_defaults_to_mixed_precision(monkeypatch):
+    import gpudl.config  # registers the resolver
+
+    assert compose(["trainer=gpu"]).trainer.precision == "bf16-mixed"
+    assert compose(["trainer=gpu", "precision=32-true"]).trainer.precision == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert gpudl.config.mixed_precision() == "16-mixed"  # a GPU without bfloat16

@@ -29,6 +29,19 @@ class ConfigError(ValueError):
     """The configuration cannot run; the message names the key and what was expected."""
 
 
+def mixed_precision() -> str:
+    """The mixed precision this machine trains in: bf16-mixed, or 16-mixed on a GPU without
+    bfloat16 (before Ampere). `${gpudl.mixed_precision:}` in a config (trainer=gpu's default)."""
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "16-mixed"
+    return "bf16-mixed"
+
+
+OmegaConf.register_new_resolver("gpudl.mixed_precision", mixed_precision, replace=True)
+
+
 # --------------------------------------------------------------------------- checks before building
 def _walk(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     """Yield (dotted key, parent node, key) for every entry below `node`, without resolving."""
