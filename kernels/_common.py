@@ -6,6 +6,9 @@ written from exp and log), and autotune config lists collapse to one config when
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import triton
 import triton.language as tl
 
@@ -19,9 +22,38 @@ LEAKY_RELU_SLOPE: tl.constexpr = tl.constexpr(0.01)
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 
 
+class TuningConfigs(list):
+    """The configs an autotuner tries, remembering every candidate (`.candidates`) when it tries
+    only some of them (the interpreter runs the first), so that `forced_config` can pick any."""
+
+    def __init__(self, configs, candidates):
+        super().__init__(configs)
+        self.candidates = list(candidates)
+
+
 def tuning_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """The autotuner's candidates; only the first when interpreting, so nothing is benchmarked."""
-    return configs[:1] if INTERPRET else configs
+    return TuningConfigs(configs[:1] if INTERPRET else configs, configs)
+
+
+def tuning_candidates(kernel) -> list[triton.Config]:
+    """Every config an autotuned kernel (a triton Autotuner) may run, whether or not it is tried here."""
+    return list(getattr(kernel.configs, "candidates", kernel.configs))
+
+
+@contextlib.contextmanager
+def forced_config(kernel, index: int) -> Iterator[triton.Config]:
+    """Run the autotuned `kernel` with its `index`-th candidate config only (no pruning, no
+    benchmarking: the autotuner skips both for a single config), e.g. to check each config's
+    numbers against the reference through the interpreter. Restores the autotuner on exit."""
+    candidates = tuning_candidates(kernel)
+    config = candidates[index]
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = TuningConfigs([config], candidates), {}
+    try:
+        yield config
+    finally:
+        kernel.configs, kernel.cache = saved
 
 
 def triton_dtype(torch_dtype) -> str:

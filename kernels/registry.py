@@ -30,6 +30,10 @@ class Case:
 
     name: str
     make: MakeInputs
+    # The case runs no Triton kernel, by design: it is answered on the host (an empty sequence) or
+    # by the PyTorch reference (an argument the kernel does not support, with its one-time
+    # warning). The harness fails every other case that launches nothing, and this one if it does.
+    expect_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,10 @@ class KernelSpec:
     reference: Callable  # the PyTorch oracle (gpudl.reference.<op>)
     cases: list[Case]  # interpreter-sized, regular and ragged shapes
     gradcheck_case: Case | None  # tiny, made in float64 for torch.autograd.gradcheck
-    tolerances: dict[torch.dtype, tuple[float, float]]  # dtype -> (atol, rtol)
+    # dtype -> (atol, rtol) where the dtype's arithmetic is IEEE: fp32/fp64 through the interpreter
+    # on the CPU, and every dtype on a GPU unless gpu_tolerances says otherwise. The harness
+    # checks each element: |kernel - reference| <= atol * rms(reference) + rtol * |reference|.
+    tolerances: dict[torch.dtype, tuple[float, float]]
     compile_variants: Callable[[], list[CompileVariant]]
     bench_cases: list[Case] = field(default_factory=list)  # GPU-sized
     flops: Callable[[tuple], float] | None = None  # forward FLOPs of one call with these args
@@ -59,6 +66,13 @@ class KernelSpec:
     baselines: dict[str, Callable] = field(default_factory=dict)  # more GPU baselines (same args)
     differentiable: bool = True
     description: str = ""
+    # dtype -> (atol, rtol) on a GPU where it computes differently from the interpreter (fp32 on
+    # TF32 tensor cores); a dtype not listed uses `tolerances`.
+    gpu_tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+    # Shapes that span several programs and loop steps under EVERY autotune config (and every
+    # launch heuristic) of the spec's kernels; the tests run each one once per config, forced in
+    # turn (gpudl.kernels._common.forced_config), through the interpreter.
+    tuning_cases: list[Case] = field(default_factory=list)
 
 
 REGISTRY: dict[str, KernelSpec] = {}
@@ -71,6 +85,11 @@ def register(spec: KernelSpec) -> KernelSpec:
     return spec
 
 
+class FallbackWarning(UserWarning):
+    """A call of a kernel op runs on the PyTorch reference instead of Triton (the tests turn it into
+    an error wherever a fallback is not expected)."""
+
+
 _warned: set[tuple[str, str]] = set()
 
 
@@ -78,4 +97,5 @@ def fall_back(op: str, reason: str) -> None:
     """Warn once per (op, reason) that a call runs on the PyTorch reference instead of Triton."""
     if (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"gpudl.ops.{op}: running the PyTorch reference instead of Triton: {reason}", stacklevel=3)
+        warnings.warn(f"gpudl.ops.{op}: running the PyTorch reference instead of Triton: {reason}", FallbackWarning,
+                      stacklevel=3)
