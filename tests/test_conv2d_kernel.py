@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, leaf
 
 import gpudl
 from gpudl import nn as gnn
@@ -32,14 +33,10 @@ def _grads(out, inputs, gy):
     return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], gy)
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
 def _conv_pair(x, w, b=None, activation=None, **kwargs):
     """(triton output, reference output, grads of each) for ops.conv2d on leaf copies."""
-    kx, kw_, kb = _leaf(x), _leaf(w), None if b is None else _leaf(b)
-    rx, rw, rb = _leaf(x), _leaf(w), None if b is None else _leaf(b)
+    kx, kw_, kb = leaf(x), leaf(w), None if b is None else leaf(b)
+    rx, rw, rb = leaf(x), leaf(w), None if b is None else leaf(b)
     with gpudl.use_backend("triton"):
         y = ops.conv2d(kx, kw_, kb, activation=activation, **kwargs)
     r = reference.activation(F.conv2d(rx, rw, rb, **kwargs), activation)
@@ -50,10 +47,10 @@ def _conv_pair(x, w, b=None, activation=None, **kwargs):
 
 
 def _assert_all_close(y, r, got, want, atol=1e-5, rtol=1e-5):
-    torch.testing.assert_close(y, r, atol=atol, rtol=rtol)
+    assert_close("output", y, r, atol, rtol)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"gradient {i}", g, w, atol, rtol)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -232,7 +229,7 @@ def test_nn_conv2d_under_triton_backend():
 
 # --------------------------------------------------------------------------- max_pool2d
 def _pool_pair(x, *args, **kwargs):
-    kx, rx = _leaf(x), _leaf(x)
+    kx, rx = leaf(x), leaf(x)
     with gpudl.use_backend("triton"):
         y = ops.max_pool2d(kx, *args, **kwargs)
     r = F.max_pool2d(rx, *args, **kwargs)
