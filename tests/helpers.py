@@ -232,3 +232,17 @@ def innermost_function(kernel):
     while not isinstance(kernel, classes):
         kernel = kernel.fn
     return kernel
+
+
+# --------------------------------------------------------------------------- training runs
+def add_callback(monkeypatch, callback) -> None:
+    """Make gpudl.train.train() add `callback` to the callbacks it builds from the config."""
+    import gpudl.train as train_module
+
+    original = train_module._instantiate_group
+
+    def with_callback(node, key, extra=None):
+        objects = original(node, key, extra)
+        return objects + [callback] if key == "callbacks" else objects
+
+    monkeypatch.setattr(train_module, "_instantiate_group", with_callback)
