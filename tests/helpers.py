@@ -5,6 +5,8 @@ autotuned kernels of a kernel file.
 Launches are counted where Triton starts one: `JITFunction.run` (compiled kernels, triton 3.x)
 and `InterpretedFunction.run` (the interpreter), which `kernel[grid](...)` and the autotuner
 both call. Nothing in the kernel files changes for it, so the count cannot be forgotten there.
+The autotuner's own benchmark runs (on a GPU, the first call of each new tuning key) are kept
+apart: they are not the launches the code under test asked for.
 """
 
 from __future__ import annotations
@@ -152,10 +154,13 @@ class Launch:
 
 
 class Launches:
-    """Every Triton launch while recording, in order."""
+    """Every Triton launch while recording, in order (`records`), apart from the autotuner's
+    benchmark runs (`benchmark_records`)."""
 
     def __init__(self):
         self.records: list[Launch] = []
+        self.benchmark_records: list[Launch] = []
+        self._benchmarking = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -179,7 +184,8 @@ class Launches:
                 grid = None
         if grid is not None:
             grid = tuple(int(g) for g in (grid if isinstance(grid, (tuple, list)) else (grid,)))
-        self.records.append(Launch(fn.__name__, getattr(fn, "__module__", "?"), grid, dict(kwargs), function))
+        launch = Launch(fn.__name__, getattr(fn, "__module__", "?"), grid, dict(kwargs), function)
+        (self.benchmark_records if self._benchmarking else self.records).append(launch)
 
 
 def _launch_classes() -> list[type]:
@@ -198,8 +204,11 @@ def _launch_classes() -> list[type]:
 @contextlib.contextmanager
 def recording_launches() -> Iterator[Launches]:
     """Record every Triton kernel launch (compiled or interpreted) made inside the block."""
+    from triton.runtime.autotuner import Autotuner
+
     launches = Launches()
     originals = {cls: cls.__dict__["run"] for cls in _launch_classes()}
+    bench = Autotuner.__dict__["_bench"]
 
     def recorded(run):
         def run_and_record(self, *args, grid, warmup, **kwargs):
@@ -209,13 +218,22 @@ def recording_launches() -> Iterator[Launches]:
 
         return run_and_record
 
+    def benchmarking(self, *args, **kwargs):
+        launches._benchmarking += 1
+        try:
+            return bench(self, *args, **kwargs)
+        finally:
+            launches._benchmarking -= 1
+
     for cls, run in originals.items():
         cls.run = recorded(run)
+    Autotuner._bench = benchmarking
     try:
         yield launches
     finally:
         for cls, run in originals.items():
             cls.run = run
+        Autotuner._bench = bench
 
 
 # --------------------------------------------------------------------------- autotuned kernels

@@ -62,6 +62,13 @@ MODEL_OPS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32(monkeypatch):
+    """Exact fp32 products on both backends (on a GPU conv2d would otherwise run on TF32 tensor
+    cores in both, each rounding differently)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 @pytest.fixture
 def dispatched(monkeypatch):
     """[(op, backend chosen)] of every gpudl.ops call, in order (a spy on backend.resolve)."""
