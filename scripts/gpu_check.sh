@@ -41,7 +41,8 @@ unset TRITON_INTERPRET
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], sys.executable); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], sys.executable)
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   echo "cpus: $(nproc)"
   git rev-parse HEAD 2>/dev/null
 } > "$out/environment.txt" 2>&1

@@ -34,8 +34,8 @@ def _supervised_loss(module, batch):
 
 def _gan_losses(module, batch):
     real, _ = batch
-    z = torch.randn(real.shape[0], module.hparams.latent_dim, generator=torch.Generator().manual_seed(1)).to(real.device)
-    fake = module.generator(z)
+    z = torch.randn(real.shape[0], module.hparams.latent_dim, generator=torch.Generator().manual_seed(1))
+    fake = module.generator(z.to(real.device))
     d_loss = ops.gan_discriminator_loss(module.discriminator(real), module.discriminator(fake.detach()))
     g_loss = ops.gan_generator_loss(module.discriminator(fake))
     return d_loss + g_loss

@@ -14,7 +14,6 @@ from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import conv2d as conv_kernels
 from gpudl.kernels import max_pool2d as pool_kernels
-from gpudl.kernels import registry
 
 CL = torch.channels_last
 
@@ -186,7 +185,6 @@ def test_conv2d_double_backward_is_refused():
 
 
 def test_conv2d_groups_beyond_grid_limit_falls_back(monkeypatch):
-    monkeypatch.setattr(registry, "_warned", set())
     monkeypatch.setattr(conv_kernels, "_MAX_GRID_Z", 2)  # the real limit is 65535 groups
     torch.manual_seed(0)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)

@@ -10,6 +10,7 @@ ahead-of-time compilation of every variant for sm_80 and sm_90.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -134,22 +135,17 @@ def test_every_autotune_config_matches_reference(spec, case, device):
                             f"make {case.name} span several tiles"
 
 
-class _forcing:
-    """Force config `index` (modulo each list's length) of every autotuner in `tuned`."""
-
-    def __init__(self, tuned, index):
-        self.contexts = {name: forced_config(k, index % len(tuning_candidates(k))) for name, k in tuned.items()}
-
-    def __enter__(self):
-        return {name: _describe(c.__enter__()) for name, c in self.contexts.items()}
-
-    def __exit__(self, *exc):
-        for c in reversed(list(self.contexts.values())):
-            c.__exit__(*exc)
+@contextlib.contextmanager
+def _forcing(tuned, index):
+    """Config `index` (modulo each list's length) of every autotuner in `tuned`; yields what each runs."""
+    with contextlib.ExitStack() as stack:
+        yield {name: _describe(stack.enter_context(forced_config(kernel, index % len(tuning_candidates(kernel)))))
+               for name, kernel in tuned.items()}
 
 
 def _describe(config) -> str:
-    return ",".join(f"{k}={v}" for k, v in config.kwargs.items()) + f",warps={config.num_warps},stages={config.num_stages}"
+    tiles = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles},warps={config.num_warps},stages={config.num_stages}"
 
 
 def test_every_autotuned_kernel_has_a_tuning_case():

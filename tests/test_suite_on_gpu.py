@@ -64,7 +64,8 @@ def test_collection_on_the_gpu_machine():
     for dtype in ("torch.float32", "torch.float16", "torch.bfloat16"):
         assert any(f"test_kernel_matches_reference[{dtype}-conv2d" in i for i in ids), f"no {dtype} harness cases"
     for name, package in NEEDS.items():
-        assert re.search(rf"SKIPPED \[\d+\] tests/{name}:\d+: needs {package}", out), f"{name} not skipped: {out[-3000:]}"
+        skipped = re.search(rf"SKIPPED \[\d+\] tests/{name}:\d+: needs {package}", out)
+        assert skipped, f"{name} not skipped: {out[-3000:]}"
         assert not any(i.startswith(f"tests/{name}::") for i in ids), f"{name} collected without {package}"
     # What runs there: the kernels, ops, models, data and optimizer tests, and the GPU-only ones.
     for name in ("test_kernels.py", "test_attention_kernel.py", "test_backends_agree.py", "test_models.py",
