@@ -10,9 +10,8 @@ the half-precision cases, the `gpu` tests kept); tests/test_suite_on_gpu.py uses
 import os
 
 import torch
+from helpers import HAS_CUDA, recording_launches
 
-AS_CUDA = os.environ.get("GPUDL_TEST_AS_CUDA") == "1"
-HAS_CUDA = torch.cuda.is_available() or AS_CUDA
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -22,15 +21,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-from helpers import recording_launches  # noqa: E402
 
 # pytest-xdist runs one worker per core; more intra-op threads per worker would only fight them.
 torch.set_num_threads(1)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "expect_fallback: the test runs a kernel op on the PyTorch reference on "
-                                       "purpose, without asserting the warning (else a fallback is an error)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,13 +52,12 @@ def launches():
 
 
 @pytest.fixture(autouse=True)
-def _fallbacks_are_errors(request, monkeypatch):
+def _fallbacks_are_errors(monkeypatch):
     """A kernel op silently answered by the PyTorch reference would pass any comparison with the
-    reference: inside tests it is an error, unless the test expects it (pytest.warns, or the
-    expect_fallback marker). The one-time warning set starts empty in every test, so a test's
-    pytest.warns does not depend on which tests ran before it in the same worker."""
+    reference: inside tests it is an error, unless the test expects it (pytest.warns). The
+    one-time warning set starts empty in every test, so a test's pytest.warns does not depend on
+    which tests ran before it in the same worker."""
     from gpudl.kernels import registry
 
     monkeypatch.setattr(registry, "_warned", set())
-    if request.node.get_closest_marker("expect_fallback") is None:
-        warnings.filterwarnings("error", category=registry.FallbackWarning)
+    warnings.filterwarnings("error", category=registry.FallbackWarning)

@@ -14,10 +14,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import types
 from typing import Any, Iterator
 
 import torch
+
+# A CUDA machine, or the collection of the suite as one (GPUDL_TEST_AS_CUDA=1, tests/conftest.py).
+HAS_CUDA = torch.cuda.is_available() or os.environ.get("GPUDL_TEST_AS_CUDA") == "1"
 
 # --------------------------------------------------------------------------- arguments
 def flatten(out) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ import warnings
 import pytest
 import torch
 from helpers import (
+    HAS_CUDA,
     assert_close,
     autotuned_kernels,
     clone_args,
@@ -36,7 +37,6 @@ from gpudl.kernels import REGISTRY
 from gpudl.kernels._common import forced_config, tuning_candidates
 from gpudl.kernels.registry import INTERPRET, FallbackWarning
 
-HAS_CUDA = torch.cuda.is_available() or os.environ.get("GPUDL_TEST_AS_CUDA") == "1"
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if HAS_CUDA else [])
 
 CASES = [(spec, case) for spec in REGISTRY.values() for case in spec.cases]
