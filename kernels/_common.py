@@ -8,7 +8,9 @@ written from exp and log), and autotune config lists collapse to one config when
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import triton
@@ -40,9 +42,38 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+class TuningConfigs(list):
+    """The configs an autotuner tries, remembering every candidate (`.candidates`) when it tries
+    only some of them (the interpreter runs the first), so that `forced_config` can pick any."""
+
+    def __init__(self, configs, candidates):
+        super().__init__(configs)
+        self.candidates = list(candidates)
+
+
 def tuning_configs(configs: list[triton.Config]) -> list[triton.Config]:
     """The autotuner's candidates; only the first when interpreting, so nothing is benchmarked."""
-    return configs[:1] if INTERPRET else configs
+    return TuningConfigs(configs[:1] if INTERPRET else configs, configs)
+
+
+def tuning_candidates(kernel) -> list[triton.Config]:
+    """Every config an autotuned kernel (a triton Autotuner) may run, whether or not it is tried here."""
+    return list(getattr(kernel.configs, "candidates", kernel.configs))
+
+
+@contextlib.contextmanager
+def forced_config(kernel, index: int) -> Iterator[triton.Config]:
+    """Run the autotuned `kernel` with its `index`-th candidate config only (no pruning, no
+    benchmarking: the autotuner skips both for a single config), e.g. to check each config's
+    numbers against the reference through the interpreter. Restores the autotuner on exit."""
+    candidates = tuning_candidates(kernel)
+    config = candidates[index]
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = TuningConfigs([config], candidates), {}
+    try:
+        yield config
+    finally:
+        kernel.configs, kernel.cache = saved
 
 
 def triton_dtype(torch_dtype) -> str:

@@ -330,6 +330,8 @@ SPEC = register(KernelSpec(
     # Max pooling selects, it does not round: only the gradient sums of overlapping windows add error.
     tolerances={torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)},
     compile_variants=_compile_variants,
+    # 2 x 4 x 16 x 16 = 2048 outputs: several programs of every forward config's BLOCK.
+    tuning_cases=[_pool_case("tuning_2x4x32x32_k3_s2_p1", 2, 4, (32, 32), (3, 3), (2, 2), (1, 1))],
     bench_cases=[
         Case("resnet_stem_c64_112x112_k3_s2_p1",
              lambda dtype, device: (torch.randn(32, 64, 112, 112, device=device, dtype=dtype)

@@ -41,6 +41,10 @@ class Case:
 
     name: str
     make: MakeInputs
+    # The case runs no Triton kernel, by design: it is answered on the host (an empty sequence) or
+    # by the PyTorch reference (an argument the kernel does not support, with its one-time
+    # warning). The harness fails every other case that launches nothing, and this one if it does.
+    expect_fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,10 @@ class KernelSpec:
     triton: Callable  # entry point: the op's normalized arguments (as gpudl.ops passes them on)
     cases: list[Case]  # interpreter-sized, regular and ragged shapes
     gradcheck_case: Case | None  # tiny, made in float64 for torch.autograd.gradcheck
-    tolerances: dict[torch.dtype, tuple[float, float]]  # dtype -> (atol, rtol)
+    # dtype -> (atol, rtol) where the dtype's arithmetic is IEEE: fp32/fp64 through the interpreter
+    # on the CPU, and every dtype on a GPU unless gpu_tolerances says otherwise. The harness
+    # checks each element: |kernel - reference| <= atol * rms(reference) + rtol * |reference|.
+    tolerances: dict[torch.dtype, tuple[float, float]]
     compile_variants: Callable[[], list[CompileVariant]]
     # The PyTorch oracle, same arguments as `triton`; None means gpudl.reference.<op>.
     reference: Callable | None = None
@@ -74,6 +81,13 @@ class KernelSpec:
     baselines: dict[str, Callable] = field(default_factory=dict)  # more GPU baselines (same args)
     differentiable: bool = True
     description: str = ""
+    # dtype -> (atol, rtol) on a GPU where it computes differently from the interpreter (fp32 on
+    # TF32 tensor cores); a dtype not listed uses `tolerances`.
+    gpu_tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
+    # Shapes that span several programs and loop steps under EVERY autotune config (and every
+    # launch heuristic) of the spec's kernels; the tests run each one once per config, forced in
+    # turn (gpudl.kernels._common.forced_config), through the interpreter.
+    tuning_cases: list[Case] = field(default_factory=list)
 
 
 REGISTRY: dict[str, KernelSpec] = {}
@@ -161,6 +175,11 @@ def no_tensor(like: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- fallbacks
+class FallbackWarning(UserWarning):
+    """A call of a kernel op runs on the PyTorch reference instead of Triton (the tests turn it into
+    an error wherever a fallback is not expected)."""
+
+
 _warned: set[tuple[str, str]] = set()
 
 
@@ -181,5 +200,5 @@ def fall_back(op: str, reason: str) -> None:
     pointing at the user's line."""
     if (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"gpudl.ops.{op}: running the PyTorch reference instead of Triton: {reason}",
+        warnings.warn(f"gpudl.ops.{op}: running the PyTorch reference instead of Triton: {reason}", FallbackWarning,
                       stacklevel=_caller_stacklevel())

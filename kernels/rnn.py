@@ -449,13 +449,15 @@ SPEC = register(KernelSpec(
         Case("tanh-batch_first-no-bias-L8-N3-H20", _make(8, 3, 7, 20, batch_first=True, bias=False)),
         Case("relu-chunked-L4-N17-H80", _make(4, 17, 7, 80, "relu")),  # BLOCK_H 128 > 64: W_hh streamed in chunks, 2 programs
         Case("tanh-batch_first-chunked-L3-N2-H72", _make(3, 2, 5, 72, batch_first=True)),
-        Case("empty-sequence-L0", _make(0, 3, 7, 16)),
+        Case("empty-sequence-L0", _make(0, 3, 7, 16), expect_fallback=True),  # answered on the host
     ],
     gradcheck_case=Case("gradcheck-tanh-L3-N2-H5", _make(3, 2, 3, 5)),
-    # fp32 with IEEE dots: rounding only. Half precision (judged against the fp32 reference): the
-    # state is rounded to the dtype every step; a torch emulation of the kernel's roundings over
-    # these cases and 60 seeds needed at most 7.4e-3 (bf16) and 1.1e-3 (fp16).
-    tolerances={torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2),
+    # fp32 with IEEE dots: rounding only (the cases need 7e-7 through the interpreter). Half
+    # precision: the state is rounded to the dtype every step; a torch emulation of the kernel's
+    # roundings over these cases and 60 seeds needed at most 7.4e-3 (bf16) and 1.1e-3 (fp16), with
+    # atol scaled by max(1, the largest element); the harness now scales atol by the RMS, up to
+    # 36x smaller here, so the half atols are raised until a GPU run measures them.
+    tolerances={torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 4e-3), torch.bfloat16: (5e-2, 2e-2),
                 torch.float64: (1e-10, 1e-10)},
     compile_variants=_compile_variants,
     bench_cases=[

@@ -1,17 +1,24 @@
 """Test setup. Without a GPU the kernels run through the Triton interpreter, which must be
-switched on before any kernel module is imported, so it is set here, first."""
+switched on before any kernel module is imported, so it is set here, first. On a CUDA machine the
+interpreter stays off: the kernels compile for the GPU and the harness adds fp16/bf16 cases.
 
-import collections
+GPUDL_TEST_AS_CUDA=1 makes the suite COLLECT as it would on a CUDA machine (the interpreter off,
+the half-precision cases, the `gpu` tests kept); tests/test_suite_on_gpu.py uses it with
+`--collect-only` to check that collection here. Nothing may run in that mode without a GPU.
+"""
+
 import os
 
 import torch
+from helpers import HAS_CUDA, recording_launches
 
-HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -20,45 +27,37 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Start the long GPU compile check first, so its worker finishes it while the others test."""
+    """Start the long GPU compile check first, so its worker finishes it while the others test;
+    skip the `gpu` tests where there is no CUDA device."""
     items.sort(key=lambda item: "compiles_for_sm80" not in item.name)
+    if not HAS_CUDA:
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture
 def device():
+    """Where the test's tensors live: CUDA (compiled kernels) when there is one, else the CPU
+    (kernels through the Triton interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 @pytest.fixture
-def kernel_launches(monkeypatch):
-    """`record(module)` makes every `wrap_triton(kernel)[grid](...)` launch of that kernel module
-    append {"grid": grid, **kwargs} to `launches[name]` (name: the @triton.jit function's, also
-    for autotuned kernels) and returns that dict. Works where the op bodies run eagerly (the
-    interpreter's custom ops, or eager calls on a GPU)."""
-    launches: dict[str, list[dict]] = collections.defaultdict(list)
+def launches():
+    """Every Triton kernel launch during the test (helpers.Launches)."""
+    with recording_launches() as recorded:
+        yield recorded
 
-    def record(module):
-        real = module.wrap_triton
 
-        def recording(kernel):
-            launcher, fn = real(kernel), kernel
-            while hasattr(fn, "fn"):  # Autotuner -> JITFunction -> Python function
-                fn = fn.fn
-            calls = launches[fn.__name__]
+@pytest.fixture(autouse=True)
+def _fallbacks_are_errors(monkeypatch):
+    """A kernel op silently answered by the PyTorch reference would pass any comparison with the
+    reference: inside tests it is an error, unless the test expects it (pytest.warns). The
+    one-time warning set starts empty in every test, so a test's pytest.warns does not depend on
+    which tests ran before it in the same worker."""
+    from gpudl.kernels import registry
 
-            class _Grid:
-                def __getitem__(self, grid):
-                    launch = launcher[grid]
-
-                    def run(*args, **kwargs):
-                        calls.append({"grid": grid, **kwargs})
-                        return launch(*args, **kwargs)
-
-                    return run
-
-            return _Grid()
-
-        monkeypatch.setattr(module, "wrap_triton", recording)
-        return launches
-
-    return record
+    monkeypatch.setattr(registry, "_warned", set())
+    warnings.filterwarnings("error", category=registry.FallbackWarning)

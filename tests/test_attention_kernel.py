@@ -11,16 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import leaves as _leaves
+
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import attention as A
-from gpudl.kernels import registry
 
 
-def _leaves(*tensors):
-    """New leaves over the same memory (strides kept: some tests pass non-contiguous views)."""
-    return [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    """Tensors made in these tests land on the test device: CUDA (compiled kernels) when there is
+    one, else the CPU (the Triton interpreter)."""
+    torch.set_default_device(device)
+    yield
+    torch.set_default_device(None)
 
 
 def _check(q, k, v, mask=None, is_causal=False, scale=None, grad=None, atol=1e-5, rtol=1e-4):
@@ -48,12 +53,6 @@ def _check(q, k, v, mask=None, is_causal=False, scale=None, grad=None, atol=1e-5
 def _qkv(b, h, lq, lk, d, dtype=torch.float32, grad=True):
     torch.manual_seed(0)
     return tuple(torch.randn(b, h, n, d, dtype=dtype).requires_grad_(grad) for n in (lq, lk, lk))
-
-
-@pytest.fixture
-def fresh_warnings(monkeypatch):
-    """Fallback warnings are one-time per reason; start each test with none issued yet."""
-    monkeypatch.setattr(registry, "_warned", set())
 
 
 # --------------------------------------------------------------------------- masks
@@ -143,7 +142,7 @@ def test_gradcheck_float64(mask_kind):
     q, k, v = _qkv(1, 2, 5, 7, 8, dtype=torch.float64)
     mask, causal = None, mask_kind == "causal"
     if mask_kind in ("bool", "float"):
-        keep = torch.rand(5, 7, generator=torch.Generator().manual_seed(3)) > 0.4
+        keep = (torch.rand(5, 7, generator=torch.Generator().manual_seed(3), device="cpu") > 0.4).to(q.device)
         keep[1] = False
         mask = keep if mask_kind == "bool" else torch.randn(5, 7, dtype=torch.float64).masked_fill(~keep, float("-inf"))
         mask = mask.expand(1, 2, 5, 7)
@@ -153,16 +152,15 @@ def test_gradcheck_float64(mask_kind):
 
 # --------------------------------------------------------------------------- gradients not required
 @pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
-def test_only_required_gradients_are_computed(kernel_launches, wanted):
-    launches = kernel_launches(A)
+def test_only_required_gradients_are_computed(wanted, launches):
     q, k, v = _qkv(1, 2, 11, 13, 16)
     for t, w in zip((q, k, v), wanted):
         t.requires_grad_(w)
     out = A.scaled_dot_product_attention(q, k, v, None, 0.0, False, 0.25)
     out.sum().backward()
     assert [t.grad is not None for t in (q, k, v)] == list(wanted)
-    assert len(launches["_attn_bwd_dq"]) == int(wanted[0])
-    dkdv = launches["_attn_bwd_dkdv"]
+    dq, dkdv = launches.of("_attn_bwd_dq"), launches.of("_attn_bwd_dkdv")
+    assert len(dq) == int(wanted[0])
     if wanted[1] or wanted[2]:
         assert len(dkdv) == 1
         assert (dkdv[0]["COMPUTE_DK"], dkdv[0]["COMPUTE_DV"]) == wanted[1:]
@@ -194,7 +192,7 @@ def _fallback(args, match):
     return out
 
 
-def test_dropout_falls_back_with_one_warning(fresh_warnings):
+def test_dropout_falls_back_with_one_warning():
     q, k, v = _qkv(1, 2, 6, 6, 16)
     torch.manual_seed(5)
     out = _fallback((q, k, v, None, 0.5, False, 0.25), "dropout_p > 0")
@@ -208,20 +206,20 @@ def test_dropout_falls_back_with_one_warning(fresh_warnings):
             ops.scaled_dot_product_attention(q, k, v, dropout_p=0.3, scale=0.25)
 
 
-def test_value_head_dim_mismatch_falls_back(fresh_warnings):
+def test_value_head_dim_mismatch_falls_back():
     q, k, _ = _qkv(1, 2, 6, 7, 16)
     v = torch.randn(1, 2, 7, 24)
     out = _fallback((q, k, v, None, 0.0, False, 0.25), "Dv differs")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.25))
 
 
-def test_large_head_dim_falls_back(fresh_warnings):
+def test_large_head_dim_falls_back():
     q, k, v = _qkv(1, 1, 3, 4, 136)
     out = _fallback((q, k, v, None, 0.0, False, 0.1), "head dims above 128")
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.1))
 
 
-def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient(fresh_warnings):
+def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient():
     q, k, v = _qkv(1, 2, 5, 6, 16)
     mask = torch.randn(1, 2, 5, 6, requires_grad=True)
     out = _fallback((q, k, v, mask, 0.0, False, 0.25), "attn_mask requires grad")

@@ -76,3 +76,22 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error():
         assert "no Triton kernel is registered" in out.stdout
     else:
         assert "TRITON_INTERPRET=1" in out.stdout and "cpu" in out.stdout
+
+
+# --------------------------------------------------------------------------- on a CUDA machine
+@pytest.mark.gpu
+def test_auto_runs_the_kernels_on_cuda_tensors(launches):
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 8, device="cuda"), torch.randn(3, 8, device="cuda")
+    assert backend.resolve("linear", [x, w]) == "triton"
+    y = ops.linear(x, w, activation="relu")
+    assert "_matmul_kernel" in launches.kernels()
+    torch.testing.assert_close(y, torch.relu(x.double() @ w.double().T).float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_auto_keeps_cpu_tensors_on_the_reference_on_a_cuda_machine(launches):
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    assert backend.resolve("linear", [x, w]) == "torch"
+    ops.linear(x, w, activation="relu")
+    assert len(launches) == 0

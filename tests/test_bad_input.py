@@ -10,10 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from gpudl.train import ConfigError, train
-from gpudl.utils import compose, repo_root
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from hydra.errors import ConfigCompositionException, MissingConfigException  # noqa: E402
+
+from gpudl.train import ConfigError, train  # noqa: E402
+from gpudl.utils import compose, repo_root  # noqa: E402
 
 FAST = ["logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false"]

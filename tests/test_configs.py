@@ -6,11 +6,15 @@ import functools
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from gpudl.config import check_model_fits_data, validate_config
-from gpudl.utils import compose, config_dir
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from gpudl.config import check_model_fits_data, validate_config  # noqa: E402
+from gpudl.utils import compose, config_dir  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 REQUIRED_EXPERIMENTS = {

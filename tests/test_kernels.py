@@ -1,138 +1,172 @@
 """Registry-driven kernel tests: every registered KernelSpec, every case, against its reference.
 
 Adding a kernel file that registers a KernelSpec adds its tests here without touching this file:
-forward outputs and every input gradient against the PyTorch reference (through the Triton
-interpreter on the CPU, compiled on a GPU, where float16/bfloat16 are added), a float64
-gradcheck, and ahead-of-time compilation of every variant for sm_80 and sm_90.
+forward outputs and every input gradient against the PyTorch reference, element by element within
+the spec's tolerance (through the Triton interpreter on the CPU, compiled on a GPU, where
+float16/bfloat16 are added), with a Triton launch proven for every case; a float64 gradcheck;
+every autotune config of every kernel forced in turn on a multi-tile shape (interpreter); and
+ahead-of-time compilation of every variant for sm_80 and sm_90.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
+from helpers import (
+    HAS_CUDA,
+    assert_close,
+    autotuned_kernels,
+    clone_args,
+    compare_with_reference,
+    flatten,
+    grad_inputs,
+    innermost_function,
+    recording_launches,
+    tolerance,
+)
 
 from gpudl.kernels import REGISTRY
+from gpudl.kernels._common import forced_config, tuning_candidates
+from gpudl.kernels.registry import INTERPRET, FallbackWarning
 
-HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if HAS_CUDA else [])
 
 CASES = [(spec, case) for spec in REGISTRY.values() for case in spec.cases]
 
 
-def _flatten(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for item in out for t in _flatten(item)] if isinstance(out, (tuple, list)) else []
-
-
-def _clone_args(args, dtype=None):
-    """Independent leaf copies (optionally cast), keeping which tensors require grad; recurses
-    into lists and tuples so in-place kernels cannot touch the reference's inputs."""
-
-    def clone(a):
-        if isinstance(a, torch.Tensor):
-            c = a.detach().clone()
-            if dtype is not None and c.is_floating_point():
-                c = c.to(dtype)
-            return c.requires_grad_(a.requires_grad)
-        if isinstance(a, (list, tuple)):
-            return type(a)(clone(item) for item in a)
-        return a
-
-    return tuple(clone(a) for a in args)
-
-
-def _grad_inputs(args) -> list[int]:
-    return [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-
-
-def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
-    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("spec,case", CASES, ids=[f"{s.op}-{c.name}" for s, c in CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_matches_reference(spec, case, dtype, device):
-    atol, rtol = spec.tolerances[dtype]
+def test_kernel_matches_reference(spec, case, dtype, device, launches):
+    with warnings.catch_warnings():
+        if case.expect_fallback:  # its one-time warning, if it gives one, is expected
+            warnings.filterwarnings("ignore", category=FallbackWarning)
+        compare_with_reference(spec, case, dtype, device, launches)
+
+
+PARTIAL_GRAD_SPECS = [s for s in REGISTRY.values()
+                      if s.differentiable and s.cases and len(grad_inputs(s.cases[0].make(torch.float32, "meta"))) > 1]
+
+
+@pytest.mark.parametrize("spec", PARTIAL_GRAD_SPECS, ids=[s.op for s in PARTIAL_GRAD_SPECS])
+def test_kernel_skips_grads_not_required(spec, device, launches):
+    """With one input requiring grad (each in turn, the spec's first case), the kernel's gradient
+    of it matches the reference, and its backward launches no more kernels than when every
+    gradient is wanted: the gradients nobody asked for are not computed on the side."""
     torch.manual_seed(0)
-    args = case.make(dtype, device)
-    kernel_args = _clone_args(args)
-    # Half-precision kernels are judged against the reference computed in float32.
-    ref_args = _clone_args(args, torch.float32 if dtype in (torch.float16, torch.bfloat16) else None)
-
-    outs = _flatten(spec.triton(*kernel_args))
-    refs = _flatten(spec.reference(*ref_args))
-    assert len(outs) == len(refs), f"{len(outs)} outputs, reference has {len(refs)}"
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        assert not o.is_floating_point() or o.dtype == dtype, f"output {i} has dtype {o.dtype}, expected {dtype}"
-        _assert_close(f"output {i}", o, r, atol, rtol)
-
-    grad_idx = _grad_inputs(args)
-    if not spec.differentiable or not grad_idx:
-        return
-    pairs = [(o, r) for o, r in zip(outs, refs) if r.requires_grad]
-    grads_out = [torch.randn_like(r) for _, r in pairs]
-    got = torch.autograd.grad([o for o, _ in pairs], [kernel_args[i] for i in grad_idx],
-                              [g.to(o.dtype) for g, (o, _) in zip(grads_out, pairs)], allow_unused=True)
-    want = torch.autograd.grad([r for _, r in pairs], [ref_args[i] for i in grad_idx], grads_out, allow_unused=True)
-    for i, g, w in zip(grad_idx, got, want):
-        assert (g is None) == (w is None), f"gradient of argument {i}: kernel gives {g is None and 'none'}, reference {w is None and 'none'}"
-        if w is not None:
-            # Gradients sum over many terms: scale atol with the gradient's magnitude.
-            _assert_close(f"gradient of argument {i}", g, w, atol * max(1.0, w.abs().max().item()), rtol)
-
-
-def test_kernel_skips_grads_not_required(device):
-    """Inputs that do not require grad get no gradient computed (checked on every spec's first case)."""
-    for spec in REGISTRY.values():
-        if not spec.differentiable or not spec.cases:
-            continue
-        torch.manual_seed(0)
-        args = spec.cases[0].make(torch.float32, device)
-        grad_idx = _grad_inputs(args)
-        if len(grad_idx) < 2:
-            continue
-        frozen = _clone_args(args)
-        keep = grad_idx[0]
-        frozen = tuple(a.detach() if isinstance(a, torch.Tensor) and i != keep else a for i, a in enumerate(frozen))
-        outs = [o for o in _flatten(spec.triton(*frozen)) if o.requires_grad]
-        (g,) = torch.autograd.grad(outs, [frozen[keep]], [torch.ones_like(o) for o in outs])
-        assert g is not None and g.shape == frozen[keep].shape, spec.op
+    args = spec.cases[0].make(torch.float32, device)
+    grad_idx = grad_inputs(args)
+    every = clone_args(args)
+    outs = [o for o in flatten(spec.triton(*every)) if o.requires_grad]
+    before = len(launches)
+    torch.autograd.grad(outs, [every[i] for i in grad_idx], [torch.ones_like(o) for o in outs])
+    all_backward = len(launches) - before
+    for keep in grad_idx:
+        frozen = tuple(a.detach() if isinstance(a, torch.Tensor) and i != keep else a
+                       for i, a in enumerate(clone_args(args)))
+        ref_args = clone_args(frozen, torch.float64)
+        outs = [o for o in flatten(spec.triton(*frozen)) if o.requires_grad]
+        refs = [r for r in flatten(spec.reference(*ref_args)) if r.requires_grad]
+        grads_out = [torch.randn_like(o) for o in outs]
+        before = len(launches)
+        (g,) = torch.autograd.grad(outs, [frozen[keep]], grads_out)
+        backward = len(launches) - before
+        (w,) = torch.autograd.grad(refs, [ref_args[keep]], [g_out.double() for g_out in grads_out])
+        assert_close(f"gradient of argument {keep} alone", g, w, *tolerance(spec, torch.float32, device))
+        assert backward <= all_backward, f"argument {keep} alone: {backward} backward launches, {all_backward} for all"
 
 
 GRADCHECK_SPECS = [s for s in REGISTRY.values() if s.differentiable and s.gradcheck_case is not None]
 
 
 @pytest.mark.parametrize("spec", GRADCHECK_SPECS, ids=[s.op for s in GRADCHECK_SPECS])
-def test_kernel_gradcheck_float64(spec, device):
+def test_kernel_gradcheck_float64(spec, device, launches):
     torch.manual_seed(0)
     args = spec.gradcheck_case.make(torch.float64, device)
-    grad_idx = _grad_inputs(args)
+    grad_idx = grad_inputs(args)
 
     def fn(*tensors):
         full = list(args)
         for i, t in zip(grad_idx, tensors):
             full[i] = t
-        return tuple(_flatten(spec.triton(*full)))
+        return tuple(flatten(spec.triton(*full)))
 
     assert torch.autograd.gradcheck(fn, tuple(args[i] for i in grad_idx), fast_mode=True, atol=1e-5, rtol=1e-4)
+    assert len(launches) > 0, f"{spec.op}: the gradcheck ran no Triton kernel"
 
 
+# --------------------------------------------------------------------------- every autotune config
+TUNING = [(spec, case) for spec in REGISTRY.values() for case in spec.tuning_cases]
+
+
+def _kernel_module(spec):
+    return importlib.import_module(spec.triton.__module__)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces each autotune config through the interpreter; on a GPU the "
+                                          "autotuner benchmarks them and the compile check covers each")
+@pytest.mark.parametrize("spec,case", TUNING, ids=[f"{s.op}-{c.name}" for s, c in TUNING])
+def test_every_autotune_config_matches_reference(spec, case, device):
+    """Each autotune config of each of the spec's kernels, forced in turn (config i of every kernel
+    together, wrapping around shorter lists), on a shape that spans several programs under every
+    config: outputs and gradients against the reference, and every autotuned kernel of the spec's
+    file launched on more than one program."""
+    tuned = autotuned_kernels(_kernel_module(spec))
+    rounds = max((len(tuning_candidates(k)) for k in tuned.values()), default=1)
+    for index in range(rounds):
+        with recording_launches() as launches, _forcing(tuned, index) as configs:
+            try:
+                compare_with_reference(spec, case, torch.float32, device, launches)
+            except AssertionError as error:
+                raise AssertionError(f"with configs {configs}: {error}") from None
+        for name, kernel in tuned.items():
+            fn = innermost_function(kernel)
+            runs = [r for r in launches.records if r.function is fn]
+            assert runs, f"{spec.op}: {name} did not run on the tuning case {case.name}"
+            few = [r.grid for r in runs if r.programs is not None and r.programs < 2]
+            assert not few, f"{spec.op}: {name} with config {configs[name]} ran a single program (grid {few}): " \
+                            f"make {case.name} span several tiles"
+
+
+@contextlib.contextmanager
+def _forcing(tuned, index):
+    """Config `index` (modulo each list's length) of every autotuner in `tuned`; yields what each runs."""
+    with contextlib.ExitStack() as stack:
+        yield {name: _describe(stack.enter_context(forced_config(kernel, index % len(tuning_candidates(kernel)))))
+               for name, kernel in tuned.items()}
+
+
+def _describe(config) -> str:
+    tiles = ",".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles},warps={config.num_warps},stages={config.num_stages}"
+
+
+def test_every_autotuned_kernel_has_a_tuning_case():
+    """A kernel file that autotunes registers tuning cases, so the test above checks its configs."""
+    for spec in REGISTRY.values():
+        if autotuned_kernels(_kernel_module(spec)):
+            siblings = [s for s in REGISTRY.values() if s.triton.__module__ == spec.triton.__module__]
+            assert any(s.tuning_cases for s in siblings), f"{spec.op}: autotuned kernels but no tuning_cases"
+
+
+# --------------------------------------------------------------------------- the registry itself
 def test_every_spec_is_complete():
+    import gpudl.ops
+
     for spec in REGISTRY.values():
         assert spec.cases, f"{spec.op}: no test cases"
         assert torch.float32 in spec.tolerances, f"{spec.op}: no float32 tolerance"
-        assert {torch.float16, torch.bfloat16} <= set(spec.tolerances), f"{spec.op}: no half-precision tolerances"
+        half = set(spec.tolerances) | set(spec.gpu_tolerances)
+        assert {torch.float16, torch.bfloat16} <= half, f"{spec.op}: no half-precision tolerances"
         assert spec.bench_cases, f"{spec.op}: no benchmark cases"
         assert spec.bytes_moved is not None, f"{spec.op}: no byte model for the benchmark"
-        import gpudl.ops
-
         assert hasattr(gpudl.ops, spec.op), f"{spec.op}: no gpudl.ops function of that name"
 
 

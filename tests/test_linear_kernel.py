@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_close, leaves
+
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
@@ -19,29 +21,33 @@ from gpudl.kernels import linear as L
 ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 
 
-def _leaves(*tensors):
-    """New leaves over the same memory (strides kept: some tests pass non-contiguous views)."""
-    return [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    """Tensors made in these tests land on the test device: CUDA (compiled kernels) when there is
+    one, else the CPU (the Triton interpreter)."""
+    torch.set_default_device(device)
+    yield
+    torch.set_default_device(None)
 
 
-def _check_against_reference(x, w, b, act, grad=None, atol=1e-5, rtol=1e-4):
-    """Kernel vs reference on copies of (x, w, b): output and every requested gradient."""
-    kx, kw, kb = _leaves(x, w, b)
-    rx, rw, rb = _leaves(x, w, b)
+def _check_against_reference(x, w, b, act, grad=None, atol=1e-5, rtol=1e-5):
+    """Kernel vs reference on copies of (x, w, b): output and every requested gradient, element
+    by element (helpers.assert_close: atol scaled by each tensor's RMS)."""
+    kx, kw, kb = leaves(x, w, b)
+    rx, rw, rb = leaves(x, w, b)
     y = L.linear(kx, kw, kb, act)
     y_ref = reference.linear(rx, rw, rb, act)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    assert_close("output", y, y_ref, atol, rtol)
     wants = [t for t in (kx, kw, kb) if t is not None and t.requires_grad]
     if not wants:
         return y
     grad = torch.randn_like(y_ref) if grad is None else grad
     got = torch.autograd.grad(y, wants, grad)
     want = torch.autograd.grad(y_ref, [t for t in (rx, rw, rb) if t is not None and t.requires_grad], grad)
-    for g, r in zip(got, want):
-        assert g.shape == r.shape
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0  # sums of many terms
-        torch.testing.assert_close(g, r, atol=atol * scale, rtol=rtol)
+    assert len(got) == len(want)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_close(f"gradient {i}", g, r, atol, rtol)
     return y
 
 
@@ -216,6 +222,10 @@ def test_weight_and_bias_grads_share_one_gemm(gemm_calls):
     forward = len(gemm_calls)
     gw, gb = torch.autograd.grad(y.sum(), (w, b))
     assert _backward_launches(gemm_calls, forward) == [("gemm", (8, 16))]  # bias grad as its row sums
+    rw, rb = leaves(w, b)
+    want_w, want_b = torch.autograd.grad(reference.linear(x, rw, rb, "relu").sum(), (rw, rb))
+    assert_close("weight gradient", gw, want_w, 1e-5, 1e-5)
+    assert_close("bias gradient", gb, want_b, 1e-5, 1e-5)
 
 
 def test_only_bias_grad_runs_only_the_column_sum(gemm_calls):

@@ -17,11 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import add_callback
 
-import gpudl.train as train_module
-from gpudl.checkpoints import AtomicCheckpointIO, CheckpointError
-from gpudl.train import train
-from gpudl.utils import compose, repo_root
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from gpudl.checkpoints import AtomicCheckpointIO, CheckpointError  # noqa: E402
+from gpudl.train import train  # noqa: E402
+from gpudl.utils import compose, repo_root  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 # The CNN on digits, small: 3 epochs of 6 batches, deterministic algorithms, the cosine schedule.
@@ -31,16 +34,6 @@ CNN = ["experiment=cnn_digits", "logger=none", "trainer.max_epochs=3", "trainer.
 
 class _Stop(Exception):
     pass
-
-
-def _with_callback(monkeypatch, callback) -> None:
-    original = train_module.instantiate_group
-
-    def patched(node, key, extra=None):
-        objects = original(node, key, extra)
-        return objects + [callback] if key == "callbacks" else objects
-
-    monkeypatch.setattr(train_module, "instantiate_group", patched)
 
 
 def test_interrupted_then_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
@@ -55,7 +48,7 @@ def test_interrupted_then_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp
 
     out = tmp_path / "interrupted"
     with monkeypatch.context() as patch:
-        _with_callback(patch, StopAfterFirstEpoch())
+        add_callback(patch, StopAfterFirstEpoch())
         with pytest.raises(_Stop):
             train(compose(CNN, output_dir=out))
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
@@ -153,6 +146,7 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_saving_fails(tmp_path, mon
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="logs to W&B (the GPU check machine has no wandb)")
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "run"
     args = ["experiment=linreg_toy", "logger=wandb", "trainer.max_epochs=1", *QUIET]
@@ -165,8 +159,27 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------- signals
+# A callback for the training subprocess: it writes a file once training has passed a given step,
+# the test's cue to send the signal (instead of sleeping and hoping the run got that far).
+STEP_MARKER = """
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+class StepMarker(Callback):
+    def __init__(self, path, step):
+        self.path, self.step = Path(path), step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.path.exists():
+            self.path.write_text(str(trainer.global_step))
+"""
+
+
 def _start(root: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "GPUDL_ROOT": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = {**os.environ, "GPUDL_ROOT": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, str(repo_root() / "scripts" / "train.py"), *args], env=env, cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -176,19 +189,22 @@ def test_signal_saves_a_checkpoint_and_the_run_resumes_from_it(tmp_path, signum)
     run_dir = tmp_path / "run"
     args = ["experiment=cnn_digits", "logger=csv", "trainer.limit_train_batches=10", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", *QUIET]
-    proc = _start(tmp_path, *args, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}")
+    (tmp_path / "step_marker.py").write_text(STEP_MARKER)
+    marker = tmp_path / "reached_step_12"
+    proc = _start(tmp_path, *args, "trainer.max_epochs=1000", f"hydra.run.dir={run_dir}",
+                  "+callbacks.step_marker._target_=step_marker.StepMarker", f"+callbacks.step_marker.path={marker}",
+                  "+callbacks.step_marker.step=12")  # epoch 0 is steps 1-10, and ends with last.ckpt
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert last.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "no checkpoint after 120 s"
-    time.sleep(0.5)  # well inside a later epoch
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), proc.communicate()[1][-3000:] if proc.poll() is not None else "step 12 not reached in 300 s"
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, stderr[-3000:]
     assert f"interrupted by {signal.Signals(signum).name}" in stderr and "ckpt_path=last" in stderr
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] > 10  # saved when the signal came, after epoch 0's last.ckpt
+    assert saved["global_step"] >= 12  # saved when the signal came, after epoch 0's last.ckpt (step 10)
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["status"] == "interrupted" and report["last_checkpoint"] == str(last)
     if signum == signal.SIGINT:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_close, leaf
 
 import gpudl
 from gpudl import nn as gnn
@@ -14,15 +15,10 @@ from gpudl import ops, reference
 from gpudl.kernels import rnn as rnn_kernel
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
-def _compare(got, want, atol=2e-5, rtol=2e-5):
+def _compare(got, want, atol=1e-5, rtol=1e-5):
+    assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
-        assert g.shape == w.shape, f"tensor {i}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-        torch.testing.assert_close(g, w, atol=atol * max(1.0, w.abs().max().item()) if w.numel() else atol, rtol=rtol,
-                                   msg=lambda m: f"tensor {i}: {m}")
+        assert_close(f"tensor {i}", g, w, atol, rtol)
 
 
 @pytest.mark.parametrize("nonlinearity,batch_first", [("tanh", False), ("relu", True)])
@@ -38,7 +34,7 @@ def test_gpudl_nn_rnn_loads_torch_state_dict_and_matches(nonlinearity, batch_fir
     ours.load_state_dict(ref.state_dict())
     x = torch.randn((3, 7, 6) if batch_first else (7, 3, 6), device=device)
     hx = torch.randn(4, 3, 20, device=device)
-    xa, ha, xb, hb = _leaf(x), _leaf(hx), _leaf(x), _leaf(hx)
+    xa, ha, xb, hb = leaf(x), leaf(hx), leaf(x), leaf(hx)
     with gpudl.use_backend("triton"):
         out, h_n = ours(xa, ha)
     assert out.grad_fn is not None
@@ -55,7 +51,7 @@ def test_triton_backend_runs_the_kernel_and_torch_backend_does_not(device):
     torch.manual_seed(0)
     args = [torch.randn(4, 2, 5, device=device), torch.randn(2, 16, device=device),
             torch.randn(16, 5, device=device), torch.randn(16, 16, device=device)]
-    args = [_leaf(a) for a in args]
+    args = [leaf(a) for a in args]
     with gpudl.use_backend("triton"):
         out, _ = ops.rnn(*args)
     assert "gpudl_rnn_recurrence" in out.grad_fn.name()
@@ -73,8 +69,8 @@ def test_relu_chunked_path_with_default_init(device):
     layer = torch.nn.RNN(9, 100, nonlinearity="relu").to(device)
     x, hx = torch.randn(6, 20, 9, device=device), torch.randn(20, 100, device=device)
     params = [layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0]
-    ours = [_leaf(t) for t in [x, hx] + params]
-    theirs = [_leaf(t) for t in [x, hx] + params]
+    ours = [leaf(t) for t in [x, hx] + params]
+    theirs = [leaf(t) for t in [x, hx] + params]
     with gpudl.use_backend("triton"):
         out, h_n = ops.rnn(*ours, nonlinearity="relu")
     want_out, want_h = reference.rnn(*theirs, "relu", False)
@@ -93,8 +89,8 @@ def test_non_contiguous_inputs_and_unbatched(device):
     w_ih = torch.randn(8, 20, device=device).t()  # [20, 8], transposed storage
     w_hh = 0.2 * torch.randn(20, 20, device=device).t()
     b = torch.randn(20, device=device)
-    ours = [_leaf(t) for t in (x, hx, w_ih, w_hh, b, b)]
-    theirs = [_leaf(t) for t in (x, hx, w_ih, w_hh, b, b)]
+    ours = [leaf(t) for t in (x, hx, w_ih, w_hh, b, b)]
+    theirs = [leaf(t) for t in (x, hx, w_ih, w_hh, b, b)]
     with gpudl.use_backend("triton"):
         out, h_n = ops.rnn(*ours)
     want_out, want_h = reference.rnn(*theirs, "tanh", False)
@@ -113,8 +109,8 @@ def test_only_h_n_used_and_partial_grads(device):
     """The output's gradient arrives as zeros; only W_hh and hx require grad."""
     torch.manual_seed(0)
     x, w_ih = torch.randn(6, 2, 4, device=device), torch.randn(16, 4, device=device)
-    hx, w_hh = _leaf(torch.randn(2, 16, device=device)), _leaf(0.3 * torch.randn(16, 16, device=device))
-    hx2, w_hh2 = _leaf(hx), _leaf(w_hh)
+    hx, w_hh = leaf(torch.randn(2, 16, device=device)), leaf(0.3 * torch.randn(16, 16, device=device))
+    hx2, w_hh2 = leaf(hx), leaf(w_hh)
     with gpudl.use_backend("triton"):
         _, h_n = ops.rnn(x, hx, w_ih, w_hh, None, None)
     _, want = reference.rnn(x, hx2, w_ih, w_hh2, None, None, "tanh", False)
@@ -125,14 +121,14 @@ def test_only_h_n_used_and_partial_grads(device):
 
 def test_empty_batch_and_empty_sequence(device):
     torch.manual_seed(0)
-    w_ih, w_hh = _leaf(torch.randn(16, 3, device=device)), _leaf(torch.randn(16, 16, device=device))
+    w_ih, w_hh = leaf(torch.randn(16, 3, device=device)), leaf(torch.randn(16, 16, device=device))
     with gpudl.use_backend("triton"):
         out, h_n = ops.rnn(torch.randn(4, 0, 3, device=device), None, w_ih, w_hh)
         assert out.shape == (4, 0, 16) and h_n.shape == (0, 16)
         out.sum().backward()
         assert w_hh.grad is not None and torch.equal(w_hh.grad, torch.zeros_like(w_hh))
 
-        hx = _leaf(torch.randn(2, 16, device=device))
+        hx = leaf(torch.randn(2, 16, device=device))
         out, h_n = ops.rnn(torch.randn(2, 0, 3, device=device), hx, w_ih, w_hh, batch_first=True)
         assert out.shape == (2, 0, 16)
         torch.testing.assert_close(h_n, hx)
@@ -154,7 +150,7 @@ def test_hidden_size_beyond_the_kernel_falls_back_with_a_warning(device):
 
 
 def test_double_backward_raises(device):
-    x = _leaf(torch.randn(3, 2, 4, device=device))
+    x = leaf(torch.randn(3, 2, 4, device=device))
     with gpudl.use_backend("triton"):
         out, _ = ops.rnn(x, None, torch.randn(16, 4, device=device), torch.randn(16, 16, device=device))
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)

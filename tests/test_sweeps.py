@@ -12,7 +12,12 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from gpudl.utils import compose, repo_root
+import pytest
+
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from gpudl.utils import compose, repo_root  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
@@ -43,6 +48,7 @@ def test_sweeps_extra_pins_the_installed_plugins():
 
 
 def test_grid_sweep_goes_on_past_failed_jobs_and_summarizes(tmp_path):
+    pytest.importorskip("wandb", reason="logs to W&B (the GPU check machine has no wandb)")
     # Plain gradient descent on diabetes: lr 0.1 trains, 1e6 diverges to inf at epoch 3
     # (FiniteLossGuard), -1 is a bad value (ConfigError before training). Two jobs at a time in
     # joblib's worker processes (the basic launcher's multirun is in test_train_scripts.py).

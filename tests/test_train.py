@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import add_callback
 
-from gpudl import backend
-from gpudl.train import ConfigError, train
-from gpudl.utils import compose
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from gpudl import backend  # noqa: E402
+from gpudl.train import ConfigError, train  # noqa: E402
+from gpudl.utils import compose  # noqa: E402
 
 # A few batches of everything, quietly; the experiment's own callbacks (checkpoints) stay on.
 FAST = [
@@ -115,11 +119,34 @@ def test_fixed_seed_repeats_metrics_exactly(tmp_path):
     assert third["train/loss"] != first["train/loss"]
 
 
-def test_fast_dev_run_tests_current_weights(tmp_path):
+def test_fast_dev_run_tests_current_weights(tmp_path, monkeypatch):
+    """No checkpoint in fast_dev_run: the test stage runs the weights training ended with (not
+    the initial ones, not a reloaded copy)."""
+    from lightning.pytorch.callbacks import Callback
+
+    weights = {}
+
+    class Spy(Callback):
+        def _keep(self, name, pl_module):
+            weights[name] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+        def on_train_start(self, trainer, pl_module):
+            self._keep("initial", pl_module)
+
+        def on_train_end(self, trainer, pl_module):
+            self._keep("trained", pl_module)
+
+        def on_test_start(self, trainer, pl_module):
+            self._keep("tested", pl_module)
+
+    add_callback(monkeypatch, Spy())
     metrics, out = run(tmp_path, "experiment=logreg_cancer", "debug=fdr", fast=False)
     report = read_report(out)
     assert report["best_checkpoint"] is None and report["tested_checkpoint"] is None  # no checkpoints in fast_dev_run
     assert "test/acc" in metrics
+    assert weights["tested"].keys() == weights["trained"].keys()
+    assert all(torch.equal(weights["tested"][k], v) for k, v in weights["trained"].items())
+    assert any(not torch.equal(weights["initial"][k], v) for k, v in weights["trained"].items()), "nothing trained"
 
 
 def test_toy_line_tests_its_final_epoch(tmp_path):
@@ -154,6 +181,7 @@ def test_resume_from_checkpoint_and_test_only(tmp_path, caplog):
 
 
 def test_wandb_logger_runs_offline_without_login(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="logs to W&B (the GPU check machine has no wandb)")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` on record
@@ -181,7 +209,7 @@ def test_wandb_mode_respects_user_setting(monkeypatch, tmp_path):
     assert choose_wandb_mode() == "online" and "WANDB_MODE" not in os.environ
 
 
-def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
+def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import Callback
 
     seen = []
@@ -190,20 +218,9 @@ def test_kernel_backend_is_set_for_the_run_and_restored(tmp_path):
         def on_train_start(self, trainer, pl_module):
             seen.append(backend.current_backend())
 
-    import gpudl.train as train_module
-
-    original = train_module.instantiate_group
-
-    def with_spy(node, key, extra=None):
-        objects = original(node, key, extra)
-        return objects + [Spy()] if key == "callbacks" else objects
-
+    add_callback(monkeypatch, Spy())
     before = backend._process_backend
-    train_module.instantiate_group = with_spy
-    try:
-        run(tmp_path, "experiment=linreg_toy", "kernels.backend=torch")
-    finally:
-        train_module.instantiate_group = original
+    run(tmp_path, "experiment=linreg_toy", "kernels.backend=torch")
     assert seen == ["torch"]
     assert backend._process_backend == before
 

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gpudl.utils import repo_root
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from gpudl.utils import repo_root  # noqa: E402
 
 QUICK = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
          "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false"]
@@ -56,6 +59,7 @@ def test_default_train_prints_summary_and_eval_reproduces_it(tmp_path):
 
 
 def test_multirun_writes_one_run_folder_per_job(tmp_path):
+    pytest.importorskip("wandb", reason="logs to W&B (the GPU check machine has no wandb)")
     script("train.py", "-m", "experiment=linreg_toy", "logger=many", "seed=1,2", *QUICK, root=tmp_path, cwd=tmp_path)
     (sweep,) = (tmp_path / "logs" / "linreg_toy" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
