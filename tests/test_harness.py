@@ -31,6 +31,10 @@ def _load_mutant(tmp_path, file: str, op: str, mutation: tuple[str, str] | None,
     source = (KERNELS / file).read_text()
     renamed, count = re.subn(rf'\bop="{op}"', f'op="{op}_{tag}"', source)
     assert count == 1, f"kernels/{file}: expected one op=\"{op}\" registration"
+    # Its own custom ops too: torch.ops.gpudl.<name> can be defined once per process.
+    renamed, count = re.subn(r'\bkernel_op\("(\w+)"', rf'kernel_op("\1_{tag}"', renamed)
+    assert count >= 1, f"kernels/{file}: expected kernel_op(\"...\") definitions"
+    renamed = re.sub(r"\btorch\.ops\.gpudl\.(\w+)", rf"torch.ops.gpudl.\1_{tag}", renamed)
     if mutation is not None:
         pattern, replacement = mutation
         renamed, count = re.subn(pattern, replacement, renamed)
@@ -42,7 +46,9 @@ def _load_mutant(tmp_path, file: str, op: str, mutation: tuple[str, str] | None,
     module = importlib.util.module_from_spec(spec_obj)
     sys.modules[name] = module
     spec_obj.loader.exec_module(module)
-    return module, REGISTRY[f"{op}_{tag}"]
+    spec = REGISTRY[f"{op}_{tag}"]
+    object.__setattr__(spec, "reference", REGISTRY[op].reference)  # gpudl.reference has no <op>_<tag>
+    return module, spec
 
 
 @pytest.fixture
@@ -82,7 +88,7 @@ MSE_MUTATIONS = {
     "dropped-scale": (r"g = g / n\b", "g = g"),
     # the entry answers with the reference: right numbers, no kernel
     "reference-fallback": (r"(def mse_loss\(input, target, reduction\):\n    \"\"\"[^\"]*\"\"\"\n)",
-                           r"\1    return reference.mse_loss(input, target, reduction)\n"),
+                           r"\1    from gpudl import reference\n    return reference.mse_loss(input, target, reduction)\n"),
 }
 
 
