@@ -227,7 +227,7 @@ def test_float_mask_requiring_grad_falls_back_and_gets_its_gradient():
     assert g.shape == mask.shape and g.abs().sum() > 0
 
 
-def test_fallback_warning_points_at_the_callers_line(fresh_warnings):
+def test_fallback_warning_points_at_the_callers_line():
     q, k, v = _qkv(1, 2, 6, 6, 16)
     with gpudl.use_backend("triton"), pytest.warns(UserWarning, match="dropout_p > 0") as record:
         ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
