@@ -12,7 +12,10 @@ import sys
 
 import pytest
 
-from gpudl.utils import repo_root
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+from gpudl.utils import repo_root  # noqa: E402
 
 
 @pytest.mark.slow

@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpudl
-from gpudl import ops
-from gpudl.models import AttentionModule, CNNModule, GANModule, LinearRegressionModule, LogisticRegressionModule, RNNModule
-from gpudl.train import train
-from gpudl.utils import compose
+pytest.importorskip("hydra", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU check machine has neither)")
+
+import gpudl  # noqa: E402
+from gpudl import ops  # noqa: E402
+from gpudl.models import AttentionModule, CNNModule, GANModule, LinearRegressionModule, LogisticRegressionModule, RNNModule  # noqa: E402,E501
+from gpudl.train import train  # noqa: E402
+from gpudl.utils import compose  # noqa: E402
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 FAST = ["logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",

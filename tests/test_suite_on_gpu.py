@@ -20,7 +20,7 @@ MISSING = ("hydra", "omegaconf", "wandb", "mlxtend")
 # Each file, and the package it cannot be collected without on that machine.
 NEEDS = {"test_bad_input.py": "hydra", "test_configs.py": "hydra", "test_eval.py": "hydra",
          "test_resume.py": "hydra", "test_scale.py": "hydra", "test_sweeps.py": "hydra", "test_train.py": "hydra",
-         "test_train_scripts.py": "hydra"}
+         "test_train_scripts.py": "hydra", "test_package.py": "hydra", "test_precision_and_compile_runs.py": "hydra"}
 
 # Runs pytest in-process after putting a finder in front of the import system that refuses the
 # missing packages exactly as an absent package does (ModuleNotFoundError).
