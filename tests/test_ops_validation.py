@@ -9,6 +9,7 @@ from gpudl import ops
 
 x4 = torch.randn(2, 3, 8, 8)
 w4 = torch.randn(4, 3, 3, 3)
+wt4 = torch.randn(3, 4, 3, 3)  # a transposed convolution's weight: [C_in, C_out/groups, kH, kW]
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,15 @@ w4 = torch.randn(4, 3, 3, 3)
         (lambda: ops.conv2d(x4, w4, activation="swish"), ValueError, r"activation must be one of"),
         (lambda: ops.conv2d(torch.randn(1, 3, 2, 2), w4), ValueError, r"smaller than the dilated kernel"),
         (lambda: ops.conv2d(x4, torch.randn(4, 1, 3, 3), groups=2), ValueError, r"groups=2 expects 2"),
+        (lambda: ops.conv_transpose2d(x4, torch.randn(4, 2, 3, 3)), ValueError, r"input has 3 channels .*expects 4"),
+        (lambda: ops.conv_transpose2d(x4, wt4.half()), TypeError, r"weight has dtype torch.float16 but input"),
+        (lambda: ops.conv_transpose2d(x4, wt4, groups=2), ValueError, r"3 input channels, which groups=2"),
+        (lambda: ops.conv_transpose2d(x4, wt4, bias=torch.randn(3)), ValueError, r"bias must have shape \(4,\)"),
+        (lambda: ops.conv_transpose2d(x4, wt4, padding="same"), ValueError, r"padding must be an int or a pair"),
+        (lambda: ops.conv_transpose2d(x4, wt4, stride=2, output_padding=2), ValueError,
+         r"output_padding \(2, 2\) must be smaller than stride \(2, 2\) or dilation"),
+        (lambda: ops.conv_transpose2d(x4, wt4, padding=6), ValueError, r"gives an output of size \(-2, -2\)"),
+        (lambda: ops.conv_transpose2d(x4, wt4, activation="swish"), ValueError, r"activation must be one of"),
         (lambda: ops.linear(torch.randn(5, 7), torch.randn(3, 6)), ValueError, r"input has 7 features \(shape \(5, 7\)\) but weight \(3, 6\)"),
         (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), torch.randn(4)), ValueError, r"bias must have shape \(3,\)"),
         (lambda: ops.linear([1.0], torch.randn(3, 6)), TypeError, r"input must be a torch.Tensor, got list"),
@@ -73,3 +83,30 @@ def test_unusual_but_valid_inputs_match_torch():
     torch.testing.assert_close(ops.linear(xt, torch.randn(3, 7)).shape, torch.Size([5, 3]))
     out, h = ops.rnn(torch.randn(6, 3), None, torch.randn(4, 3), torch.randn(4, 4))  # unbatched
     assert out.shape == (6, 4) and h.shape == (4,)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(stride=2, padding=1, output_padding=1), dict(dilation=2, padding=2),
+                                    dict(stride=(2, 3), output_padding=(1, 2), groups=3)])
+def test_conv_transpose2d_matches_torch(kwargs):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7)
+    w = torch.randn(6, 2, 3, 4)
+    b = torch.randn(2 * kwargs.get("groups", 1))
+    torch.testing.assert_close(ops.conv_transpose2d(x, w, b, **kwargs), F.conv_transpose2d(x, w, b, **kwargs))
+    torch.testing.assert_close(ops.conv_transpose2d(x[0], w, b, **kwargs), F.conv_transpose2d(x[0], w, b, **kwargs))
+    torch.testing.assert_close(ops.conv_transpose2d(x[:0], w, b, **kwargs), F.conv_transpose2d(x[:0], w, b, **kwargs))
+    torch.testing.assert_close(ops.conv_transpose2d(x, w, b, activation="tanh", **kwargs),
+                               torch.tanh(F.conv_transpose2d(x, w, b, **kwargs)))
+
+
+def test_conv_transpose2d_module_is_a_drop_in():
+    from gpudl import nn
+
+    torch.manual_seed(0)
+    ours = nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1, activation="relu")
+    twin = torch.nn.ConvTranspose2d(4, 3, 4, stride=2, padding=1)
+    twin.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(ours(x), torch.relu(twin(x)))
+    # output_size picks the output_padding, as in torch
+    torch.testing.assert_close(ours(x, output_size=(11, 11)), torch.relu(twin(x, output_size=(11, 11))))

@@ -46,6 +46,28 @@ class Conv2d(nn.Conv2d):
         return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
 
 
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """`torch.nn.ConvTranspose2d` with an optional fused activation.
+    input [N, C_in, H, W] -> [N, C_out, H_out, W_out]; forward's `output_size` picks the
+    output_padding, as in torch."""
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)  # torch itself allows only padding_mode='zeros' here
+        self.activation = activation
+
+    def forward(self, input, output_size=None):
+        output_padding = self._output_padding(
+            input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        return ops.conv_transpose2d(
+            input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation,
+            activation=self.activation,
+        )
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+
+
 class RNN(nn.RNNBase):
     """`torch.nn.RNN` (Elman, tanh or relu; layers, bidirectional, dropout between layers), each
     layer and direction one `gpudl.ops.rnn` call. input [L, N, H_in] ([N, L, H_in] if batch_first)

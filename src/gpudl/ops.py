@@ -9,7 +9,7 @@ reference (`gpudl.reference`), as `gpudl.backend` decides. Models call these, ne
 Inside `torch.autocast` each op behaves as its `torch.nn.functional` twin does: the `@autocast`
 line above each op states its class, per device type, as PyTorch's own autocast op lists do, and
 both backends follow it:
-    lower_precision  floating inputs cast to the autocast dtype (conv2d, linear, attention, rnn)
+    lower_precision  floating inputs cast to the autocast dtype (convolutions, linear, attention, rnn)
     float32          floating inputs cast to float32, float32 result (losses; norms on CUDA)
     input_dtype      computed in float32, the result in the input's dtype (what CPU autocast
                      does for layer_norm and softplus, which are on none of its lists)
@@ -191,6 +191,70 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             f"({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})"
         )
     out = _dispatch("conv2d", [x, weight, bias], (x, weight, bias, stride, pad4, dilation, groups, activation))
+    return out.squeeze(0) if unbatched else out
+
+
+@autocast_class("lower_precision")
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
+                     activation=None):
+    """Transposed 2-D convolution followed by a fused activation, as `F.conv_transpose2d` then
+    `activation` (the same argument order: output_padding before groups, dilation last).
+
+    input [N, C_in, H, W] or unbatched [C_in, H, W]; weight [C_in, C_out/groups, kH, kW];
+    bias [C_out] or None. Returns [N, C_out, H_out, W_out] with
+    H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1.
+    """
+    _check_tensor("input", input, (3, 4))
+    _check_tensor("weight", weight, (4,))
+    _check_same("weight", weight, "input", input)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    c_in, c_out_per_group, kh, kw = weight.shape
+    if x.shape[1] != c_in:
+        raise ValueError(
+            f"input has {x.shape[1]} channels (shape {tuple(input.shape)}) but weight {tuple(weight.shape)} "
+            f"expects {c_in} (a transposed convolution's weight is [C_in, C_out/groups, kH, kW])"
+        )
+    if c_in % groups != 0:
+        raise ValueError(f"weight has {c_in} input channels, which groups={groups} does not divide")
+    if c_out_per_group == 0:
+        raise ValueError(f"weight {tuple(weight.shape)} has no output channels; a convolution needs at least one")
+    c_out = c_out_per_group * groups
+    if bias is not None:
+        _check_tensor("bias", bias, (1,))
+        _check_same("bias", bias, "input", input)
+        if bias.shape[0] != c_out:
+            raise ValueError(f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)} with "
+                             f"groups={groups}, got {tuple(bias.shape)}")
+    stride = _pair("stride", stride, 1)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints for a transposed convolution, got {padding!r}")
+    padding = _pair("padding", padding, 0)
+    output_padding = _pair("output_padding", output_padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    for op_, s, d in zip(output_padding, stride, dilation):
+        if op_ >= max(s, d):
+            raise ValueError(
+                f"output_padding {output_padding} must be smaller than stride {stride} or dilation {dilation} "
+                "in each dimension (as in torch.nn.functional.conv_transpose2d)"
+            )
+    _check_activation(activation)
+    out_size = tuple(
+        (size - 1) * s - 2 * p + d * (k - 1) + op_ + 1
+        for size, s, p, d, k, op_ in zip(x.shape[2:], stride, padding, dilation, (kh, kw), output_padding)
+    )
+    if min(out_size) < 1:
+        raise ValueError(
+            f"input spatial size {tuple(x.shape[2:])} with stride {stride}, padding {padding}, dilation {dilation} "
+            f"and kernel ({kh}, {kw}) gives an output of size {out_size}; every size must be >= 1"
+        )
+    out = _dispatch(
+        "conv_transpose2d",
+        [x, weight, bias],
+        (x, weight, bias, stride, padding, output_padding, groups, dilation, activation),
+    )
     return out.squeeze(0) if unbatched else out
 
 

@@ -44,6 +44,13 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups, activation_na
     return activation(out, activation_name)
 
 
+def conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation, activation_name):
+    """input [N, C_in, H, W]; weight [C_in, C_out/groups, kH, kW]; bias [C_out] or None;
+    stride, padding, output_padding, dilation: pairs. Returns [N, C_out, H_out, W_out]."""
+    out = F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return activation(out, activation_name)
+
+
 def linear(input, weight, bias, activation_name):
     """input [..., in]; weight [out, in]; bias [out] or None. Returns [..., out]."""
     return activation(F.linear(input, weight, bias), activation_name)
