@@ -332,7 +332,8 @@ def binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weigh
 def gan_discriminator_loss(real_logits, fake_logits):
     """real_logits [*], fake_logits [**] (any shapes, same dtype). Returns a 0-d tensor:
     mean softplus(-real) + mean softplus(fake), both halves in one launch."""
-    return torch.ops.gpudl.softplus_means(real_logits, fake_logits, _needs_grad(real_logits), _needs_grad(fake_logits))[0]
+    needs = _needs_grad(real_logits), _needs_grad(fake_logits)
+    return torch.ops.gpudl.softplus_means(real_logits, fake_logits, *needs)[0]
 
 
 def gan_generator_loss(fake_logits):

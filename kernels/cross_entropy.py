@@ -289,7 +289,8 @@ def _bench(n, c, smoothing=0.0):
 def _bytes(args):
     x, y, w, _, reduction, _ = args
     # read logits (once from HBM: the second pass of a row hits L2) and targets; write the gradient
-    return x.numel() * x.element_size() * (1 + x.requires_grad) + y.numel() * 8 + (w.numel() * w.element_size() if w is not None else 0)
+    weight_bytes = w.numel() * w.element_size() if w is not None else 0
+    return x.numel() * x.element_size() * (1 + x.requires_grad) + y.numel() * 8 + weight_bytes
 
 
 def _variants():

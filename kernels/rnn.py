@@ -105,7 +105,8 @@ def _rnn_forward_kernel(
                 ks = k + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
                 a = tl.load(prev_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w_t = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                w_t = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_mask[:, None] & col_mask[None, :],
+                              other=0.0)
                 acc += tl.dot(a.to(dot_dtype), w_t, out_dtype=ACC_DTYPE, input_precision="ieee")
         z = xp + acc + bias[None, :]
         if ACTIVATION == 0:
@@ -173,7 +174,8 @@ def _rnn_backward_kernel(
                 ks = k + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
                 a = tl.load(dz_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                            other=0.0)
                 dh += tl.dot(a.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
         o_row -= s_ot
         dz_row -= s_ot
@@ -430,7 +432,8 @@ def _compile_variants():
                 name=f"rnn-bwd-{tag}", kernel=_rnn_backward_kernel,
                 signature={"dy_ptr": ptr, "dhn_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr, "dh0_ptr": ptr,
                            "L": "i32", "N": "i32", "H": "i32", "s_dyt": "i32", "s_dyn": "i32", "s_dyh": "i32",
-                           "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32", "last_dy": "i32", "last_o": "i32",
+                           "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32",
+                           "last_dy": "i32", "last_o": "i32",
                            "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr",
                            "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
                 constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts},
@@ -447,7 +450,8 @@ SPEC = register(KernelSpec(
         Case("tanh-L6-N3-H16", _make(6, 3, 7, 16)),
         Case("relu-L5-N4-H24-ragged", _make(5, 4, 7, 24, "relu")),
         Case("tanh-batch_first-no-bias-L8-N3-H20", _make(8, 3, 7, 20, batch_first=True, bias=False)),
-        Case("relu-chunked-L4-N17-H80", _make(4, 17, 7, 80, "relu")),  # BLOCK_H 128 > 64: W_hh streamed in chunks, 2 programs
+        # BLOCK_H 128 > 64: W_hh streamed in chunks, 2 programs
+        Case("relu-chunked-L4-N17-H80", _make(4, 17, 7, 80, "relu")),
         Case("tanh-batch_first-chunked-L3-N2-H72", _make(3, 2, 5, 72, batch_first=True)),
         Case("empty-sequence-L0", _make(0, 3, 7, 16), expect_fallback=True),  # answered on the host
     ],

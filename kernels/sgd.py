@@ -355,5 +355,6 @@ SPEC = register(KernelSpec(
     bytes_moved=_bytes_moved,
     baselines={"torch.optim.SGD(foreach)": _torch_sgd(False), "torch.optim.SGD(fused)": _torch_sgd(True)},
     differentiable=False,
-    description="Fused multi-tensor SGD step (momentum, dampening, weight decay, nesterov, maximize), one launch per group",
+    description="Fused multi-tensor SGD step (momentum, dampening, weight decay, nesterov, maximize), "
+                "one launch per group",
 ))

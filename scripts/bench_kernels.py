@@ -132,9 +132,14 @@ def run_gpu(ops, dtype_name: str, quick: bool, out_dir: Path) -> list[dict]:
                     best_ms, best_name = min(baselines)
                     our_row[f"{phase[:-3]}_speedup_vs_best"] = best_ms / ours[phase]
                     our_row[f"{phase[:-3]}_best_baseline"] = best_name
-            print(f"{op:40s} {case.name:28s} " + "  ".join(
-                f"{k}={v.get('fwd_ms', float('nan')):.3f}/{v.get('fwd_bwd_ms', float('nan')):.3f}ms" for k, v in timings.items()
-            ), flush=True)
+            print(
+                f"{op:40s} {case.name:28s} "
+                + "  ".join(
+                    f"{k}={v.get('fwd_ms', float('nan')):.3f}/{v.get('fwd_bwd_ms', float('nan')):.3f}ms"
+                    for k, v in timings.items()
+                ),
+                flush=True,
+            )
             del args
             torch.cuda.empty_cache()
     _write_outputs(rows, out_dir, device_name)
@@ -159,17 +164,19 @@ def _write_outputs(rows: list[dict], out_dir: Path, device_name: str) -> None:
         f"Benchmarks on {device_name}, {meta['date']}, torch {meta['torch']}, triton {meta.get('triton', '?')}. "
         "Median times (ms); speedup = best baseline time / gpudl time.",
         "",
-        "| op | case | dtype | impl | fwd ms | fwd+bwd ms | TFLOP/s | GB/s | % peak | fwd speedup | fwd+bwd speedup | peak MB |",
+        "| op | case | dtype | impl | fwd ms | fwd+bwd ms | TFLOP/s | GB/s | % peak | fwd speedup | fwd+bwd speedup "
+        "| peak MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         frac = r.get("fwd_frac_peak_flops", r.get("fwd_frac_peak_bw"))
-        lines.append(
-            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['impl']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
-            f"{fmt(r.get('fwd_tflops'), '.1f')} | {fmt(r.get('fwd_gbps'), '.0f')} | {fmt(frac * 100 if frac else None, '.0f')} | "
-            f"{fmt(r.get('fwd_speedup_vs_best'), '.2f')} | {fmt(r.get('fwd_bwd_speedup_vs_best'), '.2f')} | "
-            f"{fmt(r.get('peak_mem_mb'), '.0f')} |" + (f" error: {r['error']}" if "error" in r else "")
-        )
+        cells = [
+            r["op"], r["case"], r["dtype"], r["impl"], fmt(r.get("fwd_ms")), fmt(r.get("fwd_bwd_ms")),
+            fmt(r.get("fwd_tflops"), ".1f"), fmt(r.get("fwd_gbps"), ".0f"), fmt(frac * 100 if frac else None, ".0f"),
+            fmt(r.get("fwd_speedup_vs_best"), ".2f"), fmt(r.get("fwd_bwd_speedup_vs_best"), ".2f"),
+            fmt(r.get("peak_mem_mb"), ".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |" + (f" error: {r['error']}" if "error" in r else ""))
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -183,7 +190,12 @@ def _write_outputs(rows: list[dict], out_dir: Path, device_name: str) -> None:
         fig, ax = plt.subplots(figsize=(max(6, len(ours) * 0.9), 4))
         x = range(len(ours))
         ax.bar([i - 0.2 for i in x], [r["fwd_speedup_vs_best"] for r in ours], width=0.4, label="forward")
-        ax.bar([i + 0.2 for i in x], [r.get("fwd_bwd_speedup_vs_best", 0) for r in ours], width=0.4, label="forward+backward")
+        ax.bar(
+            [i + 0.2 for i in x],
+            [r.get("fwd_bwd_speedup_vs_best", 0) for r in ours],
+            width=0.4,
+            label="forward+backward",
+        )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("speedup vs best PyTorch baseline")
@@ -201,7 +213,9 @@ def run_smoke(ops) -> list[dict]:
         spec = REGISTRY[op]
         torch.manual_seed(0)
         args = spec.cases[0].make(torch.float32, torch.device("cpu"))
-        ref_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+        ref_args = tuple(
+            a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+        )
         outs, refs = _flatten(spec.triton(*args)), _flatten(spec.reference(*ref_args))
         atol, rtol = spec.tolerances[torch.float32]
         ok = all(torch.allclose(o, r, atol=atol, rtol=rtol) for o, r in zip(outs, refs)) and len(outs) == len(refs)
@@ -215,8 +229,12 @@ def run_smoke(ops) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark gpudl kernels against PyTorch.")
-    parser.add_argument("--quick", action="store_true", help="first two bench cases per op, short timing loops (about 3 min on one GPU)")
-    parser.add_argument("--smoke", action="store_true", help="CPU smoke run through the interpreter (the default without a GPU)")
+    parser.add_argument(
+        "--quick", action="store_true", help="first two bench cases per op, short timing loops (about 3 min on one GPU)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU smoke run through the interpreter (the default without a GPU)"
+    )
     parser.add_argument("--ops", nargs="+", default=sorted(REGISTRY), help="which ops (default: all registered)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, default=Path("bench_results/local"))

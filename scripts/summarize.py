@@ -51,7 +51,8 @@ def _overrides(job_dir: Path, report: dict) -> dict[str, str]:
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One entry per job folder (a folder holding metrics.json or .hydra/), sorted by job number."""
     folders = {p.parent for p in sweep_dir.rglob("metrics.json")} | {p.parent for p in sweep_dir.rglob(".hydra")}
-    folders = {f for f in folders if f != sweep_dir and not any(part.startswith(".") for part in f.relative_to(sweep_dir).parts)}
+    hidden = {f for f in folders if any(part.startswith(".") for part in f.relative_to(sweep_dir).parts)}
+    folders = folders - hidden - {sweep_dir}
     jobs = []
     for folder in folders:
         path = folder / "metrics.json"
@@ -136,7 +137,8 @@ def summarize(sweep_dir: Path, metric: str | None = None, mode: str | None = Non
     jobs = load_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"summarize: no job folders with metrics.json under {sweep_dir}")
-    metric = metric or next((j["report"].get("optimized_metric") for j in jobs if j["report"].get("optimized_metric")), None)
+    declared = (j["report"].get("optimized_metric") for j in jobs if j["report"].get("optimized_metric"))
+    metric = metric or next(declared, None)
     mode = mode or _direction(sweep_dir, metric)
 
     keys = sorted({k for j in jobs for k in j["overrides"]})
@@ -176,10 +178,13 @@ def summarize(sweep_dir: Path, metric: str | None = None, mode: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder: logs/<task_name>/multiruns/<timestamp>")
     parser.add_argument("--metric", help="the metric to rank by (default: the jobs' optimized_metric)")
-    parser.add_argument("--mode", choices=["min", "max"], help="best is the lowest or highest (default: from the sweep)")
+    parser.add_argument("--mode", choices=["min", "max"],
+                        help="best is the lowest or highest (default: from the sweep)")
     parser.add_argument("--png", type=Path, help="where to draw the plot (default: <sweep dir>/summary.png)")
     args = parser.parse_args(argv)
     try:

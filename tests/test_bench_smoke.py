@@ -34,7 +34,8 @@ def test_bench_report_files_from_rows(tmp_path):
          "fwd_bwd_ms": 1.6, "fwd_tflops": 275.0, "fwd_frac_peak_flops": 0.28, "fwd_speedup_vs_best": 0.9,
          "fwd_bwd_speedup_vs_best": 0.8, "peak_mem_mb": 96.0},
         {"op": "linear", "case": "M4096", "dtype": "bf16", "impl": "torch", "device": "TestGPU", "fwd_ms": 0.45},
-        {"op": "linear", "case": "M4096", "dtype": "bf16", "impl": "torch.compile", "device": "TestGPU", "error": "RuntimeError: x"},
+        {"op": "linear", "case": "M4096", "dtype": "bf16", "impl": "torch.compile", "device": "TestGPU",
+         "error": "RuntimeError: x"},
     ]
     bench._write_outputs(rows, tmp_path, "TestGPU")
     table = (tmp_path / "results.md").read_text()

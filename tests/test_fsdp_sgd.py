@@ -28,11 +28,12 @@ def _worker(rank, world, port, interpret, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        import gpudl
-        from gpudl.optim import SGD
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
+
+        import gpudl
+        from gpudl.optim import SGD
 
         mesh = init_device_mesh("cpu", (world,))
         finals = {}

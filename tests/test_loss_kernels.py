@@ -13,13 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import leaf
 
 import gpudl
 from gpudl import ops
 from gpudl.kernels import bce, cross_entropy, mse
-
 
 # --------------------------------------------------------------------------- extreme logits
 EXTREME = [-1000.0, -100.0, -30.0, -20.0, -1.0, 0.0, 1.0, 20.0, 30.0, 100.0, 1000.0]
@@ -44,9 +42,15 @@ def test_bce_extreme_logits_finite_and_exact_against_float64(device):
         exact = _exact_float64(x64, t64, pos_weight)
         want, (wx, wt) = _reference_with_grads(x64, t64, pos_weight)
         x, t = leaf(x64.float()), leaf(t64.float())
-        got = bce.binary_cross_entropy_with_logits(x, t, None, "none", None if pos_weight is None else pos_weight.float())
+        got = bce.binary_cross_entropy_with_logits(
+            x, t, None, "none", None if pos_weight is None else pos_weight.float()
+        )
         gx, gt = torch.autograd.grad(got.sum(), [x, t])
-        for name, g, e, w in (("loss", got, exact[0], want), ("d/dinput", gx, exact[1], wx), ("d/dtarget", gt, exact[2], wt)):
+        for name, g, e, w in (
+            ("loss", got, exact[0], want),
+            ("d/dinput", gx, exact[1], wx),
+            ("d/dtarget", gt, exact[2], wt),
+        ):
             assert torch.isfinite(g).all(), f"{name} not finite: {g}"
             # Relative accuracy everywhere, tiny values included (log1p(exp(-20)) = 2e-9 is not 0);
             # atol only absorbs float32 subnormals (exp(-100) = 3.7e-44). rtol leaves room for the
@@ -54,8 +58,13 @@ def test_bce_extreme_logits_finite_and_exact_against_float64(device):
             torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-40, msg=name)
             torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-12, msg=f"{name} vs PyTorch")
     # The values that naive formulas get wrong: saturated logits with matching targets are exactly 0.
-    sat = bce.binary_cross_entropy_with_logits(torch.tensor([1000.0, -1000.0, 100.0], device=device),
-                                               torch.tensor([1.0, 0.0, 1.0], device=device), None, "none", None)
+    sat = bce.binary_cross_entropy_with_logits(
+        torch.tensor([1000.0, -1000.0, 100.0], device=device),
+        torch.tensor([1.0, 0.0, 1.0], device=device),
+        None,
+        "none",
+        None,
+    )
     assert sat.tolist() == [0.0, 0.0, pytest.approx(math.exp(-100), rel=1e-5)]
 
 
@@ -99,11 +108,15 @@ def test_empty_inputs_like_pytorch_without_launching(reduction, device, launches
     x = torch.empty(0, 3, device=device, requires_grad=True)
     t = torch.empty(0, 3, device=device)
     cases = [
-        (bce.binary_cross_entropy_with_logits(x, t, None, reduction, torch.ones(3, device=device)),
-         F.binary_cross_entropy_with_logits(x, t, reduction=reduction)),
+        (
+            bce.binary_cross_entropy_with_logits(x, t, None, reduction, torch.ones(3, device=device)),
+            F.binary_cross_entropy_with_logits(x, t, reduction=reduction),
+        ),
         (mse.mse_loss(x, t, reduction), F.mse_loss(x, t, reduction=reduction)),
-        (cross_entropy.cross_entropy(x, torch.empty(0, dtype=torch.long, device=device), None, -100, reduction, 0.0),
-         F.cross_entropy(x, torch.empty(0, dtype=torch.long, device=device), reduction=reduction)),
+        (
+            cross_entropy.cross_entropy(x, torch.empty(0, dtype=torch.long, device=device), None, -100, reduction, 0.0),
+            F.cross_entropy(x, torch.empty(0, dtype=torch.long, device=device), reduction=reduction),
+        ),
     ]
     for got, want in cases:
         assert got.shape == want.shape and got.dtype == want.dtype
@@ -123,15 +136,18 @@ def test_gan_empty_half_is_nan(device):
 
 
 # --------------------------------------------------------------------------- broadcasting
-@pytest.mark.parametrize("shape,weight_shape,pos_weight_shape", [
-    ((37, 5), (5,), (5,)),
-    ((37, 5), (37, 1), (1, 5)),
-    ((37, 5), (), (1,)),
-    ((37, 5), (37, 5), None),
-    ((4, 3, 6), (3, 1), (6,)),
-    ((2, 3, 4, 5), (2, 1, 4, 1), (5,)),  # four coalesced dims: materialized
-    ((2, 3, 4, 5), (1, 3, 1, 5), (1, 1, 1, 5)),
-])
+@pytest.mark.parametrize(
+    "shape,weight_shape,pos_weight_shape",
+    [
+        ((37, 5), (5,), (5,)),
+        ((37, 5), (37, 1), (1, 5)),
+        ((37, 5), (), (1,)),
+        ((37, 5), (37, 5), None),
+        ((4, 3, 6), (3, 1), (6,)),
+        ((2, 3, 4, 5), (2, 1, 4, 1), (5,)),  # four coalesced dims: materialized
+        ((2, 3, 4, 5), (1, 3, 1, 5), (1, 1, 1, 5)),
+    ],
+)
 def test_bce_weight_and_pos_weight_broadcast(shape, weight_shape, pos_weight_shape, device):
     torch.manual_seed(0)
     x = torch.randn(shape, device=device) * 4
@@ -189,7 +205,9 @@ def test_bce_one_launch_and_backward_scales_saved_grad(reduction, device, launch
     for a, b in zip(g1, g3):
         torch.testing.assert_close(b, 3 * a)
     xr, tr = leaf(x), leaf(t)
-    want = F.binary_cross_entropy_with_logits(xr, tr, reduction=reduction, pos_weight=torch.tensor([2.0], device=device))
+    want = F.binary_cross_entropy_with_logits(
+        xr, tr, reduction=reduction, pos_weight=torch.tensor([2.0], device=device)
+    )
     for g, r in zip(g1, torch.autograd.grad(want, [xr, tr], torch.ones_like(want))):
         torch.testing.assert_close(g, r)
 
@@ -219,7 +237,9 @@ def test_mse_target_grad_is_negated_input_grad(device, launches):
         assert len(launches) == before
         torch.testing.assert_close(gt, -gx)
         xr = leaf(x)
-        torch.testing.assert_close(gx, torch.autograd.grad(F.mse_loss(xr, t.detach(), reduction=reduction), [xr], grad_out)[0])
+        torch.testing.assert_close(
+            gx, torch.autograd.grad(F.mse_loss(xr, t.detach(), reduction=reduction), [xr], grad_out)[0]
+        )
     assert len(launches.of("_mse_fwd_kernel")) == 3
 
 
@@ -231,7 +251,9 @@ def test_no_gradients_computed_when_not_needed(device, launches):
         bce.binary_cross_entropy_with_logits(x, t, None, "mean", None)
         mse.mse_loss(x, t, "sum")
         bce.gan_discriminator_loss(x, x)
-        cross_entropy.cross_entropy(x.view(10, 5), torch.zeros(10, dtype=torch.long, device=device), None, -100, "mean", 0.0)
+        cross_entropy.cross_entropy(
+            x.view(10, 5), torch.zeros(10, dtype=torch.long, device=device), None, -100, "mean", 0.0
+        )
     first, second = launches.of("_bce_fwd_kernel")
     assert (first["GRAD_X"], first["GRAD_T"]) == (True, False)  # target does not require grad
     assert (second["GRAD_X"], second["GRAD_T"]) == (False, False)
@@ -243,9 +265,13 @@ def test_no_gradients_computed_when_not_needed(device, launches):
 def test_non_contiguous_inputs(device):
     x = torch.randn(5, 37, device=device).t().requires_grad_()
     t = torch.rand(5, 37, device=device).t()
-    for got, want in ((bce.binary_cross_entropy_with_logits(x, t, None, "sum", None),
-                       F.binary_cross_entropy_with_logits(x, t, reduction="sum")),
-                      (mse.mse_loss(x, t, "mean"), F.mse_loss(x, t))):
+    for got, want in (
+        (
+            bce.binary_cross_entropy_with_logits(x, t, None, "sum", None),
+            F.binary_cross_entropy_with_logits(x, t, reduction="sum"),
+        ),
+        (mse.mse_loss(x, t, "mean"), F.mse_loss(x, t)),
+    ):
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(torch.autograd.grad(got, [x])[0], torch.autograd.grad(want, [x])[0])
 
@@ -260,8 +286,14 @@ def test_losses_are_deterministic(device):
 # --------------------------------------------------------------------------- cross entropy
 def _ce_both(x, y, **kw):
     xa, xb = leaf(x), leaf(x)
-    got = cross_entropy.cross_entropy(xa, y, kw.get("weight"), kw.get("ignore_index", -100), kw.get("reduction", "mean"),
-                                      kw.get("label_smoothing", 0.0))
+    got = cross_entropy.cross_entropy(
+        xa,
+        y,
+        kw.get("weight"),
+        kw.get("ignore_index", -100),
+        kw.get("reduction", "mean"),
+        kw.get("label_smoothing", 0.0),
+    )
     want = F.cross_entropy(xb, y, **kw)
     grad_out = torch.randn_like(want)
     return got, want, torch.autograd.grad(got, [xa], grad_out)[0], torch.autograd.grad(want, [xb], grad_out)[0]
@@ -352,7 +384,9 @@ def test_cross_entropy_fallbacks_warn_with_reason(device):
             got = ops.cross_entropy(x[..., 0], probs, reduction="sum")
         torch.testing.assert_close(got, F.cross_entropy(x[..., 0], probs, reduction="sum"))
     with pytest.raises(ValueError, match="not differentiable with respect to weight"):
-        cross_entropy.cross_entropy(x[..., 0], y[:, 0], torch.ones(5, device=device, requires_grad=True), -100, "mean", 0.0)
+        cross_entropy.cross_entropy(
+            x[..., 0], y[:, 0], torch.ones(5, device=device, requires_grad=True), -100, "mean", 0.0
+        )
 
 
 # --------------------------------------------------------------------------- backend selection

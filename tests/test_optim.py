@@ -109,7 +109,10 @@ def test_params_without_grad_are_skipped_and_late_buffers_start_fresh(device):
     ours = [p.clone().requires_grad_() for p in base]
     ref = [p.clone().requires_grad_() for p in base]
     opt, ref_opt = SGD(ours, lr=0.1, momentum=0.9), torch.optim.SGD(ref, lr=0.1, momentum=0.9)
-    grads = [[torch.randn(7, 5, device=device), None], [torch.randn(7, 5, device=device), torch.randn(300, device=device)]]
+    grads = [
+        [torch.randn(7, 5, device=device), None],
+        [torch.randn(7, 5, device=device), torch.randn(300, device=device)],
+    ]
     with gpudl.use_backend("triton"):
         for step_grads in grads:
             for params, o in ((ours, opt), (ref, ref_opt)):
@@ -121,7 +124,9 @@ def test_params_without_grad_are_skipped_and_late_buffers_start_fresh(device):
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     for p, q in zip(ours, ref):
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"], rtol=1e-6, atol=1e-6
+        )
 
 
 def test_mixed_dtypes_layouts_and_empty_tensors(device):
@@ -160,8 +165,14 @@ def test_sgd_step_not_inplace_leaves_inputs(device):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(lr=-0.1), dict(lr=0.1, momentum=-0.5), dict(lr=0.1, weight_decay=-1e-4), dict(lr=0.1, nesterov=True),
-     dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), dict(lr=torch.tensor([0.1, 0.2]))],
+    [
+        dict(lr=-0.1),
+        dict(lr=0.1, momentum=-0.5),
+        dict(lr=0.1, weight_decay=-1e-4),
+        dict(lr=0.1, nesterov=True),
+        dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True),
+        dict(lr=torch.tensor([0.1, 0.2])),
+    ],
     ids=["lr", "momentum", "weight_decay", "nesterov-no-momentum", "nesterov-dampening", "tensor-lr"],
 )
 def test_constructor_validation_matches_torch(kwargs):

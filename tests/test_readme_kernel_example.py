@@ -48,7 +48,9 @@ def test_readme_kernel_example(tmp_path, device, launches, monkeypatch):
         with recording_launches() as gradcheck_launches:
             assert torch.autograd.gradcheck(spec.triton, (x64,), fast_mode=True)
         assert len(gradcheck_launches) > 0
-        assert len(spec.compile_variants()) == 2 and spec.bytes_moved(spec.bench_cases[0].make(torch.float32, "meta")) > 0
+        assert (
+            len(spec.compile_variants()) == 2 and spec.bytes_moved(spec.bench_cases[0].make(torch.float32, "meta")) > 0
+        )
 
         x = torch.randn(3, 7, 37, device=device, requires_grad=True)
         torch.library.opcheck(torch.ops.gpudl.silu, (x,))

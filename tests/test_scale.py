@@ -53,10 +53,10 @@ def test_trainer_presets(preset, accelerator, devices, strategy, tmp_path):
         assert trainer.num_devices == devices and trainer.num_nodes == 1
 
 
-@pytest.mark.parametrize("preset, value", [("32-true", "32-true"), ("16-mixed", "16-mixed"), ("bf16-mixed", "bf16-mixed")])
-def test_precision_presets(preset, value, tmp_path):
+@pytest.mark.parametrize("preset", ["32-true", "16-mixed", "bf16-mixed"])
+def test_precision_presets(preset, tmp_path):
     cfg = compose([f"precision={preset}", "trainer=gpu"], output_dir=tmp_path)
-    assert cfg.trainer.precision == value and "precision" not in cfg  # lands in trainer.precision
+    assert cfg.trainer.precision == preset and "precision" not in cfg  # lands in trainer.precision
     assert compose([], output_dir=tmp_path).trainer.precision == "32-true"
 
 
@@ -101,9 +101,9 @@ def test_slurm_launcher_runs_one_task_per_device_on_every_node():
 @pytest.mark.slow
 def test_submitit_local_runs_a_job(tmp_path):
     env = {**os.environ, "GPUDL_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, str(repo_root() / "scripts" / "train.py"), "-m", "hydra/launcher=submitit_local",
-                           "hydra.launcher.timeout_min=5", "experiment=linreg_toy", "logger=none", "trainer.max_epochs=1",
-                           *QUIET], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(repo_root() / "scripts" / "train.py"), "-m", "hydra/launcher=submitit_local",
+               "hydra.launcher.timeout_min=5", "experiment=linreg_toy", "logger=none", "trainer.max_epochs=1", *QUIET]
+    proc = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "logs" / "linreg_toy" / "multiruns").iterdir()
     assert json.loads((sweep / "0" / "metrics.json").read_text())["status"] == "ok"

@@ -39,7 +39,8 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, input):
         return ops.conv2d(
-            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, activation=self.activation
+            input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            activation=self.activation,
         )
 
     def extra_repr(self):
@@ -99,7 +100,9 @@ class RNN(nn.RNNBase):
         if hx is None:
             hx = input.new_zeros(expected)
         elif tuple(hx.shape) != expected:
-            raise ValueError(f"hx must have shape {expected} (layers * directions, batch, hidden), got {tuple(hx.shape)}")
+            raise ValueError(
+                f"hx must have shape {expected} (layers * directions, batch, hidden), got {tuple(hx.shape)}"
+            )
         time_dim = 1 if self.batch_first else 0
         layer_input, final_states = input, []
         for layer in range(self.num_layers):
@@ -140,9 +143,13 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if not self._qkv_same_embed_dim or self.bias_k is not None or self.add_zero_attn:
-            raise ValueError("gpudl.nn.MultiheadAttention supports kdim == vdim == embed_dim, no add_bias_kv, no add_zero_attn")
+            raise ValueError(
+                "gpudl.nn.MultiheadAttention supports kdim == vdim == embed_dim, no add_bias_kv, no add_zero_attn"
+            )
         if query.dim() != 3:
-            raise ValueError(f"query must be 3-D ([L, N, E], or [N, L, E] with batch_first), got shape {tuple(query.shape)}")
+            raise ValueError(
+                f"query must be 3-D ([L, N, E], or [N, L, E] with batch_first), got shape {tuple(query.shape)}"
+            )
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         batch, lq, embed = query.shape
@@ -169,12 +176,20 @@ class MultiheadAttention(nn.MultiheadAttention):
             if mask is not None:
                 scores = scores + mask
             if is_causal:
-                scores = scores.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+                causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+                scores = scores.masked_fill(~causal, float("-inf"))
             weights = scores.softmax(-1)
             weights = weights.mean(1) if average_attn_weights else weights
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+
+def _additive(mask, dtype):
+    """A bool mask (True = masked out) as -inf/0 to add to the scores; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
 
 
 def _combine_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, dtype):
@@ -184,10 +199,10 @@ def _combine_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, dtype):
         m = attn_mask
         if m.dim() == 3:  # [N * heads, Lq, Lk]
             m = m.view(batch, heads, lq, lk)
-        mask = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+        mask = _additive(m, dtype)
     if key_padding_mask is not None:
         k = key_padding_mask.view(batch, 1, 1, lk)
-        pad = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill(k, float("-inf")) if k.dtype == torch.bool else k.to(dtype)
+        pad = _additive(k, dtype)
         mask = pad if mask is None else mask + pad
     return mask
 

@@ -166,7 +166,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         _check_tensor("bias", bias, (1,))
         _check_same("bias", bias, "input", input)
         if bias.shape[0] != c_out:
-            raise ValueError(f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}"
+            )
     stride = _pair("stride", stride, 1)
     dilation = _pair("dilation", dilation, 1)
     if isinstance(padding, str):
@@ -174,7 +176,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
             pad4 = (0, 0, 0, 0)
         elif padding == "same":
             if stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1, got stride={stride} (as in torch.nn.functional.conv2d)")
+                raise ValueError(
+                    f"padding='same' needs stride 1, got stride={stride} (as in torch.nn.functional.conv2d)"
+                )
             total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
             pad4 = (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2)
         else:
@@ -195,8 +199,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
 
 
 @autocast_class("lower_precision")
-def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1,
-                     activation=None):
+def conv_transpose2d(
+    input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, activation=None
+):
     """Transposed 2-D convolution followed by a fused activation, as `F.conv_transpose2d` then
     `activation` (the same argument order: output_padding before groups, dilation last).
 
@@ -226,8 +231,10 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
         _check_tensor("bias", bias, (1,))
         _check_same("bias", bias, "input", input)
         if bias.shape[0] != c_out:
-            raise ValueError(f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)} with "
-                             f"groups={groups}, got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({c_out},) to match weight {tuple(weight.shape)} with "
+                f"groups={groups}, got {tuple(bias.shape)}"
+            )
     stride = _pair("stride", stride, 1)
     if isinstance(padding, str):
         raise ValueError(f"padding must be an int or a pair of ints for a transposed convolution, got {padding!r}")
@@ -301,7 +308,10 @@ def linear(input, weight, bias=None, activation=None):
         _check_tensor("bias", bias, (1,))
         _check_same("bias", bias, "input", input)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, "
+                f"got {tuple(bias.shape)}"
+            )
     _check_activation(activation)
     return _dispatch("linear", [input, weight, bias], (input, weight, bias, activation))
 
@@ -323,7 +333,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     three_d = query.dim() == 3
     q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if three_d else (query, key, value)
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"query head dim {q.shape[-1]} (shape {tuple(query.shape)}) != key head dim {k.shape[-1]} (shape {tuple(key.shape)})")
+        raise ValueError(
+            f"query head dim {q.shape[-1]} (shape {tuple(query.shape)}) != "
+            f"key head dim {k.shape[-1]} (shape {tuple(key.shape)})"
+        )
     if k.shape[:-1] != v.shape[:-1]:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in every dim but the last")
     if q.shape[:2] != k.shape[:2]:
@@ -354,9 +367,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         except RuntimeError:
             mask = None
         if mask is None:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target} (batch, heads, Lq, Lk)")
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target} (batch, heads, Lq, Lk)"
+            )
     out = _dispatch(
-        "scaled_dot_product_attention", [q, k, v, mask], (q, k, v, mask, float(dropout_p), bool(is_causal), float(scale))
+        "scaled_dot_product_attention",
+        [q, k, v, mask],
+        (q, k, v, mask, float(dropout_p), bool(is_causal), float(scale)),
     )
     return out.squeeze(1) if three_d else out
 
@@ -364,7 +381,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 # --------------------------------------------------------------------------- losses
 def _check_pair_shapes(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if t.shape != ref.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}; they must match")
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}; they must match"
+        )
 
 
 def _check_broadcastable(name: str, t: torch.Tensor, to: torch.Size) -> None:
@@ -391,7 +410,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
             _check_broadcastable(name, t, input.shape)
     _check_reduction(reduction)
     return _dispatch(
-        "binary_cross_entropy_with_logits", [input, target, weight, pos_weight], (input, target, weight, reduction, pos_weight)
+        "binary_cross_entropy_with_logits",
+        [input, target, weight, pos_weight],
+        (input, target, weight, reduction, pos_weight),
     )
 
 
@@ -439,7 +460,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         _check_same("target", target, "input", input, dtype=False)
         expected = input.shape[:1] + input.shape[2:] if input.dim() > 1 else torch.Size([])
         if target.shape != expected:
-            raise ValueError(f"target of class indices must have shape {tuple(expected)} for input {tuple(input.shape)}, got {tuple(target.shape)}")
+            raise ValueError(
+                f"target of class indices must have shape {tuple(expected)} for input {tuple(input.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
     num_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
     if weight is not None:
         _check_tensor("weight", weight, (1,))
@@ -450,7 +474,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     return _dispatch(
-        "cross_entropy", [input, target, weight], (input, target, weight, int(ignore_index), reduction, float(label_smoothing))
+        "cross_entropy",
+        [input, target, weight],
+        (input, target, weight, int(ignore_index), reduction, float(label_smoothing)),
     )
 
 
@@ -472,9 +498,15 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
     if weight_hh.shape != (hidden, hidden):
         raise ValueError(f"weight_hh must be square [H, H], got {tuple(weight_hh.shape)}")
     if weight_ih.shape[0] != hidden:
-        raise ValueError(f"weight_ih must have {hidden} rows to match weight_hh {tuple(weight_hh.shape)}, got {tuple(weight_ih.shape)}")
+        raise ValueError(
+            f"weight_ih must have {hidden} rows to match weight_hh {tuple(weight_hh.shape)}, "
+            f"got {tuple(weight_ih.shape)}"
+        )
     if input.shape[-1] != weight_ih.shape[1]:
-        raise ValueError(f"input has {input.shape[-1]} features (shape {tuple(input.shape)}) but weight_ih {tuple(weight_ih.shape)} expects {weight_ih.shape[1]}")
+        raise ValueError(
+            f"input has {input.shape[-1]} features (shape {tuple(input.shape)}) but weight_ih "
+            f"{tuple(weight_ih.shape)} expects {weight_ih.shape[1]}"
+        )
     for name, b in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
         if b is not None:
             _check_tensor(name, b, (1,))
@@ -493,7 +525,9 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, nonlinearit
         _check_same("hx", hx, "input", input)
         h0 = hx.reshape(-1, hx.shape[-1]) if hx.dim() != 1 else hx.unsqueeze(0)
         if h0.shape != (batch, hidden) or (hx.dim() == 3 and hx.shape[0] != 1):
-            raise ValueError(f"hx must have shape ({batch}, {hidden}) (or (1, {batch}, {hidden})), got {tuple(hx.shape)}")
+            raise ValueError(
+                f"hx must have shape ({batch}, {hidden}) (or (1, {batch}, {hidden})), got {tuple(hx.shape)}"
+            )
     output, h_n = _dispatch(
         "rnn",
         [x, h0, weight_ih, weight_hh, bias_ih, bias_hh],
@@ -518,8 +552,18 @@ def check_sgd_hyperparameters(lr, momentum, dampening, weight_decay, nesterov) -
 
 
 @autocast_class("none")
-def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-             nesterov=False, maximize=False, inplace=True):
+def sgd_step(
+    params,
+    grads,
+    momentum_buffers=None,
+    lr=1e-3,
+    momentum=0.0,
+    dampening=0.0,
+    weight_decay=0.0,
+    nesterov=False,
+    maximize=False,
+    inplace=True,
+):
     """One torch.optim.SGD update of many tensors at once (what `gpudl.optim.SGD.step` runs).
 
     params, grads: sequences of tensors, grads[i] with params[i]'s shape, dtype and device (dense);
@@ -529,13 +573,18 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
     Returns (params, momentum_buffers) as lists (buffers all None when momentum == 0).
     """
     if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)):
-        raise TypeError(f"params and grads must be lists or tuples of tensors, got {type(params).__name__} and {type(grads).__name__}")
+        raise TypeError(
+            "params and grads must be lists or tuples of tensors, "
+            f"got {type(params).__name__} and {type(grads).__name__}"
+        )
     if len(grads) != len(params):
         raise ValueError(f"grads must have one tensor per parameter: got {len(grads)} grads for {len(params)} params")
     if momentum_buffers is None:
         momentum_buffers = [None] * len(params)
     elif not isinstance(momentum_buffers, (list, tuple)) or len(momentum_buffers) != len(params):
-        raise ValueError(f"momentum_buffers must be None or a list with one entry (tensor or None) per parameter ({len(params)})")
+        raise ValueError(
+            f"momentum_buffers must be None or a list with one entry (tensor or None) per parameter ({len(params)})"
+        )
     for i, (p, g, b) in enumerate(zip(params, grads, momentum_buffers)):
         _check_tensor(f"params[{i}]", p)
         if not isinstance(g, torch.Tensor):
@@ -550,7 +599,9 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
                 raise TypeError(f"momentum_buffers[{i}] must be a torch.Tensor or None, got {type(b).__name__}")
             _check_same(f"momentum_buffers[{i}]", b, f"params[{i}]", p)
             if b.shape != p.shape:
-                raise ValueError(f"momentum_buffers[{i}] has shape {tuple(b.shape)} but params[{i}] has shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"momentum_buffers[{i}] has shape {tuple(b.shape)} but params[{i}] has shape {tuple(p.shape)}"
+                )
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
@@ -565,8 +616,18 @@ def sgd_step(params, grads, momentum_buffers=None, lr=1e-3, momentum=0.0, dampen
     return _dispatch(
         "sgd_step",
         list(params) + list(grads),
-        (list(params), list(grads), list(momentum_buffers), float(lr), float(momentum), float(dampening),
-         float(weight_decay), bool(nesterov), bool(maximize), bool(inplace)),
+        (
+            list(params),
+            list(grads),
+            list(momentum_buffers),
+            float(lr),
+            float(momentum),
+            float(dampening),
+            float(weight_decay),
+            bool(nesterov),
+            bool(maximize),
+            bool(inplace),
+        ),
     )
 
 
@@ -582,19 +643,16 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     _check_tensor("input", input)
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         normalized_shape = (normalized_shape,)
-    if (
-        not isinstance(normalized_shape, (tuple, list, torch.Size))
-        or not all(isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape)
+    if not isinstance(normalized_shape, (tuple, list, torch.Size)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in normalized_shape
     ):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     normalized_shape = tuple(int(d) for d in normalized_shape)
     if not normalized_shape:
         raise ValueError("normalized_shape must have at least one dim, got ()")
     k = len(normalized_shape)
-    if input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
-        raise ValueError(
-            f"input of shape {tuple(input.shape)} must end with normalized_shape {normalized_shape}"
-        )
+    if input.dim() < k or tuple(input.shape[input.dim() - k :]) != normalized_shape:
+        raise ValueError(f"input of shape {tuple(input.shape)} must end with normalized_shape {normalized_shape}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _check_tensor(name, t)
