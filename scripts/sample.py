@@ -47,7 +47,8 @@ def _number(args, key, kind, minimum):
     try:
         value = kind(args[key])
     except ValueError:
-        raise UsageError(f"{key} must be {'an int' if kind is int else 'a number'} >= {minimum}, got {args[key]!r}") from None
+        what = "an int" if kind is int else "a number"
+        raise UsageError(f"{key} must be {what} >= {minimum}, got {args[key]!r}") from None
     if value < minimum:
         raise UsageError(f"{key} must be >= {minimum}, got {args[key]!r}")
     return value

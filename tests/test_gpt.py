@@ -149,10 +149,12 @@ def test_builtin_text_splits_in_order():
 def test_training_windows_are_seeded(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abcdefghij" * 30, encoding="utf-8")
-    first = [x for x, _ in TextDataModule(str(path), context_length=4, batch_size=3, samples_per_epoch=6).train_dataloader()]
-    again = [x for x, _ in TextDataModule(str(path), context_length=4, batch_size=3, samples_per_epoch=6).train_dataloader()]
-    other = [x for x, _ in TextDataModule(str(path), context_length=4, batch_size=3, samples_per_epoch=6,
-                                          split_seed=1).train_dataloader()]
+
+    def windows(**kwargs):
+        dm = TextDataModule(str(path), context_length=4, batch_size=3, samples_per_epoch=6, **kwargs)
+        return [x for x, _ in dm.train_dataloader()]
+
+    first, again, other = windows(), windows(), windows(split_seed=1)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 

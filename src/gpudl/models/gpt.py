@@ -112,7 +112,8 @@ class GPTModule(SupervisedModule):
         if idx.dim() != 2 or idx.dtype != torch.int64:
             raise ValueError(f"GPTModule expects int64 token ids [N, T], got {idx.dtype} of shape {tuple(idx.shape)}")
         if not 1 <= idx.shape[1] <= hp.context_length:
-            raise ValueError(f"GPTModule: sequence length {idx.shape[1]} must be in 1..context_length={hp.context_length}")
+            raise ValueError(f"GPTModule: sequence length {idx.shape[1]} must be in "
+                             f"1..context_length={hp.context_length}")
         pos = torch.arange(idx.shape[1], device=idx.device)
         h = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
@@ -185,7 +186,8 @@ class GPTModule(SupervisedModule):
         temperature = check_float(owner, "temperature", temperature, 0.0)
         top_k = check_int(owner, "top_k", top_k, allow_none=True, none_means="all tokens")
         if idx.dim() != 2 or idx.shape[1] < 1 or idx.dtype != torch.int64:
-            raise ValueError(f"{owner}: idx must be int64 token ids [N, T] with T >= 1, got {idx.dtype} {tuple(idx.shape)}")
+            raise ValueError(f"{owner}: idx must be int64 token ids [N, T] with T >= 1, "
+                             f"got {idx.dtype} {tuple(idx.shape)}")
         was_training = self.training
         self.eval()
         for _ in range(length):
