@@ -88,6 +88,36 @@ def test_loss_falls_in_a_few_steps(backend, device, launches):
         assert len(launches) == 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_step_compiles_fullgraph_and_matches_eager(backend, device):
+    """As tests/test_compile.py for the other models: forward + loss in one graph (aot_eager also
+    traces the backward), eager's loss and gradients, at most one recompilation for a new batch size."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    model = _tiny().to(device)
+    step = lambda x, y: model.loss(model(x), y)  # noqa: E731
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    try:
+        with gpudl.use_backend(backend):
+            for n in (4, 3):
+                x, y = torch.randint(0, 11, (n, 8), device=device), torch.randint(0, 11, (n, 8), device=device)
+                model.zero_grad()
+                want = step(x, y)
+                want.backward()
+                want_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+                model.zero_grad()
+                got = compiled(x, y)
+                got.backward()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                for k, p in model.named_parameters():
+                    torch.testing.assert_close(p.grad, want_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count <= 2
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
