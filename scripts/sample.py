@@ -14,12 +14,14 @@ Arguments (key=value, as the other scripts take overrides):
     device       auto (CUDA when available) | cpu | cuda (default auto)
 
 The checkpoint loads with torch.load(weights_only=True) and needs neither Hydra nor the run's
-config: the model is rebuilt from its saved hyperparameters. Exit status 2 on a bad argument.
+config.yaml: the model is rebuilt from its saved hyperparameters, the vocabulary read from it.
+Exit status 2 on a bad argument.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 DEFAULTS = {"ckpt_path": None, "prompt": "The ", "length": "500", "temperature": "0.8", "top_k": "none", "seed": "0",
             "device": "auto"}
@@ -57,7 +59,6 @@ def _number(args, key, kind, minimum):
 def sample(args: dict[str, str | None]) -> str:
     import torch
 
-    from gpudl.checkpoints import CheckpointError, checkpoint_file, load_checkpoint
     from gpudl.models import GPTModule
 
     length = _number(args, "length", int, 0)
@@ -70,10 +71,15 @@ def sample(args: dict[str, str | None]) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    try:
-        checkpoint = load_checkpoint(checkpoint_file(args["ckpt_path"]))
-    except (CheckpointError, FileNotFoundError) as err:
-        raise UsageError(f"ckpt_path: {err}") from None
+    path = Path(args["ckpt_path"])
+    if not path.is_file():
+        raise UsageError(f"ckpt_path: {path} does not exist; expected a checkpoint file written by train()")
+    try:  # weights_only: loading runs no code from the file
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a checkpoint, pickled code ...
+        raise UsageError(f"ckpt_path: could not load {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(checkpoint, dict):
+        raise UsageError(f"ckpt_path: {path} is not a Lightning checkpoint")
     if "vocab" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UsageError(f"ckpt_path: {args['ckpt_path']} holds no vocabulary; expected a checkpoint of "
                          "gpudl.models.GPTModule written by train() (experiment=gpt_chars)")

@@ -176,6 +176,19 @@ def test_builtin_text_splits_in_order():
     assert len(dm.val_dataloader().dataset) == (n_val - 1 - 16) // 16 + 1
 
 
+def test_baselines_quoted_in_the_readme():
+    """Unigram and bigram models with add-one smoothing, fit on the training text, scored on the
+    validation text: the 4.67 and 3.35 bits per character the README compares the GPT with."""
+    dm = TextDataModule()
+    v = dm.vocab_size
+    train, val = dm.train_tokens, dm.val_tokens
+    counts = torch.bincount(train, minlength=v).double()
+    unigram = -torch.log2((counts[val] + 1) / (counts.sum() + v)).mean()
+    pairs = torch.bincount(train[:-1] * v + train[1:], minlength=v * v).double().view(v, v)
+    bigram = -torch.log2((pairs[val[:-1], val[1:]] + 1) / (pairs.sum(1)[val[:-1]] + v)).mean()
+    assert round(unigram.item(), 2) == 4.67 and round(bigram.item(), 2) == 3.35
+
+
 def test_training_windows_are_seeded(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("abcdefghij" * 30, encoding="utf-8")
@@ -282,3 +295,5 @@ def test_sample_script_prints_generated_text(trained_run):
     typo = subprocess.run([*cmd[:2], f"ckpt_path={out}/checkpoints/last.ckpt", "lenght=5"],
                           capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "lenght" in typo.stderr
+    missing = subprocess.run([*cmd[:2], f"ckpt_path={out}/nope.ckpt"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "nope.ckpt does not exist" in missing.stderr
