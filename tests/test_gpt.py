@@ -297,3 +297,34 @@ def test_sample_script_prints_generated_text(trained_run):
     assert typo.returncode == 2 and "lenght" in typo.stderr
     missing = subprocess.run([*cmd[:2], f"ckpt_path={out}/nope.ckpt"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "nope.ckpt does not exist" in missing.stderr
+
+
+def test_interrupted_then_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    """As tests/test_resume.py for the CNN: the random training windows of a resumed run are the
+    ones the uninterrupted run drew (RNGStateCheckpoint reseeds the RandomSampler per epoch), so
+    every metric matches bit for bit, val/bpc_best included."""
+    pytest.importorskip("hydra", reason="needs hydra-core")
+    from helpers import add_callback
+    from lightning.pytorch.callbacks import Callback
+
+    from gpudl.train import train
+    from gpudl.utils import compose
+
+    args = ["experiment=gpt_chars", *FAST, "trainer.max_epochs=3", "trainer.deterministic=true", "seed=3"]
+    alone = train(compose(args, output_dir=tmp_path / "alone"))
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterFirstEpoch(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise Stop
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        add_callback(patch, StopAfterFirstEpoch())
+        with pytest.raises(Stop):
+            train(compose(args, output_dir=out))
+    resumed = train(compose([*args, "ckpt_path=last"], output_dir=out))
+    assert resumed == alone
