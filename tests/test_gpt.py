@@ -5,6 +5,7 @@ errors, and experiment=gpt_chars through train() and scripts/sample.py."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import subprocess
 import sys
@@ -279,24 +280,26 @@ def test_vocab_size_must_fit_a_user_text(tmp_path):
         train(compose(["experiment=gpt_chars", f"data.path={path}", *FAST], output_dir=tmp_path / "run"))
 
 
-def test_sample_script_prints_generated_text(trained_run):
+def test_sample_script_prints_generated_text(trained_run, capsys):
     out, _ = trained_run
-    cmd = [sys.executable, str(ROOT / "scripts" / "sample.py"), f"ckpt_path={out}/checkpoints/last.ckpt",
-           "prompt=The ", "length=40", "temperature=0.8", "top_k=10", "seed=1"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("The ") and len(first.stdout.rstrip("\n")) >= 44
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.stdout == first.stdout  # seeded
+    ckpt = f"ckpt_path={out}/checkpoints/last.ckpt"
+    args = [ckpt, "prompt=The ", "length=40", "temperature=0.8", "top_k=10", "seed=1"]
+    cli = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), *args], capture_output=True, text=True,
+                         timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.startswith("The ") and len(cli.stdout.rstrip("\n")) >= 44
 
-    bad = subprocess.run([*cmd[:2], f"ckpt_path={out}/checkpoints/last.ckpt", "prompt=\u2603"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not in the model's vocabulary" in bad.stderr
-    typo = subprocess.run([*cmd[:2], f"ckpt_path={out}/checkpoints/last.ckpt", "lenght=5"],
-                          capture_output=True, text=True, timeout=120)
-    assert typo.returncode == 2 and "lenght" in typo.stderr
-    missing = subprocess.run([*cmd[:2], f"ckpt_path={out}/nope.ckpt"], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "nope.ckpt does not exist" in missing.stderr
+    # In this process (each interpreter start costs seconds): seeded, and the bad arguments.
+    spec = importlib.util.spec_from_file_location("sample_script", ROOT / "scripts" / "sample.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(args) == 0 and capsys.readouterr().out == cli.stdout  # seeded: the same text
+    for bad, message in [("prompt=\u2603", "not in the model's vocabulary"), ("lenght=5", "lenght"),
+                         ("top_k=0", "top_k must be >= 1"), ("temperature=hot", "temperature must be a number")]:
+        assert script.main([ckpt, bad]) == 2
+        assert message in capsys.readouterr().err
+    assert script.main([f"ckpt_path={out}/nope.ckpt"]) == 2 and "nope.ckpt does not exist" in capsys.readouterr().err
+    assert script.main([f"ckpt_path={out}/config.yaml"]) == 2 and "could not load" in capsys.readouterr().err
 
 
 def test_interrupted_then_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
