@@ -47,3 +47,27 @@ def test_bench_models_imports_no_hydra_wandb_or_mlxtend():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code, str(SCRIPT)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gpu_configs_build_and_fit_their_batches():
+    """The GPU-sized configs, checked here so a GPU run does not find a typo: every model builds,
+    and a slice of its GPU batch (one sample; the GPT: 32 tokens) goes through a loss."""
+    import torch
+
+    import gpudl
+
+    bench = _load()
+    gen = torch.Generator().manual_seed(0)
+    with gpudl.use_backend("torch"), torch.no_grad():
+        for name, exp in bench.EXPERIMENTS.items():
+            model = exp.build(False)
+            batch = exp.batch(False, torch.device("cpu"), gen)
+            assert exp.items(batch) == (16 * 1024 if name == "gpt" else 512), name
+            if name == "gan":
+                real, z = batch
+                assert model.generator(z[:1]).shape == real[:1].shape
+                continue
+            x, y = batch
+            x, y = (x[:1, :32], y[:1, :32]) if name == "gpt" else (x[:1], y[:1])
+            assert torch.isfinite(model.loss(model(x), y)), name
+    assert sum(p.numel() for p in bench.EXPERIMENTS["gpt"].build(False).parameters()) > 80e6  # GPT-2 small's body
