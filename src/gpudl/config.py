@@ -169,7 +169,7 @@ def check_model_fits_data(cfg: DictConfig, datamodule: Any) -> None:
     (e.g. after data.path=<your file> with other sizes) before the model is built."""
     model = cfg.model
     expected: dict[str, Any] = {}
-    for attr in ("num_features", "num_classes"):
+    for attr in ("num_features", "num_classes", "vocab_size"):
         if hasattr(datamodule, attr):
             expected[attr] = getattr(datamodule, attr)
     shape = getattr(datamodule, "image_shape", None)

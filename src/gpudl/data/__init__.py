@@ -4,6 +4,7 @@ bundled data sets), plus a generated toy line."""
 from gpudl.data._base import ArrayDataModule
 from gpudl.data.images import DigitsDataModule, ImageDataModule, MNIST5kDataModule
 from gpudl.data.tabular import BreastCancerDataModule, DiabetesDataModule, ToyLineDataModule
+from gpudl.data.text import TextDataModule
 
 __all__ = [
     "ArrayDataModule",
@@ -13,4 +14,5 @@ __all__ = [
     "BreastCancerDataModule",
     "DigitsDataModule",
     "MNIST5kDataModule",
+    "TextDataModule",
 ]

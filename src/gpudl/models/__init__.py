@@ -3,6 +3,7 @@
 from gpudl.models.attention import AttentionModule
 from gpudl.models.cnn import CNNModule
 from gpudl.models.gan import GANModule
+from gpudl.models.gpt import GPTModule
 from gpudl.models.linear_regression import LinearRegressionModule
 from gpudl.models.logistic_regression import LogisticRegressionModule
 from gpudl.models.rnn import RNNModule
@@ -14,4 +15,5 @@ __all__ = [
     "RNNModule",
     "AttentionModule",
     "GANModule",
+    "GPTModule",
 ]

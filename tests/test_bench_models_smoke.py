@@ -1,0 +1,73 @@
+"""scripts/bench_models.py's CPU smoke mode: every experiment's training step runs in every variant
+(the triton one on our kernels, through the interpreter), the first losses agree, and the report
+files are written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from gpudl.kernels.registry import INTERPRET
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_models.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_models", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the smoke mode runs CPU tensors through the Triton interpreter")
+def test_bench_models_smoke_runs_every_experiment(tmp_path, capsys, launches):
+    bench = _load()
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in bench.EXPERIMENTS:
+        for variant in bench.VARIANTS:
+            assert f"smoke {name} {variant}: " in out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == len(bench.EXPERIMENTS) * len(bench.VARIANTS)
+    assert all("error" not in r and r["loss_diff"] <= 1e-4 * max(1.0, r["first_loss"]) for r in rows)
+    assert "| gpt | " in (tmp_path / "results.md").read_text()
+    # The triton variants ran our kernels: attention, layer norm, the GEMM, convolution, the RNN.
+    assert {"_attn_fwd", "_ln_fwd_kernel", "_matmul_kernel"} <= set(launches.kernels()), launches.kernels()
+    assert {"gpudl.kernels.conv2d", "gpudl.kernels.rnn"} <= {r.module for r in launches.records}
+
+
+def test_bench_models_imports_no_hydra_wandb_or_mlxtend():
+    """The GPU machine lacks them: the script and what it imports must not need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1], run_name='bench'); "
+            "bad = [m for m in ('hydra', 'omegaconf', 'wandb', 'mlxtend') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code, str(SCRIPT)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_gpu_configs_build_and_fit_their_batches():
+    """The GPU-sized configs, checked here so a GPU run does not find a typo: every model builds,
+    and a slice of its GPU batch (one sample; the GPT: 32 tokens) goes through a loss."""
+    import torch
+
+    import gpudl
+
+    bench = _load()
+    gen = torch.Generator().manual_seed(0)
+    with gpudl.use_backend("torch"), torch.no_grad():
+        for name, exp in bench.EXPERIMENTS.items():
+            model = exp.build(False)
+            batch = exp.batch(False, torch.device("cpu"), gen)
+            assert exp.items(batch) == (16 * 1024 if name == "gpt" else 512), name
+            if name == "gan":
+                real, z = batch
+                assert model.generator(z[:1]).shape == real[:1].shape
+                continue
+            x, y = batch
+            x, y = (x[:1, :32], y[:1, :32]) if name == "gpt" else (x[:1], y[:1])
+            assert torch.isfinite(model.loss(model(x), y)), name
+    assert sum(p.numel() for p in bench.EXPERIMENTS["gpt"].build(False).parameters()) > 80e6  # GPT-2 small's body
