@@ -1,0 +1,337 @@
+"""How much the training loop costs: gpudl's `train()` against a plain PyTorch loop, side by side.
+
+For each experiment, the same model architecture, data split sizes, optimizer, learning rate,
+schedule, batch size and epochs, trained twice in fresh processes, alternating, N times each:
+
+    gpudl   `python scripts/train.py experiment=<name> logger=none <the same settings>`
+    plain   this script with `--plain <name>`: torch and scikit-learn only; the data as tensors
+            batched by index from a seeded per-epoch permutation, torch.optim.Adam, the cosine
+            schedule stepped per epoch, one validation pass per epoch, a test pass at the end.
+
+Reported per side (medians over the N runs): training-phase wall time (fit: training and the
+per-epoch validation; gpudl's `fit_time_s` in metrics.json), optimizer steps per second in that
+phase, whole-process wall time (interpreter start to exit, imports included), and gpudl / plain
+ratios. JSON and a Markdown table go to --out.
+
+    python scripts/bench_loop.py                      # every experiment, N=3
+    python scripts/bench_loop.py --experiments cnn_digits --runs 5 --out bench/loop
+    python scripts/bench_loop.py --quick              # smoke: logreg_cancer, 2 epochs, 1 run
+
+The gpudl side needs Hydra (it composes conf/); where Hydra is not installed (the GPU machine),
+only the plain side runs and the gpudl columns say so. Nothing heavier than the standard library
+is imported at module level, so `--plain` processes pay only for torch and scikit-learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The settings both sides use; the gpudl side gets them as explicit overrides, so a change of an
+# experiment's config cannot make the two sides train different things unnoticed.
+EXPERIMENTS: dict[str, dict] = {
+    "cnn_digits": {"data": "digits", "model": "cnn", "epochs": 30, "batch_size": 32, "lr": 2e-3, "cosine": True},
+    "rnn_digits": {"data": "digits", "model": "rnn", "epochs": 30, "batch_size": 64, "lr": 3e-3, "cosine": True},
+    "attention_digits": {"data": "digits", "model": "attention", "epochs": 30, "batch_size": 64, "lr": 1e-3,
+                         "cosine": True},
+    "logreg_cancer": {"data": "cancer", "model": "logreg", "epochs": 50, "batch_size": 32, "lr": 1e-2,
+                      "cosine": False},
+}
+
+
+# --------------------------------------------------------------------------- the plain loop
+def _plain_data(kind: str):
+    """The experiment's data split as gpudl splits it (same sizes, stratified, seeds 0 and 1):
+    tensors (X_train, y_train, X_val, y_val, X_test, y_test)."""
+    import numpy as np
+    import torch
+    from sklearn.model_selection import train_test_split
+
+    if kind == "digits":
+        from sklearn.datasets import load_digits
+
+        X, y = load_digits(return_X_y=True)
+        X = (X / 16.0).reshape(-1, 1, 8, 8).astype(np.float32)
+    else:
+        from sklearn.datasets import load_breast_cancer
+
+        X, y = load_breast_cancer(return_X_y=True)
+    n = X.shape[0]
+    n_test, n_val = math.ceil(0.15 * n), math.ceil(0.15 * n)
+    index = np.arange(n)
+    rest, test = train_test_split(index, test_size=n_test, random_state=0, stratify=y)
+    train, val = train_test_split(rest, test_size=n_val, random_state=1, stratify=y[rest])
+    if kind == "cancer":  # standardized by the train split's statistics
+        mean, std = X[train].mean(0), X[train].std(0)
+        X = ((X - mean) / np.where(std > 1e-12, std, 1.0)).astype(np.float32)
+        y = y.astype(np.float32).reshape(-1, 1)
+    out = []
+    for part in (train, val, test):
+        out += [torch.as_tensor(X[part]), torch.as_tensor(y[part])]
+    return out
+
+
+def _plain_model(name: str):
+    """The experiment's architecture in plain torch.nn (the same layers and parameter count)."""
+    import torch
+    from torch import nn
+
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 2 * 2, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+    if name == "logreg":
+        return nn.Linear(30, 1)
+    if name == "rnn":
+        class RNN(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.RNN(8, 128, batch_first=True)
+                self.head = nn.Linear(128, 10)
+
+            def forward(self, x):
+                return self.head(self.rnn(x.permute(0, 2, 1, 3).flatten(2))[1][-1])
+
+        return RNN()
+
+    class Block(nn.Module):
+        def __init__(self, d=64, heads=4, mlp=128):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Linear(mlp, d))
+
+        def forward(self, x):
+            h = self.ln_1(x)
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+            return x + self.mlp(self.ln_2(x))
+
+    class ViT(nn.Module):
+        def __init__(self, d=64):
+            super().__init__()
+            self.embed = nn.Linear(8, d)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+            self.pos_embed = nn.Parameter(torch.randn(1, 9, d) * 0.02)
+            self.blocks = nn.Sequential(Block(), Block())
+            self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+        def forward(self, x):
+            h = self.embed(x.flatten(1, 2))  # [N, 1, 8, 8] -> 8 row tokens of 8 pixels
+            h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1) + self.pos_embed
+            return self.head(self.ln_f(self.blocks(h))[:, 0])
+
+    return ViT()
+
+
+def run_plain(name: str) -> dict:
+    """Train one experiment with the plain loop (on the GPU when there is one, as gpudl's
+    accelerator=auto); returns its training-phase time, steps and test accuracy."""
+    import torch
+    import torch.nn.functional as F
+
+    spec = EXPERIMENTS[name]
+    torch.manual_seed(12345)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as gpudl's accelerator=auto
+    X_tr, y_tr, X_va, y_va, X_te, y_te = (t.to(device) for t in _plain_data(spec["data"]))
+    model = _plain_model(spec["model"]).to(device)
+    binary = spec["model"] == "logreg"
+    loss_fn = F.binary_cross_entropy_with_logits if binary else F.cross_entropy
+    opt = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec["epochs"]) if spec["cosine"] else None
+    generator = torch.Generator().manual_seed(0)
+
+    def evaluate(X, y):
+        model.eval()
+        with torch.no_grad():
+            out = model(X)
+            loss = loss_fn(out, y)
+            pred = (out.reshape(-1) > 0).long() if binary else out.argmax(-1)
+            acc = (pred == y.reshape(-1).long()).float().mean()
+        model.train()
+        return float(loss), float(acc)
+
+    bs, n, steps = spec["batch_size"], X_tr.shape[0], 0
+    start = time.perf_counter()
+    for _ in range(spec["epochs"]):
+        perm = torch.randperm(n, generator=generator).to(device)
+        for i in range(0, n, bs):
+            idx = perm[i : i + bs]
+            loss = loss_fn(model(X_tr[idx]), y_tr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+        evaluate(X_va, y_va)  # float(loss) waits for the device once per epoch
+        if sched is not None:
+            sched.step()
+    fit = time.perf_counter() - start
+    _, test_acc = evaluate(X_te, y_te)
+    return {"fit_time_s": fit, "steps": steps, "test_acc": test_acc}
+
+
+# --------------------------------------------------------------------------- the two sides, timed
+def _gpudl_overrides(name: str, epochs: int) -> list[str]:
+    spec = EXPERIMENTS[name]
+    return [f"experiment={name}", "logger=none", f"trainer.max_epochs={epochs}",
+            f"data.batch_size={spec['batch_size']}", f"model.optimizer.lr={spec['lr']}"]
+
+
+def time_gpudl(name: str, epochs: int, workdir: Path) -> dict:
+    run_dir = workdir / f"gpudl_{name}_{time.monotonic_ns()}"
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *_gpudl_overrides(name, epochs),
+           f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    whole = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"gpudl run failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    report = json.loads((run_dir / "metrics.json").read_text())
+    return {"whole_s": whole, "fit_time_s": report["fit_time_s"], "steps": report["global_step"],
+            "test_acc": report["metrics"].get("test/acc")}
+
+
+def time_plain(name: str, epochs: int, workdir: Path) -> dict:
+    out = workdir / f"plain_{name}_{time.monotonic_ns()}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", name, "--epochs", str(epochs),
+           "--result", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    whole = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"plain run failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return {"whole_s": whole, **json.loads(out.read_text())}
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(name: str, gpudl: list[dict], plain: list[dict]) -> dict:
+    row: dict = {"experiment": name, "runs": len(plain)}
+    for side, runs in (("gpudl", gpudl), ("plain", plain)):
+        if not runs:
+            row[side] = None
+            continue
+        fit = _median(runs, "fit_time_s")
+        row[side] = {"fit_time_s": fit, "whole_s": _median(runs, "whole_s"), "steps": runs[0]["steps"],
+                     "steps_per_s": runs[0]["steps"] / fit, "test_acc": _median(runs, "test_acc"),
+                     "fit_times_s": [r["fit_time_s"] for r in runs], "whole_times_s": [r["whole_s"] for r in runs]}
+    if gpudl and plain:
+        row["fit_ratio"] = row["gpudl"]["fit_time_s"] / row["plain"]["fit_time_s"]
+        row["whole_ratio"] = row["gpudl"]["whole_s"] / row["plain"]["whole_s"]
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Device: {meta['device']}; {meta['date']}; load average before/after: {meta['load_before']} / "
+        f"{meta['load_after']}; median of {meta['runs']} alternating runs per side.",
+        "",
+        "| experiment | epochs | steps | gpudl fit s | plain fit s | fit ratio (target ≤ 1.2) | gpudl steps/s | "
+        "plain steps/s | gpudl process s | plain process s | process ratio (target ≤ 1.5) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        g, p = r["gpudl"], r["plain"]
+        if g is None:
+            lines.append(f"| {r['experiment']} | {r['epochs']} | {p['steps']} | (no Hydra: not run) | "
+                         f"{p['fit_time_s']:.2f} | | | {p['steps_per_s']:.0f} | | {p['whole_s']:.2f} | |")
+            continue
+        lines.append(
+            f"| {r['experiment']} | {r['epochs']} | {g['steps']} | {g['fit_time_s']:.2f} | {p['fit_time_s']:.2f} | "
+            f"{r['fit_ratio']:.2f}× | {g['steps_per_s']:.0f} | {p['steps_per_s']:.0f} | {g['whole_s']:.2f} | "
+            f"{p['whole_s']:.2f} | {r['whole_ratio']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {os.cpu_count()} logical cores, {cpu}, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiments", nargs="+", choices=sorted(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument("--runs", type=int, default=3, help="runs per side (median); default 3")
+    parser.add_argument("--epochs", type=int, default=None, help="override every experiment's epochs")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: logreg_cancer, 2 epochs, 1 run")
+    parser.add_argument("--out", type=Path, default=None, help="folder for loop.json and loop.md")
+    parser.add_argument("--plain", choices=sorted(EXPERIMENTS), help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs must be >= 1, got {args.runs}")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+
+    if args.plain:  # a child process: one plain run
+        EXPERIMENTS[args.plain]["epochs"] = args.epochs or EXPERIMENTS[args.plain]["epochs"]
+        result = run_plain(args.plain)
+        args.result.write_text(json.dumps(result))
+        return 0
+
+    if args.quick:
+        args.experiments, args.runs, args.epochs = ["logreg_cancer"], 1, args.epochs or 2
+    has_hydra = importlib.util.find_spec("hydra") is not None
+    if not has_hydra:
+        print("bench_loop: Hydra is not installed, so gpudl's train() (which composes conf/) is not run; "
+              "only the plain loop is timed", file=sys.stderr)
+    meta = {"device": _device(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_before": _load(), "runs": args.runs, "python": sys.version.split()[0]}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
+        for name in args.experiments:
+            epochs = args.epochs or EXPERIMENTS[name]["epochs"]
+            gpudl, plain = [], []
+            for i in range(args.runs):  # alternate the sides (and which goes first) against load drift
+                order = ("gpudl", "plain") if i % 2 == 0 else ("plain", "gpudl")
+                for side in order:
+                    if side == "gpudl" and has_hydra:
+                        gpudl.append(time_gpudl(name, epochs, Path(tmp)))
+                    elif side == "plain":
+                        plain.append(time_plain(name, epochs, Path(tmp)))
+            row = summarize(name, gpudl, plain)
+            row["epochs"] = epochs
+            rows.append(row)
+            print(f"{name}: " + (f"fit {row['fit_ratio']:.2f}x, process {row['whole_ratio']:.2f}x"
+                                 if "fit_ratio" in row else "plain only"), flush=True)
+    meta["load_after"] = _load()
+    table = markdown(rows, meta)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "loop.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        (args.out / "loop.md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
