@@ -17,6 +17,10 @@ ratios. JSON and a Markdown table go to --out.
     python scripts/bench_loop.py --experiments cnn_digits --runs 5 --out bench/loop
     python scripts/bench_loop.py --quick              # smoke: logreg_cancer, 2 epochs, 1 run
 
+Both sides run with the same OMP_NUM_THREADS (--threads, default 1): on a CPU shared with other
+work, PyTorch's OpenMP threads wait for each other at every parallel region, and those waits (up
+to 100x the step time on the loaded 2-core machine) would drown what is measured here.
+
 The gpudl side needs Hydra (it composes conf/); where Hydra is not installed (the GPU machine),
 only the plain side runs and the gpudl columns say so. Nothing heavier than the standard library
 is imported at module level, so `--plain` processes pay only for torch and scikit-learn.
@@ -191,12 +195,19 @@ def _gpudl_overrides(name: str, epochs: int) -> list[str]:
             f"data.batch_size={spec['batch_size']}", f"model.optimizer.lr={spec['lr']}"]
 
 
-def time_gpudl(name: str, epochs: int, workdir: Path) -> dict:
+def _env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def time_gpudl(name: str, epochs: int, workdir: Path, threads: int | None = None) -> dict:
     run_dir = workdir / f"gpudl_{name}_{time.monotonic_ns()}"
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *_gpudl_overrides(name, epochs),
            f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(threads))
     whole = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"gpudl run failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -205,12 +216,12 @@ def time_gpudl(name: str, epochs: int, workdir: Path) -> dict:
             "test_acc": report["metrics"].get("test/acc")}
 
 
-def time_plain(name: str, epochs: int, workdir: Path) -> dict:
+def time_plain(name: str, epochs: int, workdir: Path, threads: int | None = None) -> dict:
     out = workdir / f"plain_{name}_{time.monotonic_ns()}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", name, "--epochs", str(epochs),
            "--result", str(out)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(threads))
     whole = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"plain run failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -241,7 +252,8 @@ def summarize(name: str, gpudl: list[dict], plain: list[dict]) -> dict:
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Device: {meta['device']}; {meta['date']}; load average before/after: {meta['load_before']} / "
-        f"{meta['load_after']}; median of {meta['runs']} alternating runs per side.",
+        f"{meta['load_after']}; OMP_NUM_THREADS={meta['omp_num_threads']}; median of {meta['runs']} alternating "
+        "runs per side.",
         "",
         "| experiment | epochs | steps | gpudl fit s | plain fit s | fit ratio (target ≤ 1.2) | gpudl steps/s | "
         "plain steps/s | gpudl process s | plain process s | process ratio (target ≤ 1.5) |",
@@ -283,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per side (median); default 3")
     parser.add_argument("--epochs", type=int, default=None, help="override every experiment's epochs")
     parser.add_argument("--quick", action="store_true", help="smoke mode: logreg_cancer, 2 epochs, 1 run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OMP_NUM_THREADS of both sides (default 1); 0 leaves the environment as it is")
     parser.add_argument("--out", type=Path, default=None, help="folder for loop.json and loop.md")
     parser.add_argument("--plain", choices=sorted(EXPERIMENTS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f"--runs must be >= 1, got {args.runs}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    threads = args.threads or None
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
@@ -305,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_loop: Hydra is not installed, so gpudl's train() (which composes conf/) is not run; "
               "only the plain loop is timed", file=sys.stderr)
     meta = {"device": _device(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "load_before": _load(), "runs": args.runs, "python": sys.version.split()[0]}
+            "load_before": _load(), "runs": args.runs, "python": sys.version.split()[0],
+            "omp_num_threads": threads or os.environ.get("OMP_NUM_THREADS", "unset")}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
         for name in args.experiments:
@@ -315,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 order = ("gpudl", "plain") if i % 2 == 0 else ("plain", "gpudl")
                 for side in order:
                     if side == "gpudl" and has_hydra:
-                        gpudl.append(time_gpudl(name, epochs, Path(tmp)))
+                        gpudl.append(time_gpudl(name, epochs, Path(tmp), threads))
                     elif side == "plain":
-                        plain.append(time_plain(name, epochs, Path(tmp)))
+                        plain.append(time_plain(name, epochs, Path(tmp), threads))
             row = summarize(name, gpudl, plain)
             row["epochs"] = epochs
             rows.append(row)

@@ -120,7 +120,7 @@ def _build(cfg: DictConfig) -> _Run:
     first, so a mistake costs no data loading, and a missing or corrupted checkpoint stops the
     run before anything is built or written."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -146,6 +146,8 @@ def _build(cfg: DictConfig) -> _Run:
     loggers = instantiate_group(cfg.get("logger"), "logger", extra=wandb_args)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     log.info("Building trainer <%s>", cfg.trainer._target_)
     trainer_kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     if cfg.trainer.get("plugins") is None:

@@ -85,6 +85,8 @@ class TensorLoader:
     training epoch, as for a DistributedSampler); without it, each new iteration starts the next epoch.
     """
 
+    batch_sampler = None  # what Lightning looks for next to `sampler` (to tell a shuffled loader)
+
     def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int | None, shuffle: bool = False,
                  seed: int = 0, num_replicas: int = 1, rank: int = 0):
         if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors):

@@ -5,6 +5,10 @@ partials, and the train/val/test steps with their metrics.
 A model file checks its own hyperparameters with `gpudl.checks`, builds its layers, says
 `forward`, and picks a base: `RegressionModule` (MSE, logs mse and r2 over the whole split) or
 `ClassificationModule` (logs acc, acc_best).
+
+Per training step nothing waits for the device: the loss is logged into Lightning's on-device
+accumulators (read every `log_every_n_steps`), and a classifier counts correct predictions in
+device tensors that are read once per epoch.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from typing import Callable
 import lightning as L
 import torch
 from torchmetrics import MaxMetric, MeanSquaredError, R2Score
-from torchmetrics.classification import Accuracy
 
 from gpudl import ops
 from gpudl.checks import check_factory, check_int
@@ -100,22 +103,53 @@ class RegressionModule(SupervisedModule):
 
 class ClassificationModule(SupervisedModule):
     """Classifier base: logs train/acc, val/acc, val/acc_best (running max over validation
-    epochs), test/acc. A subclass defines `predict_labels(out) -> int labels [N]`."""
+    epochs), test/acc. A subclass defines `predict_labels(out) -> int labels [N]`.
+
+    Accuracy is exact over the split: correct predictions and samples are summed on the device
+    during the epoch (and over every process under DDP) and divided once at the epoch's end."""
 
     def __init__(self, num_classes: int, optimizer=None, scheduler=None):
         super().__init__(optimizer, scheduler)
-        num_classes = check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
-        task = "binary" if num_classes == 2 else "multiclass"
-        self.train_acc, self.val_acc, self.test_acc = (Accuracy(task=task, num_classes=num_classes) for _ in range(3))
+        self.num_classes = check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
+        # stage -> (correct predictions: a device tensor, samples seen: a Python int)
+        self._counts: dict[str, tuple[torch.Tensor, int]] = {}
         self.val_acc_best = MaxMetric()
 
     def predict_labels(self, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _update_metrics(self, stage, out, y):
-        acc = getattr(self, f"{stage}_acc")
-        acc.update(self.predict_labels(out), y.reshape(-1).long())
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        hits = (self.predict_labels(out) == y.reshape(-1).long()).sum()
+        correct, seen = self._counts.get(stage, (0, 0))
+        self._counts[stage] = (hits + correct, seen + y.shape[0])
+
+    def _log_accuracy(self, stage: str) -> torch.Tensor | None:
+        """Log <stage>/acc from the epoch's counts (summed over processes) and reset them."""
+        if stage not in self._counts:
+            return None
+        correct, seen = self._counts.pop(stage)
+        counts = torch.stack([correct.double(), torch.full_like(correct, seen, dtype=torch.float64)])
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        acc = (counts[0] / counts[1]).float()
+        # The value is the same on every process; sync_dist only keeps Lightning's DDP warning away.
+        self.log(f"{stage}/acc", acc, prog_bar=stage != "train", sync_dist=True)
+        return acc
+
+    def on_train_epoch_start(self):
+        self._counts.pop("train", None)
+
+    def on_train_epoch_end(self):
+        self._log_accuracy("train")
+
+    def on_validation_epoch_start(self):
+        self._counts.pop("val", None)
+
+    def on_test_epoch_start(self):
+        self._counts.pop("test", None)
+
+    def on_test_epoch_end(self):
+        self._log_accuracy("test")
 
     def on_train_start(self):
         # The sanity-check validation ran on untrained weights: forget its accuracy (not when
@@ -134,7 +168,8 @@ class ClassificationModule(SupervisedModule):
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
 
     def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking:
+        acc = self._log_accuracy("val")
+        if self.trainer.sanity_checking or acc is None:
             return
-        self.val_acc_best.update(self.val_acc.compute())
+        self.val_acc_best.update(acc)
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
