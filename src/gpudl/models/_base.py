@@ -6,9 +6,10 @@ A model file checks its own hyperparameters with `gpudl.checks`, builds its laye
 `forward`, and picks a base: `RegressionModule` (MSE, logs mse and r2 over the whole split) or
 `ClassificationModule` (logs acc, acc_best).
 
-Per training step nothing waits for the device: the loss is logged into Lightning's on-device
-accumulators (read every `log_every_n_steps`), and a classifier counts correct predictions in
-device tensors that are read once per epoch.
+Per training step nothing waits for the device and Lightning's `self.log` runs only on logging
+steps: the training loss is summed on the device and logged once per epoch (its step value every
+`trainer.log_every_n_steps`), and a classifier counts correct predictions in device tensors that
+are read once per epoch.
 """
 
 from __future__ import annotations
@@ -62,12 +63,36 @@ class SupervisedModule(L.LightningModule):
         x, y = batch
         out = self(x)
         loss = self.loss(out, y)
-        on_step = stage == "train"
-        # batch_size makes the epoch value a per-sample mean even when the last batch is short.
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
-                 sync_dist=stage != "train")  # val/test: the mean over every process's batches under DDP
+        if stage == "train":
+            self._log_train_loss(loss, x.shape[0])
+        else:
+            # batch_size makes the epoch value a per-sample mean even when the last batch is short;
+            # sync_dist: the mean over every process's batches under DDP.
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
+                     sync_dist=True)
         self._update_metrics(stage, out.detach(), y)
         return loss
+
+    def _log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """train/loss_step on the steps the loggers write (every trainer.log_every_n_steps) and the
+        epoch's last; train/loss_epoch (and train/loss) = the epoch's per-sample mean, summed on the
+        device and logged once, at the epoch's last batch. (Lightning's self.log costs Python time
+        on every call; this calls it on a few steps only.)"""
+        total, seen = getattr(self, "_train_loss_sum", None), getattr(self, "_train_seen", 0)
+        weighted = loss.detach() * batch_size
+        self._train_loss_sum, self._train_seen = weighted if total is None else total + weighted, seen + batch_size
+        trainer = self._trainer
+        last = trainer is None or bool(trainer.is_last_batch)
+        if last or (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        if last:
+            mean = self._train_loss_sum / self._train_seen
+            self._train_loss_sum, self._train_seen = None, 0
+            self.log("train/loss_epoch", mean, on_step=False, on_epoch=True, batch_size=1)
+            self.log("train/loss", mean, on_step=False, on_epoch=True, batch_size=1, logger=False)
+
+    def on_train_epoch_start(self):
+        self._train_loss_sum, self._train_seen = None, 0  # a resumed epoch starts afresh
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -137,6 +162,7 @@ class ClassificationModule(SupervisedModule):
         return acc
 
     def on_train_epoch_start(self):
+        super().on_train_epoch_start()
         self._counts.pop("train", None)
 
     def on_train_epoch_end(self):
