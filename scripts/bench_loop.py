@@ -16,6 +16,12 @@ ratios. JSON and a Markdown table go to --out.
     python scripts/bench_loop.py                      # every experiment, N=3
     python scripts/bench_loop.py --experiments cnn_digits --runs 5 --out bench/loop
     python scripts/bench_loop.py --quick              # smoke: logreg_cancer, 2 epochs, 1 run
+    python scripts/bench_loop.py --same-model         # + the plain loop over gpudl's own model
+
+--same-model adds a third side, timed for its training phase: the plain loop training gpudl's own
+LightningModule (its forward and loss, through gpudl.ops) instead of the torch.nn twin. gpudl's
+fit time over that one is the loop's own overhead ("loop ratio"); the fit ratio also holds the
+difference between gpudl's model implementation and torch.nn's.
 
 Both sides run with the same OMP_NUM_THREADS (--threads, default 1): on a CPU shared with other
 work, PyTorch's OpenMP threads wait for each other at every parallel region, and those waits (up
@@ -142,9 +148,22 @@ def _plain_model(name: str):
     return ViT()
 
 
-def run_plain(name: str) -> dict:
+# gpudl's own modules with the experiments' hyperparameters (conf/model/*.yaml), for the plain loop
+# run over gpudl's model: the training loop is then the only difference from the gpudl side.
+GPUDL_MODELS = {
+    "cnn": ("CNNModule", {"in_channels": 1, "image_size": 8, "num_classes": 10, "channels": (32, 64), "hidden": 128}),
+    "rnn": ("RNNModule", {"input_size": 8, "hidden_size": 128, "num_layers": 1, "num_classes": 10}),
+    "attention": ("AttentionModule", {"image_size": 8, "embed_dim": 64, "num_heads": 4, "num_layers": 2,
+                                      "mlp_dim": 128, "num_classes": 10}),
+    "logreg": ("LogisticRegressionModule", {"num_features": 30}),
+}
+
+
+def run_plain(name: str, gpudl_model: bool = False) -> dict:
     """Train one experiment with the plain loop (on the GPU when there is one, as gpudl's
-    accelerator=auto); returns its training-phase time, steps and test accuracy."""
+    accelerator=auto); returns its training-phase time, steps and test accuracy. gpudl_model:
+    the loop trains gpudl's LightningModule (its forward and loss, called as a torch module)
+    instead of the torch.nn twin, so only the loop differs from gpudl's train()."""
     import torch
     import torch.nn.functional as F
 
@@ -152,9 +171,16 @@ def run_plain(name: str) -> dict:
     torch.manual_seed(12345)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as gpudl's accelerator=auto
     X_tr, y_tr, X_va, y_va, X_te, y_te = (t.to(device) for t in _plain_data(spec["data"]))
-    model = _plain_model(spec["model"]).to(device)
     binary = spec["model"] == "logreg"
-    loss_fn = F.binary_cross_entropy_with_logits if binary else F.cross_entropy
+    if gpudl_model:
+        import gpudl.models
+
+        cls, kwargs = GPUDL_MODELS[spec["model"]]
+        model = getattr(gpudl.models, cls)(**kwargs).to(device)
+        loss_fn = model.loss
+    else:
+        model = _plain_model(spec["model"]).to(device)
+        loss_fn = F.binary_cross_entropy_with_logits if binary else F.cross_entropy
     opt = torch.optim.Adam(model.parameters(), lr=spec["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec["epochs"]) if spec["cosine"] else None
     generator = torch.Generator().manual_seed(0)
@@ -216,10 +242,10 @@ def time_gpudl(name: str, epochs: int, workdir: Path, threads: int | None = None
             "test_acc": report["metrics"].get("test/acc")}
 
 
-def time_plain(name: str, epochs: int, workdir: Path, threads: int | None = None) -> dict:
+def time_plain(name: str, epochs: int, workdir: Path, threads: int | None = None, gpudl_model: bool = False) -> dict:
     out = workdir / f"plain_{name}_{time.monotonic_ns()}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--plain", name, "--epochs", str(epochs),
-           "--result", str(out)]
+           "--result", str(out), *(["--gpudl-model"] if gpudl_model else [])]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(threads))
     whole = time.perf_counter() - start
@@ -233,9 +259,9 @@ def _median(runs: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(name: str, gpudl: list[dict], plain: list[dict]) -> dict:
+def summarize(name: str, gpudl: list[dict], plain: list[dict], plain_gpudl_model: list[dict]) -> dict:
     row: dict = {"experiment": name, "runs": len(plain)}
-    for side, runs in (("gpudl", gpudl), ("plain", plain)):
+    for side, runs in (("gpudl", gpudl), ("plain", plain), ("plain_gpudl_model", plain_gpudl_model)):
         if not runs:
             row[side] = None
             continue
@@ -246,6 +272,8 @@ def summarize(name: str, gpudl: list[dict], plain: list[dict]) -> dict:
     if gpudl and plain:
         row["fit_ratio"] = row["gpudl"]["fit_time_s"] / row["plain"]["fit_time_s"]
         row["whole_ratio"] = row["gpudl"]["whole_s"] / row["plain"]["whole_s"]
+    if gpudl and plain_gpudl_model:  # the loop alone: the same gpudl model under both loops
+        row["loop_ratio"] = row["gpudl"]["fit_time_s"] / row["plain_gpudl_model"]["fit_time_s"]
     return row
 
 
@@ -255,20 +283,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['load_after']}; OMP_NUM_THREADS={meta['omp_num_threads']}; median of {meta['runs']} alternating "
         "runs per side.",
         "",
-        "| experiment | epochs | steps | gpudl fit s | plain fit s | fit ratio (target ≤ 1.2) | gpudl steps/s | "
-        "plain steps/s | gpudl process s | plain process s | process ratio (target ≤ 1.5) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| experiment | epochs | steps | gpudl fit s | plain fit s | fit ratio (target ≤ 1.2) | "
+        "plain loop + gpudl model fit s | loop ratio | gpudl steps/s | plain steps/s | gpudl process s | "
+        "plain process s | process ratio (target ≤ 1.5) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        g, p = r["gpudl"], r["plain"]
+        g, p, m = r["gpudl"], r["plain"], r.get("plain_gpudl_model")
+        same = f"{m['fit_time_s']:.2f}" if m else "(not run)"
         if g is None:
             lines.append(f"| {r['experiment']} | {r['epochs']} | {p['steps']} | (no Hydra: not run) | "
-                         f"{p['fit_time_s']:.2f} | | | {p['steps_per_s']:.0f} | | {p['whole_s']:.2f} | |")
+                         f"{p['fit_time_s']:.2f} | | {same} | | | {p['steps_per_s']:.0f} | | {p['whole_s']:.2f} | |")
             continue
+        loop = f"{r['loop_ratio']:.2f}×" if "loop_ratio" in r else ""
         lines.append(
             f"| {r['experiment']} | {r['epochs']} | {g['steps']} | {g['fit_time_s']:.2f} | {p['fit_time_s']:.2f} | "
-            f"{r['fit_ratio']:.2f}× | {g['steps_per_s']:.0f} | {p['steps_per_s']:.0f} | {g['whole_s']:.2f} | "
-            f"{p['whole_s']:.2f} | {r['whole_ratio']:.2f}× |"
+            f"{r['fit_ratio']:.2f}× | {same} | {loop} | {g['steps_per_s']:.0f} | {p['steps_per_s']:.0f} | "
+            f"{g['whole_s']:.2f} | {p['whole_s']:.2f} | {r['whole_ratio']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
@@ -298,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of both sides (default 1); 0 leaves the environment as it is")
     parser.add_argument("--out", type=Path, default=None, help="folder for loop.json and loop.md")
+    parser.add_argument("--same-model", action="store_true",
+                        help="also time the plain loop over gpudl's own model (fit only): the loop ratio")
     parser.add_argument("--plain", choices=sorted(EXPERIMENTS), help=argparse.SUPPRESS)
+    parser.add_argument("--gpudl-model", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -311,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plain:  # a child process: one plain run
         EXPERIMENTS[args.plain]["epochs"] = args.epochs or EXPERIMENTS[args.plain]["epochs"]
-        result = run_plain(args.plain)
+        result = run_plain(args.plain, gpudl_model=args.gpudl_model)
         args.result.write_text(json.dumps(result))
         return 0
 
@@ -328,19 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
         for name in args.experiments:
             epochs = args.epochs or EXPERIMENTS[name]["epochs"]
-            gpudl, plain = [], []
+            gpudl, plain, same = [], [], []
+            sides = ["gpudl", "plain"] + (["same"] if args.same_model else [])
             for i in range(args.runs):  # alternate the sides (and which goes first) against load drift
-                order = ("gpudl", "plain") if i % 2 == 0 else ("plain", "gpudl")
-                for side in order:
+                for side in (sides if i % 2 == 0 else sides[::-1]):
                     if side == "gpudl" and has_hydra:
                         gpudl.append(time_gpudl(name, epochs, Path(tmp), threads))
                     elif side == "plain":
                         plain.append(time_plain(name, epochs, Path(tmp), threads))
-            row = summarize(name, gpudl, plain)
+                    elif side == "same":
+                        same.append(time_plain(name, epochs, Path(tmp), threads, gpudl_model=True))
+            row = summarize(name, gpudl, plain, same)
             row["epochs"] = epochs
             rows.append(row)
             print(f"{name}: " + (f"fit {row['fit_ratio']:.2f}x, process {row['whole_ratio']:.2f}x"
-                                 if "fit_ratio" in row else "plain only"), flush=True)
+                                 if "fit_ratio" in row else "plain only")
+                  + (f", loop {row['loop_ratio']:.2f}x" if "loop_ratio" in row else ""), flush=True)
     meta["load_after"] = _load()
     table = markdown(rows, meta)
     print(table)

@@ -12,8 +12,8 @@ from gpudl.utils import repo_root
 
 
 def test_bench_loop_quick_writes_side_by_side_report(tmp_path):
-    proc = subprocess.run([sys.executable, str(repo_root() / "scripts" / "bench_loop.py"), "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(repo_root() / "scripts" / "bench_loop.py"), "--quick", "--same-model",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "loop.json").read_text())
     (row,) = report["rows"]
@@ -29,6 +29,8 @@ def test_bench_loop_quick_writes_side_by_side_report(tmp_path):
         assert gpudl["whole_s"] > gpudl["fit_time_s"] > 0
         assert row["fit_ratio"] == gpudl["fit_time_s"] / plain["fit_time_s"]
         assert 0.5 < gpudl["test_acc"] <= 1.0
+        same = row["plain_gpudl_model"]  # the plain loop over gpudl's own model
+        assert same["steps"] == plain["steps"] and row["loop_ratio"] == gpudl["fit_time_s"] / same["fit_time_s"]
 
 
 def test_bench_loop_module_imports_no_hydra_or_torch():
