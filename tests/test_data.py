@@ -45,7 +45,8 @@ def test_diabetes_target_units_round_trip():
 
     dm = _ready(DiabetesDataModule())
     y_all = np.sort(load_diabetes(return_X_y=True)[1])
-    back = torch.cat([s.tensors[1] for s in (dm.train_set, dm.val_set, dm.test_set)]).double() * dm.target_std + dm.target_mean
+    targets = torch.cat([s.tensors[1] for s in (dm.train_set, dm.val_set, dm.test_set)]).double()
+    back = targets * dm.target_std + dm.target_mean
     np.testing.assert_allclose(np.sort(back.numpy().ravel()), y_all, atol=1e-3)
 
 
@@ -110,7 +111,9 @@ def test_mnist5k_shapes():
 # --------------------------------------------------------------------------- loaders and determinism
 def test_full_batch_means_one_batch_per_split():
     dm = _ready(DiabetesDataModule(batch_size=None))
-    for loader, split in ((dm.train_dataloader(), dm.train_set), (dm.val_dataloader(), dm.val_set), (dm.test_dataloader(), dm.test_set)):
+    pairs = ((dm.train_dataloader(), dm.train_set), (dm.val_dataloader(), dm.val_set),
+             (dm.test_dataloader(), dm.test_set))
+    for loader, split in pairs:
         batches = list(loader)
         assert len(batches) == 1 and batches[0][0].shape[0] == len(split)
 
@@ -165,7 +168,8 @@ def test_common_arguments_are_validated(kwargs, key):
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"num_points": 2}, "num_points"), ({"noise": -0.1}, "noise"), ({"slope": float("inf")}, "slope"), ({"seed": -1}, "seed")],
+    [({"num_points": 2}, "num_points"), ({"noise": -0.1}, "noise"), ({"slope": float("inf")}, "slope"),
+     ({"seed": -1}, "seed")],
 )
 def test_toy_line_arguments_are_validated(kwargs, key):
     with pytest.raises(ValueError, match=key):
@@ -237,3 +241,56 @@ def test_user_files_are_used(tmp_path):
     np.savez(img, X=rng.uniform(size=(60, 64)), y=np.arange(60) % 3)
     dm = _ready(DigitsDataModule(path=str(img)))
     assert dm.num_classes == 3 and dm.train_set.tensors[0].shape[1:] == (1, 8, 8)
+
+
+# --------------------------------------------------------------------------- TensorLoader
+def test_in_memory_splits_are_served_by_index_without_a_dataloader():
+    from gpudl.data import TensorLoader
+
+    dm = _ready(DigitsDataModule(batch_size=100))
+    loader = dm.train_dataloader()
+    assert isinstance(loader, TensorLoader) and len(loader) == -(-len(dm.train_set) // 100)
+    X, y = dm.train_set.tensors
+    loader.set_epoch(4)
+    batches = list(loader)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(dm.split_seed * 1_000_003 + 4))
+    assert [b[0].shape[0] for b in batches] == [100] * (len(batches) - 1) + [len(y) - 100 * (len(batches) - 1)]
+    assert torch.equal(torch.cat([b[0] for b in batches]), X[order])
+    assert torch.equal(torch.cat([b[1] for b in batches]), y[order])
+    loader.set_epoch(4)  # an epoch's order depends on (seed, epoch) only: what exact resume needs
+    assert torch.equal(torch.cat([b[1] for b in loader]), y[order])
+    # A loader with workers is a torch DataLoader.
+    assert isinstance(DigitsDataModule(num_workers=1).train_dataloader(), torch.utils.data.DataLoader)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("n,replicas,batch", [(10, 2, 3), (11, 3, 2), (5, 4, None)])
+def test_tensor_loader_shards_like_distributed_sampler(n, replicas, batch, shuffle):
+    from torch.utils.data import DistributedSampler, TensorDataset
+
+    from gpudl.data import TensorLoader
+
+    x = torch.arange(n)
+    shards = []
+    for rank in range(replicas):
+        loader = TensorLoader((x,), batch, shuffle=shuffle, seed=7, num_replicas=replicas, rank=rank)
+        loader.set_epoch(2)
+        got = torch.cat([b[0] for b in loader])
+        shards.append(got)
+        if not shuffle:  # the same indices as torch's sampler, in the same order
+            sampler = DistributedSampler(TensorDataset(x), num_replicas=replicas, rank=rank, shuffle=False)
+            assert got.tolist() == list(sampler)
+        assert len(got) == -(-n // replicas) and len(loader) == (1 if batch is None else -(-len(got) // batch))
+    # Every sample in some shard; the padding repeats at most replicas - 1 of them.
+    assert set(torch.cat(shards).tolist()) == set(range(n))
+
+
+def test_tensor_loader_arguments_are_checked():
+    from gpudl.data import TensorLoader
+
+    with pytest.raises(ValueError, match="first dimension"):
+        TensorLoader((torch.zeros(3), torch.zeros(4)), 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorLoader((torch.zeros(3),), 0)
+    with pytest.raises(ValueError, match="rank"):
+        TensorLoader((torch.zeros(3),), 2, num_replicas=2, rank=2)

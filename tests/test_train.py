@@ -164,6 +164,52 @@ def test_without_a_monitor_the_last_checkpoint_is_tested(tmp_path):
     assert torch.load(report["last_checkpoint"], weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_one_checkpoint_serialization_per_save(tmp_path, monkeypatch, every):
+    """EpochCheckpoint writes one file per save (every `every` epochs): the best when it improved,
+    with last.ckpt a hard link to it, else last.ckpt; last.ckpt always holds the latest save."""
+    from gpudl.checkpoints import AtomicCheckpointIO
+
+    saved = []
+    original = AtomicCheckpointIO.save_checkpoint
+
+    def counted(self, checkpoint, path, **kwargs):
+        saved.append((checkpoint["epoch"], Path(path).name))
+        return original(self, checkpoint, path, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", counted)
+    # Monitoring the epoch in mode min: only the first save is a best, the later ones write last.ckpt.
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=4",
+                       f"callbacks.model_checkpoint.every_n_epochs={every}", "callbacks.model_checkpoint.monitor=epoch",
+                       "callbacks.model_checkpoint.mode=min")
+    epochs = [e for e in range(4) if (e + 1) % every == 0]
+    assert [e for e, _ in saved] == epochs  # one write per save
+    assert saved[0][1].startswith("epoch_") and all(name == "last.ckpt" for _, name in saved[1:])
+    report = read_report(out)
+    best, last = Path(report["best_checkpoint"]), Path(report["last_checkpoint"])
+    assert last == out / "checkpoints" / "last.ckpt" and torch.load(last, weights_only=True)["epoch"] == epochs[-1]
+    assert torch.load(best, weights_only=True)["epoch"] == epochs[0] and report["tested_checkpoint"] == str(best)
+
+
+def test_last_checkpoint_links_to_an_improved_best(tmp_path):
+    metrics, out = run(tmp_path, "experiment=logreg_cancer", "trainer.max_epochs=2",
+                       "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=max")
+    report = read_report(out)
+    best = Path(report["best_checkpoint"])
+    assert best.name.startswith("epoch_001") and torch.load(best, weights_only=True)["epoch"] == 1
+    assert os.path.samefile(best, report["last_checkpoint"])  # the same bytes, written once
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sorted([best.name, "last.ckpt"])
+
+
+def test_epoch_checkpoint_keeps_last_itself():
+    from gpudl.callbacks import EpochCheckpoint
+
+    with pytest.raises(ValueError, match="save_last"):
+        EpochCheckpoint(save_last=True)
+    with pytest.raises(ValueError, match="last_filename"):
+        EpochCheckpoint(last_filename="sub/last")
+
+
 def test_resume_from_checkpoint_and_test_only(tmp_path, caplog):
     _, first = run(tmp_path / "a", "experiment=linreg_toy")
     last = first / "checkpoints" / "last.ckpt"

@@ -1,8 +1,11 @@
 """Lightning callbacks of gpudl.
 
+EpochCheckpoint      the best checkpoint by a monitored metric and last.ckpt, with one checkpoint
+                     serialization per save (every N epochs): when the best is written, last.ckpt
+                     is a hard link to (or copy of) that file.
 FiniteLossGuard      stops training at the first NaN/inf training loss, before the optimizer
                      step that would spread it into the weights; the checkpoints already on
-                     disk (ModelCheckpoint's last.ckpt and best) stay as they are.
+                     disk (last.ckpt and the best) stay as they are.
 SampleGridCallback   for generative modules with `sample(n) -> [n, C, H, W]` in [0, 1]: a PNG
                      grid per validation epoch in <dirpath>/epoch_XXX.png, also logged to W&B.
 PreemptionCheckpoint on SIGTERM/SIGINT during fit: finish the batch, save last.ckpt, raise
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 from typing import Any
@@ -49,18 +53,28 @@ class FiniteLossGuard(Callback):
 
     The loss is checked in `on_before_backward` (automatic optimization and every
     `manual_backward` of manual optimization, e.g. the GAN's two losses), so the step that would
-    write NaN into the weights never runs, and again in `on_train_batch_end` on what
-    training_step returned. The error names the global step, epoch, batch and the loss value, and
-    points at the last checkpoint written before it.
+    write NaN into the weights never runs; a batch that reached no backward has what
+    training_step returned checked in `on_train_batch_end`. The error names the global step,
+    epoch, batch and the loss value, and points at the last checkpoint written before it.
+    Each check reads one boolean from the device (a host synchronization per step on a GPU).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._checked = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._checked = False
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self._check(trainer, loss, "the loss passed to backward")
+        self._checked = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = _loss_from_outputs(outputs)
-        if loss is not None:
+        if loss is not None and not self._checked:  # automatic optimization: backward saw this loss
             self._check(trainer, loss, "the loss returned by training_step", batch_idx)
 
     def _check(self, trainer: L.Trainer, loss: torch.Tensor, what: str, batch_idx: int | None = None) -> None:
@@ -84,6 +98,59 @@ class FiniteLossGuard(Callback):
             f"FiniteLossGuard: training stopped, {what} is {value} at {where}. "
             f"Lower the learning rate or check the data for NaN/inf{kept}"
         )
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (the top-k by `monitor`, every `every_n_epochs` epochs) that also
+    keeps `<dirpath>/<last_filename>.ckpt`, the latest state to resume from, at the same moments,
+    with at most one serialization: when this save wrote a top-k file, last.ckpt becomes a hard
+    link to it (a copy where links are not possible; either way atomically replaced), else last.ckpt
+    is written. Without a monitor every save is a top-k file and last.ckpt links to it.
+
+    (Two ModelCheckpoints, one for the best and one for last.ckpt, serialize the same state twice
+    whenever the best improves; `save_last=True` writes last.ckpt only when the best improves.)
+    """
+
+    def __init__(self, *args: Any, last_filename: str = "last", **kwargs: Any):
+        if kwargs.get("save_last"):
+            raise ValueError(f"EpochCheckpoint keeps {last_filename}.ckpt itself; save_last must be false, "
+                             f"got {kwargs['save_last']!r}")
+        if not isinstance(last_filename, str) or not last_filename or os.sep in last_filename:
+            raise ValueError(f"EpochCheckpoint: last_filename must be a file name without a folder, got "
+                             f"{last_filename!r}")
+        super().__init__(*args, **kwargs)
+        self.last_filename = last_filename
+        self._written: str | None = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._written = filepath
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        last = os.path.join(self.dirpath, f"{self.last_filename}{self.FILE_EXTENSION}")
+        self.last_model_path = last  # set first: it is part of the state saved below
+        self._written = None
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self._written is None:
+            self._save_checkpoint(trainer, last)
+        elif trainer.is_global_zero and self._written != last:
+            _link_or_copy(self._written, last)
+        trainer.strategy.barrier("EpochCheckpoint.last")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """Make `target` hold `source`'s bytes, atomically: a hard link (or a copy) under a temporary
+    name, then os.replace; a later write of either name replaces that name only."""
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 1, pad_value: float = 1.0) -> torch.Tensor:

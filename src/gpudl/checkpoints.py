@@ -89,7 +89,7 @@ def epochs_done(checkpoint: dict[str, Any]) -> int:
 def checkpoint_paths(trainer: Any) -> tuple[str, str]:
     """(best, last) checkpoint paths ('' when none): the best of the ModelCheckpoint that
     monitors a metric; the last is a save_last file, or the file of a ModelCheckpoint without
-    a monitor (callbacks.last_checkpoint keeps the latest epoch)."""
+    a monitor (gpudl.callbacks.EpochCheckpoint keeps <dirpath>/last.ckpt, the latest save)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]

@@ -102,6 +102,7 @@ class _Run:
     ckpt_path: str | None  # the checkpoint fit resumes from
     wandb_args: dict[str, dict[str, Any]]
     overrides: list[str]
+    fit_time_s: float = 0.0  # the training phase: fit (training and validation), not building or testing
 
 
 def _train(cfg: DictConfig) -> tuple[dict[str, float], str]:
@@ -119,7 +120,7 @@ def _build(cfg: DictConfig) -> _Run:
     first, so a mistake costs no data loading, and a missing or corrupted checkpoint stops the
     run before anything is built or written."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 
     validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -145,6 +146,8 @@ def _build(cfg: DictConfig) -> _Run:
     loggers = instantiate_group(cfg.get("logger"), "logger", extra=wandb_args)
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     log.info("Building trainer <%s>", cfg.trainer._target_)
     trainer_kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     if cfg.trainer.get("plugins") is None:
@@ -205,7 +208,9 @@ def _fit(cfg: DictConfig, run: _Run) -> dict[str, float]:
     log.info("Training")
     if run.ckpt_path:
         log.info("Resuming from %s", run.ckpt_path)
+    start = time.perf_counter()
     run.trainer.fit(model=run.model, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
+    run.fit_time_s = time.perf_counter() - start
     return _floats(run.trainer.callback_metrics)
 
 
@@ -262,6 +267,8 @@ def _report(cfg: DictConfig, run: _Run, metrics: dict[str, float], checkpoints: 
         "tested_checkpoint": tested,
         "seed": cfg.get("seed"),
         "wall_time_s": round(wall, 3),
+        "fit_time_s": round(run.fit_time_s, 3),
+        "global_step": int(getattr(run.trainer, "global_step", 0)),
     })
     extra = f" | {name}={value:.4f}" if value is not None else ""
     return metrics, _summary(cfg.get("task_name", "train"), metrics, f"{extra} | {wall:.1f}s | {run.output_dir}")

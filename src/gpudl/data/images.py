@@ -40,9 +40,10 @@ class ImageDataModule(ArrayDataModule):
             elif X.ndim == 3 and X.shape[1:] == self.image_shape[1:]:
                 X = X[:, None]
             if X.shape[1:] != self.image_shape:
+                _, h, w = self.image_shape
                 raise ValueError(
-                    f"{owner}: data file {path!r} holds X of shape {X.shape}; expected images [n, {self.image_shape[1]}, "
-                    f"{self.image_shape[2]}], [n, 1, {self.image_shape[1]}, {self.image_shape[2]}] or [n, {int(np.prod(self.image_shape))}]"
+                    f"{owner}: data file {path!r} holds X of shape {X.shape}; expected images [n, {h}, {w}], "
+                    f"[n, 1, {h}, {w}] or [n, {h * w}]"
                 )
             if X.min() < 0 or X.max() > 1:
                 raise ValueError(

@@ -14,12 +14,15 @@ from gpudl.data._base import ArrayDataModule, check_labels, load_npz, standardiz
 
 
 def _tensors(X: np.ndarray, y: np.ndarray) -> TensorDataset:
-    return TensorDataset(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32).reshape(-1, 1))
+    X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    return TensorDataset(X, y.reshape(-1, 1))
 
 
 def _features(owner: str, X: np.ndarray, path) -> np.ndarray:
     if X.ndim != 2:
-        raise ValueError(f"{owner}: data file {os.fspath(path)!r} must hold X of shape [n, num_features], got {X.shape}")
+        raise ValueError(
+            f"{owner}: data file {os.fspath(path)!r} must hold X of shape [n, num_features], got {X.shape}"
+        )
     return X.astype(np.float64)
 
 
@@ -43,7 +46,8 @@ class DiabetesDataModule(ArrayDataModule):
             X, y = load_npz(type(self).__name__, path)
             X = _features(type(self).__name__, X, path)
             if y.size != y.shape[0]:
-                raise ValueError(f"{type(self).__name__}: data file {path!r} must hold one target per sample in y, got shape {y.shape}")
+                raise ValueError(f"{type(self).__name__}: data file {path!r} must hold one target per sample in y, "
+                                 f"got shape {y.shape}")
         self._set_data(X.astype(np.float64), y.reshape(-1).astype(np.float64))
         self.num_features = X.shape[1]
         self.target_mean = self.target_std = None
@@ -72,7 +76,8 @@ class ToyLineDataModule(ArrayDataModule):
         check_float(owner, "intercept", intercept, -np.inf, np.inf, low_open=True, high_open=True)
         check_float(owner, "noise", noise, 0.0, np.inf, high_open=True)
         check_int(owner, "seed", seed, 0)
-        self.num_points, self.slope, self.intercept, self.noise, self.seed = int(num_points), float(slope), float(intercept), float(noise), int(seed)
+        self.num_points, self.slope, self.intercept = int(num_points), float(slope), float(intercept)
+        self.noise, self.seed = float(noise), int(seed)
         rng = np.random.default_rng(self.seed)
         x = rng.uniform(-1.0, 1.0, size=(self.num_points, 1))
         y = self.slope * x[:, 0] + self.intercept + self.noise * rng.standard_normal(self.num_points)

@@ -5,6 +5,11 @@ partials, and the train/val/test steps with their metrics.
 A model file checks its own hyperparameters with `gpudl.checks`, builds its layers, says
 `forward`, and picks a base: `RegressionModule` (MSE, logs mse and r2 over the whole split) or
 `ClassificationModule` (logs acc, acc_best).
+
+Per training step nothing waits for the device and Lightning's `self.log` runs only on logging
+steps: the training loss is summed on the device and logged once per epoch (its step value every
+`trainer.log_every_n_steps`), and a classifier counts correct predictions in device tensors that
+are read once per epoch.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import Callable
 import lightning as L
 import torch
 from torchmetrics import MaxMetric, MeanSquaredError, R2Score
-from torchmetrics.classification import Accuracy
 
 from gpudl import ops
 from gpudl.checks import check_factory, check_int
@@ -59,12 +63,36 @@ class SupervisedModule(L.LightningModule):
         x, y = batch
         out = self(x)
         loss = self.loss(out, y)
-        on_step = stage == "train"
-        # batch_size makes the epoch value a per-sample mean even when the last batch is short.
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
-                 sync_dist=stage != "train")  # val/test: the mean over every process's batches under DDP
+        if stage == "train":
+            self._log_train_loss(loss, x.shape[0])
+        else:
+            # batch_size makes the epoch value a per-sample mean even when the last batch is short;
+            # sync_dist: the mean over every process's batches under DDP.
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=x.shape[0],
+                     sync_dist=True)
         self._update_metrics(stage, out.detach(), y)
         return loss
+
+    def _log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+        """train/loss_step on the steps the loggers write (every trainer.log_every_n_steps) and the
+        epoch's last; train/loss_epoch (and train/loss) = the epoch's per-sample mean, summed on the
+        device and logged once, at the epoch's last batch. (Lightning's self.log costs Python time
+        on every call; this calls it on a few steps only.)"""
+        total, seen = getattr(self, "_train_loss_sum", None), getattr(self, "_train_seen", 0)
+        weighted = loss.detach() * batch_size
+        self._train_loss_sum, self._train_seen = weighted if total is None else total + weighted, seen + batch_size
+        trainer = self._trainer
+        last = trainer is None or bool(trainer.is_last_batch)
+        if last or (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        if last:
+            mean = self._train_loss_sum / self._train_seen
+            self._train_loss_sum, self._train_seen = None, 0
+            self.log("train/loss_epoch", mean, on_step=False, on_epoch=True, batch_size=1)
+            self.log("train/loss", mean, on_step=False, on_epoch=True, batch_size=1, logger=False)
+
+    def on_train_epoch_start(self):
+        self._train_loss_sum, self._train_seen = None, 0  # a resumed epoch starts afresh
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -100,22 +128,54 @@ class RegressionModule(SupervisedModule):
 
 class ClassificationModule(SupervisedModule):
     """Classifier base: logs train/acc, val/acc, val/acc_best (running max over validation
-    epochs), test/acc. A subclass defines `predict_labels(out) -> int labels [N]`."""
+    epochs), test/acc. A subclass defines `predict_labels(out) -> int labels [N]`.
+
+    Accuracy is exact over the split: correct predictions and samples are summed on the device
+    during the epoch (and over every process under DDP) and divided once at the epoch's end."""
 
     def __init__(self, num_classes: int, optimizer=None, scheduler=None):
         super().__init__(optimizer, scheduler)
-        num_classes = check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
-        task = "binary" if num_classes == 2 else "multiclass"
-        self.train_acc, self.val_acc, self.test_acc = (Accuracy(task=task, num_classes=num_classes) for _ in range(3))
+        self.num_classes = check_int(type(self).__name__, "num_classes", num_classes, minimum=2)
+        # stage -> (correct predictions: a device tensor, samples seen: a Python int)
+        self._counts: dict[str, tuple[torch.Tensor, int]] = {}
         self.val_acc_best = MaxMetric()
 
     def predict_labels(self, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _update_metrics(self, stage, out, y):
-        acc = getattr(self, f"{stage}_acc")
-        acc.update(self.predict_labels(out), y.reshape(-1).long())
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        hits = (self.predict_labels(out) == y.reshape(-1).long()).sum()
+        correct, seen = self._counts.get(stage, (0, 0))
+        self._counts[stage] = (hits + correct, seen + y.shape[0])
+
+    def _log_accuracy(self, stage: str) -> torch.Tensor | None:
+        """Log <stage>/acc from the epoch's counts (summed over processes) and reset them."""
+        if stage not in self._counts:
+            return None
+        correct, seen = self._counts.pop(stage)
+        counts = torch.stack([correct.double(), torch.full_like(correct, seen, dtype=torch.float64)])
+        if self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        acc = (counts[0] / counts[1]).float()
+        # The value is the same on every process; sync_dist only keeps Lightning's DDP warning away.
+        self.log(f"{stage}/acc", acc, prog_bar=stage != "train", sync_dist=True)
+        return acc
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._counts.pop("train", None)
+
+    def on_train_epoch_end(self):
+        self._log_accuracy("train")
+
+    def on_validation_epoch_start(self):
+        self._counts.pop("val", None)
+
+    def on_test_epoch_start(self):
+        self._counts.pop("test", None)
+
+    def on_test_epoch_end(self):
+        self._log_accuracy("test")
 
     def on_train_start(self):
         # The sanity-check validation ran on untrained weights: forget its accuracy (not when
@@ -134,7 +194,8 @@ class ClassificationModule(SupervisedModule):
             self.val_acc_best.update(torch.tensor(checkpoint["val_acc_best"]))
 
     def on_validation_epoch_end(self):
-        if self.trainer.sanity_checking:
+        acc = self._log_accuracy("val")
+        if self.trainer.sanity_checking or acc is None:
             return
-        self.val_acc_best.update(self.val_acc.compute())
+        self.val_acc_best.update(acc)
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
