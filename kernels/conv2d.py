@@ -129,7 +129,7 @@ def _conv2d_fwd_kernel(
 @triton.autotune(configs=tuning_configs(_DGRAD_CONFIGS), key=["M_IN", "C_IN_G", "C_OUT_G", "K_TOTAL"])
 @triton.jit
 def _conv2d_dgrad_kernel(
-    gy_ptr, s_ptr, w_ptr, dx_ptr,
+    gy_ptr, s_ptr, w_ptr, dx_ptr, b_ptr, z_ptr,
     C_IN_G, H, W, C_OUT_G, H_OUT, W_OUT, M_IN, K_TOTAL,
     sg_n, sg_c, sg_h, sg_w,
     ss_n, ss_c, ss_h, ss_w,
@@ -137,6 +137,7 @@ def _conv2d_dgrad_kernel(
     sd_n, sd_c, sd_h, sd_w,
     STRIDE_H, STRIDE_W, PAD_TOP, PAD_LEFT, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx for group program_id(2):
@@ -185,8 +186,17 @@ def _conv2d_dgrad_kernel(
                     mask=k_mask[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(g.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
-    dx_offs = (n * sd_n + ih * sd_h + iw * sd_w)[:, None] + ((group * C_IN_G + offs_c) * sd_c)[None, :]
-    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+    # The epilogue of a transposed convolution's forward (this kernel is its main loop): bias,
+    # the pre-activation z when STORE_Z, the activation. conv2d's own dgrad uses none of them.
+    chan_c = group * C_IN_G + offs_c
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + chan_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    dx_offs = (n * sd_n + ih * sd_h + iw * sd_w)[:, None] + (chan_c * sd_c)[None, :]
+    dx_mask = m_mask[:, None] & c_mask[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + dx_offs, acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
+    acc = apply_activation(acc, OUT_ACTIVATION)
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.autotune(configs=tuning_configs(_WGRAD_CONFIGS), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"])
@@ -306,22 +316,33 @@ def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     z = torch.empty_like(y) if store_z else None
     if y.numel() == 0:
         return y, z
+    _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act)
+    return y, z
+
+
+def _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act):
+    """Writes y (and z when not None) [N, C_out, H_out, W_out]; the output size is y's, so that a
+    transposed convolution's input gradient can ask for exactly its input's size."""
+    n, _, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
+    h_out, w_out = y.shape[2], y.shape[3]
     c_out_g = c_out // groups
     m = n * h_out * w_out
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
     wrap_triton(_conv2d_fwd_kernel)[grid](
-        x, w, b if b is not None else w, y, z if store_z else y,
+        x, w, b if b is not None else w, y, z if z is not None else y,
         c_in_g, h, wd, c_out_g, h_out, w_out, m, c_in_g * kh * kw,
         *x.stride(), *w.stride(), *y.stride(),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=store_z,
+        KH=kh, KW=kw, HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=z is not None,
         INPUT_PRECISION=_input_precision(x.dtype),
     )
-    return y, z
 
 
-def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act):
-    """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z)."""
+def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act, bias=None, out_act=0, z=None):
+    """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z).
+    bias, out_act and z are the epilogue of a transposed convolution (dx = act(dgrad + bias), z the
+    pre-activation): conv_transpose2d's forward is this kernel."""
     n, _, h, wd = dx.shape
     c_out, c_in_g, kh, kw = w.shape
     c_out_g = c_out // groups
@@ -329,11 +350,12 @@ def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act):
     s = saved if saved is not None else gy
     grid = lambda meta: (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
     wrap_triton(_conv2d_dgrad_kernel)[grid](
-        gy, s, w, dx,
+        gy, s, w, dx, bias if bias is not None else w, z if z is not None else dx,
         c_in_g, h, wd, c_out_g, gy.shape[2], gy.shape[3], m_in, c_out_g * kh * kw,
         *gy.stride(), *s.stride(), *w.stride(), *dx.stride(),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         KH=kh, KW=kw, ACTIVATION=act, INPUT_PRECISION=_input_precision(w.dtype),
+        HAS_BIAS=bias is not None, OUT_ACTIVATION=out_act, STORE_Z=z is not None,
     )
     return dx
 
@@ -350,8 +372,9 @@ def _conv2d_wgrad(gy, saved, x, w_shape, stride, padding, dilation, groups, act,
     splits = _wgrad_splits(m, tiles, groups, x.device)
     m_per_split = triton.cdiv(m, splits)
     splits = triton.cdiv(m, m_per_split)  # no empty split
-    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), device=x.device, dtype=acc_dtype(x.dtype)) if need_w else None
-    db_part = torch.empty((splits, c_out), device=x.device, dtype=acc_dtype(x.dtype)) if need_b else None
+    part = dict(device=x.device, dtype=acc_dtype(x.dtype))
+    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), **part) if need_w else None
+    db_part = torch.empty((splits, c_out), **part) if need_b else None
     s = saved if saved is not None else gy
     k_programs = (lambda meta: triton.cdiv(k_total, meta["BLOCK_K"])) if need_w else (lambda meta: 1)
     grid = lambda meta: (k_programs(meta), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups * splits)  # noqa: E731
@@ -559,7 +582,8 @@ def _compile_variants():
             variants.append(_variant(_conv2d_fwd_kernel, "fwd", config, dtype,
                                      {**common, "HAS_BIAS": True, "STORE_Z": act == ACTIVATION_CODES["gelu"]}))
         for config in _DGRAD_CONFIGS:
-            variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype, common))
+            variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype,
+                                     {**common, "HAS_BIAS": False, "OUT_ACTIVATION": 0, "STORE_Z": False}))
         for config in _WGRAD_CONFIGS:
             variants.append(_variant(_conv2d_wgrad_kernel, "wgrad", config, dtype,
                                      {**common, "COMPUTE_W": True, "COMPUTE_B": True}, acc_ptrs=("dw_ptr", "db_ptr")))
@@ -588,7 +612,8 @@ SPEC = register(KernelSpec(
                    bias=False),
         _conv_case("groups2_channels_last_sigmoid", 2, 4, 6, (6, 5), (3, 1), stride=(2, 1), padding=(1, 1, 0, 0),
                    groups=2, act="sigmoid", channels_last=True),
-        _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1), act="gelu"),
+        _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1),
+                   act="gelu"),
         _conv_case("depthwise_no_activation", 2, 3, 6, (5, 5), (3, 3), padding=(1, 1, 1, 1), groups=3),
     ],
     gradcheck_case=_conv_case("gradcheck_gelu", 1, 2, 3, (5, 4), (3, 3), stride=(2, 1), padding=(1, 0, 1, 1),
@@ -609,5 +634,6 @@ SPEC = register(KernelSpec(
     ],
     flops=_flops,
     bytes_moved=_bytes_moved,
-    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs, bias grad fused in wgrad",
+    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs, "
+                "bias grad fused in wgrad",
 ))
