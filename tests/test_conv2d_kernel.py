@@ -149,6 +149,18 @@ def test_conv2d_wgrad_split_reduction(monkeypatch):
     _assert_all_close(y, r, got, want)
 
 
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_conv2d_gpu_repacking_of_nchw_operands(monkeypatch, activation):
+    """On a GPU, NCHW operands are repacked channels-innermost before the launches (so tiles load as
+    vectors); force that path here: same values, and outputs and gradients keep the NCHW layouts."""
+    monkeypatch.setattr(conv_kernels, "_REPACK", True)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 7, 5), torch.randn(4, 3, 3, 2) / 5, torch.randn(4)
+    y, r, got, want = _conv_pair(x, w, b, activation, stride=(2, 1), padding=1, groups=2)
+    assert y.is_contiguous() and got[0].is_contiguous() and got[1].is_contiguous()
+    _assert_all_close(y, r, got, want)
+
+
 def test_conv2d_zero_size_batch_and_channels():
     torch.manual_seed(0)
     w, b = torch.randn(4, 3, 3, 3).requires_grad_(), torch.randn(4).requires_grad_()
@@ -188,7 +200,8 @@ def test_conv2d_groups_beyond_grid_limit_falls_back(monkeypatch):
     monkeypatch.setattr(conv_kernels, "_MAX_GRID_Z", 2)  # the real limit is 65535 groups
     torch.manual_seed(0)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
-    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=r"conv2d: running the PyTorch reference.*groups > 2"):
+    match = r"conv2d: running the PyTorch reference.*groups > 2"
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=match):
         y = ops.conv2d(x, w, None, padding=1, groups=4, activation="relu")
     assert y.grad_fn is None or "gpudl_conv2d" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, F.relu(F.conv2d(x, w, None, padding=1, groups=4)))

@@ -171,3 +171,15 @@ def test_gradients_are_bit_identical_in_deterministic_mode():
         torch.use_deterministic_algorithms(before)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+def test_gpu_repacking_of_nchw_operands(monkeypatch):
+    """On a GPU the conv2d launchers repack NCHW operands channels-innermost; force that path."""
+    from gpudl.kernels import conv2d as conv_kernels
+
+    monkeypatch.setattr(conv_kernels, "_REPACK", True)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 4, 3, 5), torch.randn(4, 3, 3, 3) / 3, torch.randn(6)
+    y, r, got, want = _pair(x, w, b, "gelu", stride=2, padding=1, output_padding=1, groups=2)
+    assert y.is_contiguous() and got[0].is_contiguous()
+    _assert_all_close(y, r, got, want)
