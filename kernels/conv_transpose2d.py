@@ -122,6 +122,8 @@ def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dil
         db = torch.zeros(gy.shape[1], **like) if need_b else None
         return dx, dw, db
     pad4 = _pad4(padding)
+    # On a GPU the launches read channels-innermost operands: repack dy (and the saved output) once.
+    gy, saved = _conv._channels_inner(gy), _conv._channels_inner(saved)
     dz = None
     if need_x or need_w:
         dz = gy if act == 0 else _activation_grad(gy, saved, act)
