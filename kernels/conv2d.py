@@ -76,11 +76,13 @@ _DGRAD_CONFIGS = [
 ]
 # wgrad: BLOCK_N output channels x BLOCK_K input channels of one tap, reducing BLOCK_M rows at a
 # time; the reduction is also split over programs to fill the GPU (_wgrad_splits).
+# (64-row tiles with 4 warps, and 64x128 tiles, spill in the gelu variants: the activation's
+# derivative is computed on the dz tile inside the loop.)
 _WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=4),
 ]
 
 # CUDA caps grid dims y and z at 65535; the group (times wgrad split) index lives on z.
