@@ -43,16 +43,7 @@ from gpudl.kernels._common import (
     triton_dtype,
     tuning_configs,
 )
-from gpudl.kernels.registry import (
-    INTERPRET,
-    Case,
-    CompileVariant,
-    KernelSpec,
-    first_order_only,
-    kernel_op,
-    no_tensor,
-    register,
-)
+from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
 
 # The first config of each list is the one the interpreter runs: big tiles, so that the test
 # shapes take one or two programs. The others are the GPU candidates (after Triton's matmul
@@ -353,11 +344,12 @@ def _wgrad_splits(m: int, tiles: int, groups: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(m, 512), _MAX_GRID_Z // groups))
 
 
-# On a GPU the kernels read every operand channel-innermost (channels_last): the K loop then walks
-# contiguous memory, so tiles load as vectors through asynchronous copies into shared memory. An
-# NCHW operand is repacked once per call (a copy, as cuDNN's NCHW paths transpose too); through the
-# interpreter the kernels read any strides directly, which the tests exercise.
-_REPACK = not INTERPRET
+# The kernels are launched on channels-innermost (channels_last) tensors: the K loop then walks
+# contiguous memory, so on a GPU tiles load as vectors through asynchronous copies into shared
+# memory. An NCHW operand is repacked once per call (a copy, as cuDNN's NCHW paths transpose too),
+# the same way through the interpreter, so the tests run the launches a GPU runs. The kernels
+# themselves read any strides (tests/test_conv2d_kernel.py checks them with this switched off).
+_REPACK = True
 
 
 def _channels_inner(t):
@@ -367,8 +359,8 @@ def _channels_inner(t):
 
 
 def _channels_inner_out(t):
-    """The buffer a kernel writes for output t: t itself, or (on a GPU, when t is not channels
-    innermost) a channels_last scratch that _copy_back then copies into t. Written with scattered
+    """The buffer a kernel writes for output t: t itself, or (when t is not channels innermost) a
+    channels_last scratch that _copy_back then copies into t. Written with scattered
     scalar stores, an NCHW tile's addresses spill registers; channels innermost, they are vectors."""
     if t is None or not _REPACK or t.shape[1] <= 1 or t.stride(1) == 1:
         return t

@@ -85,7 +85,7 @@ def test_conv2d_non_contiguous_views_and_stride0_grad():
     w = torch.randn(5, 3, 4, 3).transpose(2, 3)  # [5, 3, 3, 4], non-contiguous
     assert not x.is_contiguous() and not w.is_contiguous()
     rx, rw = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    kx, kw_ = x.requires_grad_(), w.requires_grad_()  # the views themselves reach the kernels
+    kx, kw_ = x.requires_grad_(), w.requires_grad_()  # the views themselves reach gpudl.ops
     with gpudl.use_backend("triton"):
         y = ops.conv2d(kx, kw_, None, padding=(2, 1), dilation=(1, 2), activation="tanh")
     r = torch.tanh(F.conv2d(rx, rw, None, padding=(2, 1), dilation=(1, 2)))
@@ -149,11 +149,13 @@ def test_conv2d_wgrad_split_reduction(monkeypatch):
     _assert_all_close(y, r, got, want)
 
 
+@pytest.mark.parametrize("repack", [True, False], ids=["repacked", "any-strides"])
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_conv2d_gpu_repacking_of_nchw_operands(monkeypatch, activation):
-    """On a GPU, NCHW operands are repacked channels-innermost before the launches (so tiles load as
-    vectors); force that path here: same values, and outputs and gradients keep the NCHW layouts."""
-    monkeypatch.setattr(conv_kernels, "_REPACK", True)
+def test_conv2d_nchw_repacking_and_strided_kernels(monkeypatch, activation, repack):
+    """NCHW operands are repacked channels-innermost before the launches (so tiles load as vectors)
+    and outputs and gradients keep their NCHW layouts; without the repack the kernels read the
+    NCHW strides directly and give the same values."""
+    monkeypatch.setattr(conv_kernels, "_REPACK", repack)
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 6, 7, 5), torch.randn(4, 3, 3, 2) / 5, torch.randn(4)
     y, r, got, want = _conv_pair(x, w, b, activation, stride=(2, 1), padding=1, groups=2)

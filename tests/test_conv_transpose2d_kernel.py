@@ -173,11 +173,13 @@ def test_gradients_are_bit_identical_in_deterministic_mode():
         assert torch.equal(a, c)
 
 
-def test_gpu_repacking_of_nchw_operands(monkeypatch):
-    """On a GPU the conv2d launchers repack NCHW operands channels-innermost; force that path."""
+@pytest.mark.parametrize("repack", [True, False], ids=["repacked", "any-strides"])
+def test_nchw_repacking_and_strided_kernels(monkeypatch, repack):
+    """The conv2d launchers repack NCHW operands channels-innermost; without it the kernels read
+    the NCHW strides directly. Same values, NCHW results either way."""
     from gpudl.kernels import conv2d as conv_kernels
 
-    monkeypatch.setattr(conv_kernels, "_REPACK", True)
+    monkeypatch.setattr(conv_kernels, "_REPACK", repack)
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 4, 3, 5), torch.randn(4, 3, 3, 3) / 3, torch.randn(6)
     y, r, got, want = _pair(x, w, b, "gelu", stride=2, padding=1, output_padding=1, groups=2)
