@@ -43,6 +43,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 LAYOUTS = ("contiguous", "transposed", "channels_last")
 # Tensor-stride arguments ("stride_am", conv's "sx_w"); sizes and conv strides/dilations that equal
 # 1 in a small test case are left out, as no bench shape has them.
+_TILE_PREFIXES = ("BLOCK", "GROUP", "num_")
 _STRIDE_ARG = re.compile(r"^(stride_\w+|s[a-z]{1,2}_[a-z]{1,2})$")
 
 
@@ -87,14 +88,18 @@ def capture_launches(ops) -> dict:
 
     from gpudl.kernels import REGISTRY
 
-    seen: dict = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+    seen: dict = collections.defaultdict(dict)
     current = ["contiguous"]
     original = InterpretedFunction.run
 
     def record_only(self, *args, grid, warmup, **kwargs):
         values = {**dict(zip(self.arg_names, args)), **kwargs}
         unit = tuple(sorted(n for n, v in values.items() if type(v) is int and v == 1 and _STRIDE_ARG.match(n)))
-        seen[_kernel_key(self)][unit][current[0]] += 1
+        entry = seen[_kernel_key(self)].setdefault(unit, {"layouts": collections.Counter(), "constexprs": {}})
+        entry["layouts"][current[0]] += 1
+        for name, value in kwargs.items():  # the launch's switches (tile sizes are the autotuner's)
+            if type(value) in (bool, int, str) and not name.startswith(_TILE_PREFIXES):
+                entry["constexprs"].setdefault(name, set()).add(str(value))
 
     def flatten(out):
         if isinstance(out, torch.Tensor):
@@ -122,7 +127,9 @@ def capture_launches(ops) -> dict:
                         pass
     finally:
         InterpretedFunction.run = original
-    return {key: [[list(unit), dict(counts)] for unit, counts in patterns.items()] for key, patterns in seen.items()}
+    return {key: [{"unit": list(unit), "layouts": dict(e["layouts"]),
+                   "constexprs": {k: sorted(v) for k, v in e["constexprs"].items()}} for unit, e in patterns.items()]
+            for key, patterns in seen.items()}
 
 
 def captured_launches(ops) -> dict:
@@ -168,13 +175,19 @@ def specializations(variant, captured: dict) -> list[dict]:
     ints = {n for n, kind in variant.signature.items() if kind in ("i32", "i64")}
     # A variant that fixes an argument to 1 itself (a constexpr) takes only launches passing 1.
     fixed = {n for n, v in variant.constexprs.items() if type(v) is int and v == 1 and n in variant.kernel.arg_names}
+    patterns = [p for p in patterns if fixed.issubset(p["unit"])]
+    # Launches of the variant's own kind: the same switches (bias, mask kind, ...) wherever the
+    # cases launched the variant's value somewhere; values no case uses (a head dim of 128) pass.
+    launched = collections.defaultdict(set)
+    for p in patterns:
+        for name, values in p["constexprs"].items():
+            launched[name].update(values)
+    own = {n: str(v) for n, v in variant.constexprs.items() if str(v) in launched.get(n, ())}
+    mine = [p for p in patterns if all(v in p["constexprs"].get(n, (v,)) for n, v in own.items())]
     merged: dict = {}
-    for unit, counts in patterns:
-        if not fixed.issubset(unit):
-            continue
-        key = tuple(n for n in unit if n in ints)
-        entry = merged.setdefault(key, collections.Counter())
-        entry.update(counts)
+    for p in mine or patterns:
+        key = tuple(n for n in p["unit"] if n in ints)
+        merged.setdefault(key, collections.Counter()).update(p["layouts"])
     if not merged:
         return [{"unit": [], "layouts": ["no launch recorded"]}]
     ordered = sorted(merged.items(), key=lambda kv: (-kv[1]["contiguous"], -sum(kv[1].values()), kv[0]))
