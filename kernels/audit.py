@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     out = args.out or Path("bench_results/audit") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     report = audit(ops, args.arch, args.jobs)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "audit.json").write_text(json.dumps(report, separators=(",", ":"), default=str) + "\n")
     (out / "audit.md").write_text(markdown(report))
     print(summary(report))
     print(f"wrote {out / 'audit.json'} and {out / 'audit.md'}")

@@ -174,7 +174,8 @@ def specializations(variant, captured: dict) -> list[dict]:
     patterns = captured.get(_kernel_key(variant.kernel), [])
     ints = {n for n, kind in variant.signature.items() if kind in ("i32", "i64")}
     # A variant that fixes an argument to 1 itself (a constexpr) takes only launches passing 1.
-    fixed = {n for n, v in variant.constexprs.items() if type(v) is int and v == 1 and n in variant.kernel.arg_names}
+    fixed = {n for n, v in variant.constexprs.items()
+             if type(v) is int and v == 1 and n in variant.kernel.arg_names and _STRIDE_ARG.match(n)}
     patterns = [p for p in patterns if fixed.issubset(p["unit"])]
     # Launches of the variant's own kind: the same switches (bias, mask kind, ...) wherever the
     # cases launched the variant's value somewhere; values no case uses (a head dim of 128) pass.
