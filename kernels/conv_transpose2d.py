@@ -283,13 +283,11 @@ def _compile_variants():
         for config in _conv._FWD_CONFIGS[:1]:
             variants.append(_conv._variant(_conv2d_fwd_kernel, "dgrad", config, dtype, {
                 **common, "ACTIVATION": 0, "HAS_BIAS": False, "STORE_Z": False}))
-        # dw, and db (bias-only mode, reading dy and the saved activation)
+        # dw. (db is the wgrad kernel's bias-only mode, a reduction with no GEMM, which conv2d's
+        # spec leaves out of its variants too.)
         for config in _conv._WGRAD_CONFIGS[:1]:
             variants.append(_conv._variant(_conv2d_wgrad_kernel, "wgrad", config, dtype, {
                 **common, "ACTIVATION": 0, "COMPUTE_W": True, "COMPUTE_B": False}, acc_ptrs=("dw_ptr", "db_ptr")))
-            variants.append(_conv._variant(_conv2d_wgrad_kernel, "bgrad", config, dtype, {
-                **common, "KH": 1, "KW": 1, "ACTIVATION": act, "COMPUTE_W": False, "COMPUTE_B": True},
-                acc_ptrs=("dw_ptr", "db_ptr")))
         ptr = triton_dtype(dtype)
         signature = {"g_ptr": ptr, "s_ptr": ptr, "out_ptr": ptr, **{a: "i32" for a in (
             "NUMEL", "C", "H", "W", "sg_n", "sg_c", "sg_h", "sg_w", "ss_n", "ss_c", "ss_h", "ss_w",
