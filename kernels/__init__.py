@@ -11,5 +11,5 @@ import pkgutil
 from gpudl.kernels.registry import REGISTRY, Case, CompileVariant, KernelSpec, register  # noqa: F401
 
 for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_") and _module.name not in ("registry", "compile_check"):
+    if not _module.name.startswith("_") and _module.name not in ("registry", "compile_check", "audit"):
         importlib.import_module(f"{__name__}.{_module.name}")

@@ -76,11 +76,23 @@ def forced_config(kernel, index: int) -> Iterator[triton.Config]:
         kernel.configs, kernel.cache = saved
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """torch's own switch for fp32 matmuls (off by default). The new API's `fp32_precision`
+    reflects the legacy `allow_tf32` and `set_float32_matmul_precision` too, while reading
+    `allow_tf32` raises once the new API was used, so read the new one where it exists."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision not in ("ieee", "none")  # "tf32" (or the even looser "bf16")
+    return bool(matmul.allow_tf32)
+
+
 def triton_dtype(torch_dtype) -> str:
     """Signature string of a pointer to `torch_dtype`, for compile checks."""
     import torch
 
-    return {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}[torch_dtype]
+    names = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
+    return names[torch_dtype]
 
 
 @triton.jit

@@ -36,7 +36,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from gpudl.kernels._common import SHARED_MEMORY_LIMIT, acc_dtype, triton_dtype, tuning_configs
+from gpudl.kernels._common import (
+    SHARED_MEMORY_LIMIT,
+    acc_dtype,
+    fp32_matmul_allows_tf32,
+    triton_dtype,
+    tuning_configs,
+)
 from gpudl.kernels.registry import (
     Case,
     CompileVariant,
@@ -105,7 +111,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, m_base, offs_m, offs_d, d_ok,
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, M, O, LSE,
+def _attn_fwd(Q, K, V, M, O, LSE,  # noqa: E741 - the math's names
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -159,14 +165,15 @@ def _attn_fwd(Q, K, V, M, O, LSE,
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_base = O + b * stride_ob + h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty), mask=q_mask)
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=q_mask)
     # +inf makes the backward's exp2(S - LSE) exactly 0 on such rows.
     lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
     tl.store(LSE + bh * Lq + offs_m, lse, mask=offs_m < Lq)
 
 
 @triton.jit
-def _attn_bwd_preprocess(O, DO, Delta,
+def _attn_bwd_preprocess(O, DO, Delta,  # noqa: E741 - the math's names
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_dob, stride_doh, stride_dom, stride_dod,
                          H, Lq,
@@ -357,14 +364,24 @@ def _attn_bwd_dq(Q, K, V, M, DO, LSE, Delta, DQ,
 # --------------------------------------------------------------------------- launchers
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry of each table is the only one used
 # under the interpreter (tuning_configs), with blocks small enough that the tiny test shapes span
-# several blocks; it is also the only one float32/float64 use on GPUs (they are the correctness
-# path, not the fast one, and their full-precision products need several times the shared
-# memory and compile time). Half precision autotunes over every entry that fits.
-FWD_CONFIGS = [(32, 16, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3)]
-# dK/dV: BLOCK_N keys per program, BLOCK_M queries per loop step.
-DKDV_CONFIGS = [(16, 32, 4, 2), (32, 128, 4, 3)]
-# dQ: BLOCK_M queries per program, BLOCK_N keys per loop step.
-DQ_CONFIGS = [(32, 16, 4, 2), (128, 32, 4, 3)]
+# several blocks. On a GPU, half precision autotunes over the HALF entries that fit, float32 and
+# float64 over the FP32 ones: each audited (gpudl.kernels.audit) for spills on sm_80 and sm_90 at
+# head dims 64 and 128 (the 32x128 dK/dV tile spilled at d128 on 4 warps: it takes 8).
+INTERPRETER = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
+HALF = {
+    "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3)],
+    # dK/dV: BLOCK_N keys per program, BLOCK_M queries per loop step.
+    "dkdv": [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 3)],
+    # dQ: BLOCK_M queries per program, BLOCK_N keys per loop step.
+    "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+}
+FP32 = {
+    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "dkdv": [(16, 64, 4, 2), (16, 32, 4, 2)],
+    "dq": [(64, 16, 4, 2), (32, 16, 4, 2)],
+}
+FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (
+    list(dict.fromkeys([INTERPRETER[k], *HALF[k], *FP32[k]])) for k in ("fwd", "dkdv", "dq"))
 PRE_BLOCK_M, PRE_WARPS = 64, 4
 TUNE_KEY = ["TUNE_LQ", "TUNE_LK", "HEAD_DIM", "MASK_KIND", "IS_CAUSAL"]
 
@@ -378,32 +395,35 @@ def _smem_estimate(cfg, block_d: int, elem: int, per_program: str) -> int:
     return (2 * stages * looped + 2 * resident) * block_d * elem
 
 
-def _candidates(table, block_d: int, elem: int, per_program: str) -> list[tuple]:
-    """The configs of `table` the autotuner may pick for this padded head dim and element size."""
-    if elem >= 4:
-        return table[:1]
+def _candidates(kind: str, block_d: int, elem: int, per_program: str) -> list[tuple]:
+    """The configs of kernel `kind` the autotuner may pick on a GPU for this padded head dim and
+    element size."""
+    table = HALF[kind] if elem == 2 else FP32[kind]
     limit = min(SHARED_MEMORY_LIMIT.values())
-    return [c for c in table if _smem_estimate(c, block_d, elem, per_program) <= limit] or table[:1]
+    return [c for c in table if _smem_estimate(c, block_d, elem, per_program) <= limit] or table[-1:]
 
 
 def _configs(table) -> list[triton.Config]:
-    return tuning_configs([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table])
+    return tuning_configs([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                           for m, n, w, s in table])
 
 
-def _pruner(table, per_program: str):
+def _pruner(kind: str, per_program: str):
     def prune(configs, named_args, **kwargs):
-        keep = _candidates(table, kwargs["BLOCK_D"], named_args["Q"].element_size(), per_program)
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep]
+        keep = _candidates(kind, kwargs["BLOCK_D"], named_args["Q"].element_size(), per_program)
+        # Under the interpreter the one config tried is INTERPRETER's: keep it.
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep] \
+            or configs
 
     return prune
 
 
 _attn_fwd_tuned = triton.autotune(_configs(FWD_CONFIGS), key=TUNE_KEY,
-                                  prune_configs_by={"early_config_prune": _pruner(FWD_CONFIGS, "query")})(_attn_fwd)
+                                  prune_configs_by={"early_config_prune": _pruner("fwd", "query")})(_attn_fwd)
 _attn_bwd_dkdv_tuned = triton.autotune(_configs(DKDV_CONFIGS), key=TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV"],
-                                       prune_configs_by={"early_config_prune": _pruner(DKDV_CONFIGS, "key")})(_attn_bwd_dkdv)
+                                       prune_configs_by={"early_config_prune": _pruner("dkdv", "key")})(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(_configs(DQ_CONFIGS), key=TUNE_KEY,
-                                     prune_configs_by={"early_config_prune": _pruner(DQ_CONFIGS, "query")})(_attn_bwd_dq)
+                                     prune_configs_by={"early_config_prune": _pruner("dq", "query")})(_attn_bwd_dq)
 
 
 def _block_d(head_dim: int) -> int:
@@ -411,9 +431,11 @@ def _block_d(head_dim: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # IEEE products for float32/float64 (never silently TF32); half-precision inputs use the
-    # tensor cores whatever this says.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    # float32 follows torch's own TF32 switch for matmuls (off by default: IEEE products, never
+    # silently TF32); float64 is IEEE; half-precision inputs use the tensor cores whatever this says.
+    if dtype == torch.float32:
+        return "tf32" if fp32_matmul_allows_tf32() else "ieee"
+    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 def _mask_args(mask, like):
@@ -592,37 +614,53 @@ def _signature(kernel, dtype: torch.dtype, mask_kind: int, constexprs: dict) -> 
     return sig
 
 
-def _variants_of(kernel, label, table, dtype, head_dim, mask_kind=MASK_NONE, causal=False, extra=None, per_program="query"):
+def _variants_of(kernel, label, kind, dtype, head_dim, mask_kind=MASK_NONE, causal=False, extra=None,
+                 per_program="query", configs=None, precision=None):
+    """Compile variants of `kernel` for the candidates of `kind` (or `configs`)."""
     variants = []
     block_d = _block_d(head_dim)
-    for cfg in _candidates(table, block_d, torch.tensor([], dtype=dtype).element_size(), per_program):
+    if configs is None:
+        configs = _candidates(kind, block_d, torch.tensor([], dtype=dtype).element_size(), per_program)
+    precision = precision or _precision(dtype)
+    for cfg in configs:
         block_m, block_n, warps, stages = cfg
         # Contiguous inputs: the head-dim strides are 1, which Triton specializes as a constant.
         constexprs = {n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("d")}
         constexprs.update(HEAD_DIM=head_dim, BLOCK_D=block_d, MASK_KIND=mask_kind, IS_CAUSAL=causal,
-                          PRECISION=_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n, **(extra or {}))
+                          PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, **(extra or {}))
         constexprs = {n: c for n, c in constexprs.items() if n in kernel.arg_names}
-        name = f"{label}_{str(dtype)[6:]}_d{head_dim}_m{block_m}_n{block_n}_w{warps}_s{stages}"
-        name += {MASK_NONE: "", MASK_BOOL: "_boolmask", MASK_FLOAT: "_floatmask"}[mask_kind] + ("_causal" if causal else "")
-        variants.append(CompileVariant(name, kernel, _signature(kernel, dtype, mask_kind, constexprs), constexprs, warps, stages))
+        name = f"{label}_{str(dtype)[6:]}{'_tf32' if precision == 'tf32' and dtype == torch.float32 else ''}"
+        name += f"_d{head_dim}_m{block_m}_n{block_n}_w{warps}_s{stages}"
+        name += {MASK_NONE: "", MASK_BOOL: "_boolmask", MASK_FLOAT: "_floatmask"}[mask_kind]
+        name += "_causal" if causal else ""
+        signature = _signature(kernel, dtype, mask_kind, constexprs)
+        variants.append(CompileVariant(name, kernel, signature, constexprs, warps, stages))
     return variants
 
 
 def compile_variants() -> list[CompileVariant]:
-    """Every config the autotuner may pick (_candidates) for the forward, dK/dV and dQ kernels, and
-    the preprocess kernel, in float32 and bfloat16 for head dims 64 and 128; plus the bool-mask,
-    causal and float-mask code paths (one kernel each, bfloat16, head dim 64)."""
+    """Every config the autotuner may pick on a GPU (_candidates) for the forward, dK/dV and dQ
+    kernels, and the preprocess kernel, in float32 (IEEE; TF32 at head dim 128) and bfloat16 for
+    head dims 64 and 128; plus the causal, bool-mask and float-mask code paths (bfloat16, head
+    dim 64: every dK/dV and dQ candidate where the audit found spills before, else the first)."""
     out = []
     both = {"COMPUTE_DK": True, "COMPUTE_DV": True}
+    pre = [(PRE_BLOCK_M, 0, PRE_WARPS, 1)]
     for dtype in (torch.float32, torch.bfloat16):
         for head_dim in (64, 128):
-            out += _variants_of(_attn_fwd, "fwd", FWD_CONFIGS, dtype, head_dim)
-            out += _variants_of(_attn_bwd_dkdv, "dkdv", DKDV_CONFIGS, dtype, head_dim, extra=both, per_program="key")
-            out += _variants_of(_attn_bwd_dq, "dq", DQ_CONFIGS, dtype, head_dim)
-            out += _variants_of(_attn_bwd_preprocess, "pre", [(PRE_BLOCK_M, 0, PRE_WARPS, 1)], dtype, head_dim)
-    out += _variants_of(_attn_fwd, "fwd", FWD_CONFIGS[1:2], torch.bfloat16, 64, MASK_BOOL)
-    out += _variants_of(_attn_bwd_dkdv, "dkdv", DKDV_CONFIGS[1:], torch.bfloat16, 64, MASK_NONE, True, both, "key")
-    out += _variants_of(_attn_bwd_dq, "dq", DQ_CONFIGS[1:], torch.bfloat16, 64, MASK_FLOAT)
+            precisions = ["ieee", "tf32"] if dtype == torch.float32 and head_dim == 128 else [None]
+            for precision in precisions:
+                out += _variants_of(_attn_fwd, "fwd", "fwd", dtype, head_dim, precision=precision)
+                out += _variants_of(_attn_bwd_dkdv, "dkdv", "dkdv", dtype, head_dim, extra=both, per_program="key",
+                                    precision=precision)
+                out += _variants_of(_attn_bwd_dq, "dq", "dq", dtype, head_dim, precision=precision)
+            out += _variants_of(_attn_bwd_preprocess, "pre", "pre", dtype, head_dim, configs=pre)
+    bf16 = torch.bfloat16
+    out += _variants_of(_attn_fwd, "fwd", "fwd", bf16, 64, MASK_BOOL, configs=HALF["fwd"][:1])
+    out += _variants_of(_attn_fwd, "fwd", "fwd", bf16, 64, MASK_NONE, True, configs=HALF["fwd"][:1])
+    out += _variants_of(_attn_bwd_dkdv, "dkdv", "dkdv", bf16, 64, MASK_NONE, True, both, "key")
+    out += _variants_of(_attn_bwd_dq, "dq", "dq", bf16, 64, MASK_NONE, True, configs=HALF["dq"][:1])
+    out += _variants_of(_attn_bwd_dq, "dq", "dq", bf16, 64, MASK_FLOAT)
     return out
 
 
@@ -718,7 +756,8 @@ SPEC = register(
                       _case("tuning_bool_mask_lq133_lk141", 1, 1, 133, 141, 16, mask="bool")],
         compile_variants=compile_variants,
         bench_cases=[
-            _case(f"b4_h16_l{length}_d{head_dim}{'_causal' if causal else ''}", 4, 16, length, length, head_dim, causal=causal)
+            _case(f"b4_h16_l{length}_d{head_dim}{'_causal' if causal else ''}", 4, 16, length, length, head_dim,
+                  causal=causal)
             for length in (2048, 4096) for head_dim in (64, 128) for causal in (False, True)
         ],
         flops=_flops,

@@ -15,7 +15,12 @@ with no im2col buffer anywhere (every operand tile is gathered from the tensors 
     bias     db[o]    = sum_m  dZ[m, o]                        inside the wgrad kernel
 where X[m, k] = x[n, c, oh * sH - top + kh * dH, ow * sW - left + kw * dW] (0 in the padding) and
 dZ = dy * act'(z) is the gradient of the pre-activation z, computed while loading dy.
-k runs over (kh, kw, c) with c fastest, so that channels_last inputs are read contiguously.
+k runs over (kh, kw, c) with c fastest, so that channels_last inputs are read contiguously: the main
+loops walk it tap by tap, BLOCK_K channels at a time, splitting the loop index into (tap, channel
+block) with scalar arithmetic; each tile's row coordinates (the only vector divisions) are computed
+once before the loop, so the loop body is address adds, masks, loads and one tl.dot, which Triton
+software-pipelines with asynchronous copies. fp32 uses TF32 tensor cores while
+torch.backends.cudnn.allow_tf32 says so (as F.conv2d), exact fp32 otherwise.
 """
 
 from __future__ import annotations
@@ -41,25 +46,54 @@ from gpudl.kernels._common import (
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
 
 # The first config of each list is the one the interpreter runs: big tiles, so that the test
-# shapes take one or two programs. Every config fits sm_80's shared memory in fp32 too (the
-# compile check measures it); few configs keep the ahead-of-time compile check short.
+# shapes take one or two programs. The others are the GPU candidates (after Triton's matmul
+# tutorial), each fitting sm_80's shared memory in fp32 too (the compile check measures it) and
+# audited for spills, tensor cores and asynchronous copies (README, Kernels).
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
 ]
+# dgrad's masks (the stride grid) take more registers: its 128-row tiles use 8 warps (with 4, and
+# with 128x64x64 tiles, the fp32 variants spill).
 _DGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
 ]
-# wgrad: BLOCK_N output channels x BLOCK_K (kh, kw, c) columns, reducing BLOCK_M rows at a time.
-# One config: the reduction is split over programs to fill the GPU (_wgrad_splits), which
-# matters more here than the tile shape.
+# wgrad: BLOCK_N output channels x BLOCK_K input channels of one tap, reducing BLOCK_M rows at a
+# time; the reduction is also split over programs to fill the GPU (_wgrad_splits).
+# (64-row tiles with 4 warps, and 64x128 tiles, spill in the gelu variants: the activation's
+# derivative is computed on the dz tile inside the loop.)
 _WGRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=4),
 ]
 
 # CUDA caps grid dims y and z at 65535; the group (times wgrad split) index lives on z.
 _MAX_GRID_Z = 65535
+
+
+@triton.jit
+def _split_rows(start, BLOCK: tl.constexpr, H, W):
+    """(n, h, w) of the BLOCK rows start, start + 1, ... of an [N, H, W] grid, as int64 vectors.
+    start (int64) is split once, in scalar arithmetic; the rows' own divisions are int32 (a
+    64-bit vector division is a slow-path call per element, whose registers spill)."""
+    w0 = (start % W).to(tl.int32)
+    t = start // W
+    h0 = (t % H).to(tl.int32)
+    n0 = t // H
+    r = w0 + tl.arange(0, BLOCK)
+    carry_w = r // W
+    r2 = h0 + carry_w
+    carry_h = r2 // H
+    return n0 + carry_h.to(tl.int64), (r2 - carry_h * H).to(tl.int64), (r - carry_w * W).to(tl.int64)
 
 
 @triton.autotune(configs=tuning_configs(_FWD_CONFIGS), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL"])
@@ -77,18 +111,17 @@ def _conv2d_fwd_kernel(
 ):
     """One [BLOCK_M output positions, BLOCK_N output channels] tile of y (and of z = the
     pre-activation, when STORE_Z), for group program_id(2). M = N * H_out * W_out,
-    K_TOTAL = kH * kW * C_in_g."""
+    K_TOTAL = kH * kW * C_in_g (the autotuner's key)."""
     # fp64 inputs (gradcheck) accumulate in fp64, everything else in fp32.
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     group = tl.program_id(2).to(tl.int64)
 
+    # Per tile, once: the output positions' coordinates (the only vector divisions) and row pointers.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: M can pass 2**31
     m_mask = offs_m < M
-    ow = offs_m % W_OUT
-    oh = (offs_m // W_OUT) % H_OUT
-    n = offs_m // (W_OUT * H_OUT)
+    n, oh, ow = _split_rows(pid_m * BLOCK_M, BLOCK_M, H_OUT, W_OUT)
     ih0 = oh * STRIDE_H - PAD_TOP
     iw0 = ow * STRIDE_W - PAD_LEFT
     x_rows = x_ptr + group * C_IN_G * sx_c + n * sx_n  # [BLOCK_M] pointers
@@ -97,22 +130,26 @@ def _conv2d_fwd_kernel(
     o_mask = offs_o < C_OUT_G
     chan_o = group * C_OUT_G + offs_o  # int64 channel index into w, b and y
     w_cols = w_ptr + chan_o * sw_o  # [BLOCK_N] pointers
+    offs_c = tl.arange(0, BLOCK_K)
 
+    # K walks tap by tap, BLOCK_K channels at a time (channel innermost: contiguous in
+    # channels_last); the loop index splits into (tap, channel block) with scalar arithmetic only.
+    c_blocks = tl.cdiv(C_IN_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K_TOTAL
-        c = (offs_k % C_IN_G).to(tl.int64)
-        tap = offs_k // C_IN_G
-        kw = tap % KW
+    for it in range(0, KH * KW * c_blocks):
+        tap = it // c_blocks
+        c = (it - tap * c_blocks) * BLOCK_K + offs_c
         kh = tap // KW
-        ih = ih0[:, None] + (kh * DIL_H)[None, :]
-        iw = iw0[:, None] + (kw * DIL_W)[None, :]
+        kw = tap - kh * KW
+        ih = ih0 + kh * DIL_H
+        iw = iw0 + kw * DIL_W
         # Zero padding and every tail are masked loads; nothing outside x is ever read.
-        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_rows[:, None] + (c * sx_c)[None, :] + ih * sx_h + iw * sx_w, mask=a_mask, other=0.0)
-        b_offs = c * sw_c + kh * sw_h + kw * sw_w
-        b = tl.load(w_cols[None, :] + b_offs[:, None], mask=k_mask[:, None] & o_mask[None, :], other=0.0)
+        row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        c_ok = c < C_IN_G
+        a = tl.load((x_rows + ih * sx_h + iw * sx_w)[:, None] + (c * sx_c)[None, :],
+                    mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load((w_cols + kh * sw_h + kw * sw_w)[None, :] + (c * sw_c)[:, None],
+                    mask=c_ok[:, None] & o_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
     if HAS_BIAS:
@@ -129,7 +166,7 @@ def _conv2d_fwd_kernel(
 @triton.autotune(configs=tuning_configs(_DGRAD_CONFIGS), key=["M_IN", "C_IN_G", "C_OUT_G", "K_TOTAL"])
 @triton.jit
 def _conv2d_dgrad_kernel(
-    gy_ptr, s_ptr, w_ptr, dx_ptr,
+    gy_ptr, s_ptr, w_ptr, dx_ptr, b_ptr, z_ptr,
     C_IN_G, H, W, C_OUT_G, H_OUT, W_OUT, M_IN, K_TOTAL,
     sg_n, sg_c, sg_h, sg_w,
     ss_n, ss_c, ss_h, ss_w,
@@ -137,6 +174,7 @@ def _conv2d_dgrad_kernel(
     sd_n, sd_c, sd_h, sd_w,
     STRIDE_H, STRIDE_W, PAD_TOP, PAD_LEFT, DIL_H, DIL_W,
     KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, OUT_ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One [BLOCK_M input positions, BLOCK_N input channels] tile of dx for group program_id(2):
@@ -151,9 +189,7 @@ def _conv2d_dgrad_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M_IN
-    iw = offs_m % W
-    ih = (offs_m // W) % H
-    n = offs_m // (W * H)
+    n, ih, iw = _split_rows(pid_m * BLOCK_M, BLOCK_M, H, W)
     th0 = ih + PAD_TOP
     tw0 = iw + PAD_LEFT
     g_rows = gy_ptr + group * C_OUT_G * sg_c + n * sg_n
@@ -162,31 +198,43 @@ def _conv2d_dgrad_kernel(
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C_IN_G
     w_cols = w_ptr + group * C_OUT_G * sw_o + offs_c.to(tl.int64) * sw_c
+    offs_k = tl.arange(0, BLOCK_K)
 
+    # K walks tap by tap, BLOCK_K output channels at a time (as in the forward).
+    o_blocks = tl.cdiv(C_OUT_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K_TOTAL, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K_TOTAL
-        o = (offs_k % C_OUT_G).to(tl.int64)
-        tap = offs_k // C_OUT_G
-        kw = tap % KW
+    for it in range(0, KH * KW * o_blocks):
+        tap = it // o_blocks
+        o = (it - tap * o_blocks) * BLOCK_K + offs_k
         kh = tap // KW
-        th = th0[:, None] - (kh * DIL_H)[None, :]
-        tw = tw0[:, None] - (kw * DIL_W)[None, :]
+        kw = tap - kh * KW
+        th = th0 - kh * DIL_H
+        tw = tw0 - kw * DIL_W
         oh = th // STRIDE_H
         ow = tw // STRIDE_W
-        valid = (m_mask[:, None] & k_mask[None, :] & (th >= 0) & (tw >= 0)
-                 & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw) & (oh < H_OUT) & (ow < W_OUT))
-        g = tl.load(g_rows[:, None] + (o * sg_c)[None, :] + oh * sg_h + ow * sg_w, mask=valid, other=0.0)
+        row_ok = (m_mask & (th >= 0) & (tw >= 0) & (oh * STRIDE_H == th) & (ow * STRIDE_W == tw)
+                  & (oh < H_OUT) & (ow < W_OUT))
+        o_ok = o < C_OUT_G
+        valid = row_ok[:, None] & o_ok[None, :]
+        g = tl.load((g_rows + oh * sg_h + ow * sg_w)[:, None] + (o * sg_c)[None, :], mask=valid, other=0.0)
         if ACTIVATION != 0:
-            s = tl.load(s_rows[:, None] + (o * ss_c)[None, :] + oh * ss_h + ow * ss_w, mask=valid, other=0.0)
+            s = tl.load((s_rows + oh * ss_h + ow * ss_w)[:, None] + (o * ss_c)[None, :], mask=valid, other=0.0)
             g = activation_grad_from_saved(s.to(ACC), g.to(ACC), ACTIVATION)
-        b = tl.load(w_cols[None, :] + (o * sw_o + kh * sw_h + kw * sw_w)[:, None],
-                    mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+        b = tl.load((w_cols + kh * sw_h + kw * sw_w)[None, :] + (o * sw_o)[:, None],
+                    mask=o_ok[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(g.to(w_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
-    dx_offs = (n * sd_n + ih * sd_h + iw * sd_w)[:, None] + ((group * C_IN_G + offs_c) * sd_c)[None, :]
-    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+    # The epilogue of a transposed convolution's forward (this kernel is its main loop): bias,
+    # the pre-activation z when STORE_Z, the activation. conv2d's own dgrad uses none of them.
+    chan_c = group * C_IN_G + offs_c
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + chan_c, mask=c_mask, other=0.0).to(ACC)[None, :]
+    dx_offs = (n * sd_n + ih * sd_h + iw * sd_w)[:, None] + (chan_c * sd_c)[None, :]
+    dx_mask = m_mask[:, None] & c_mask[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + dx_offs, acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
+    acc = apply_activation(acc, OUT_ACTIVATION)
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.autotune(configs=tuning_configs(_WGRAD_CONFIGS), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"])
@@ -202,11 +250,12 @@ def _conv2d_wgrad_kernel(
     COMPUTE_W: tl.constexpr, COMPUTE_B: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One [BLOCK_N output channels, BLOCK_K (kh, kw, c) columns] tile of the weight gradient,
-    summed over the rows m in [split * M_PER_SPLIT, (split + 1) * M_PER_SPLIT) of split
-    program_id(2) // GROUPS, into the fp32 (fp64) partial buffers
-    dw [splits, C_out, C_in_g, kH, kW] and db [splits, C_out] that the host sums over splits
-    (deterministic, unlike atomics). The bias gradient is written by the programs of column 0."""
+    """One [BLOCK_N output channels, BLOCK_K input channels] tile of the weight gradient at one
+    tap (program_id(0) = tap * channel blocks + channel block), summed over the rows m in
+    [split * M_PER_SPLIT, (split + 1) * M_PER_SPLIT) of split program_id(2) // GROUPS, into the
+    fp32 (fp64) partial buffers dw [splits, C_out, C_in_g, kH, kW] and db [splits, C_out] that the
+    host sums over splits (deterministic, unlike atomics). The bias gradient is written by the
+    programs of column 0 (the only column when not COMPUTE_W)."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     pid_k = tl.program_id(0)
     pid_o = tl.program_id(1)
@@ -217,13 +266,17 @@ def _conv2d_wgrad_kernel(
     offs_o = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = offs_o < C_OUT_G
     chan_o = group * C_OUT_G + offs_o
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K_TOTAL
-    c = (offs_k % C_IN_G).to(tl.int64)
-    tap = offs_k // C_IN_G
-    kw = tap % KW
+    c_blocks = tl.cdiv(C_IN_G, BLOCK_K)
+    tap = pid_k // c_blocks
     kh = tap // KW
-    x_chan = x_ptr + group * C_IN_G * sx_c + c * sx_c  # [BLOCK_K] pointers
+    kw = tap - kh * KW
+    c = (pid_k - tap * c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_ok = c < C_IN_G
+    x_chan = x_ptr + group * C_IN_G * sx_c + c.to(tl.int64) * sx_c  # [BLOCK_K] pointers
+    g_chan = gy_ptr + chan_o * sg_c  # [BLOCK_N] pointers
+    s_chan = s_ptr + chan_o * ss_c
+    h_off = kh * DIL_H - PAD_TOP
+    w_off = kw * DIL_W - PAD_LEFT
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     bias_acc = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -232,31 +285,28 @@ def _conv2d_wgrad_kernel(
     for it in range(0, tl.cdiv(M_PER_SPLIT, BLOCK_M)):
         offs_m = m_start + it * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < m_end
-        ow = offs_m % W_OUT
-        oh = (offs_m // W_OUT) % H_OUT
-        n = offs_m // (W_OUT * H_OUT)
+        n, oh, ow = _split_rows(m_start + it * BLOCK_M, BLOCK_M, H_OUT, W_OUT)
         # dz tile, transposed: [BLOCK_N channels, BLOCK_M positions]
         g_mask = o_mask[:, None] & m_mask[None, :]
-        g = tl.load(gy_ptr + (chan_o * sg_c)[:, None] + (n * sg_n + oh * sg_h + ow * sg_w)[None, :],
-                    mask=g_mask, other=0.0).to(ACC)
+        g = tl.load(g_chan[:, None] + (n * sg_n + oh * sg_h + ow * sg_w)[None, :], mask=g_mask, other=0.0)
         if ACTIVATION != 0:
-            s = tl.load(s_ptr + (chan_o * ss_c)[:, None] + (n * ss_n + oh * ss_h + ow * ss_w)[None, :],
-                        mask=g_mask, other=0.0)
-            g = activation_grad_from_saved(s.to(ACC), g, ACTIVATION)
+            s = tl.load(s_chan[:, None] + (n * ss_n + oh * ss_h + ow * ss_w)[None, :], mask=g_mask, other=0.0)
+            g = activation_grad_from_saved(s.to(ACC), g.to(ACC), ACTIVATION)
         if COMPUTE_B:
-            bias_acc += tl.sum(g, axis=1)
+            bias_acc += tl.sum(g.to(ACC), axis=1)
         if COMPUTE_W:
-            ih = (oh * STRIDE_H - PAD_TOP)[:, None] + (kh * DIL_H)[None, :]
-            iw = (ow * STRIDE_W - PAD_LEFT)[:, None] + (kw * DIL_W)[None, :]
-            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_chan[None, :] + (n * sx_n)[:, None] + ih * sx_h + iw * sx_w, mask=a_mask, other=0.0)
+            ih = oh * STRIDE_H + h_off
+            iw = ow * STRIDE_W + w_off
+            row_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_chan[None, :] + (n * sx_n + ih * sx_h + iw * sx_w)[:, None],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
             acc = tl.dot(g.to(x_ptr.dtype.element_ty), a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
 
     if COMPUTE_W:
-        # partial dw is contiguous [splits, C_out, C_in_g, kH, kW]; column k = (kh, kw, c).
-        w_col = c * (KH * KW) + kh * KW + kw
+        # partial dw is contiguous [splits, C_out, C_in_g, kH, kW]
+        w_col = c * (KH * KW) + tap
         dw_offs = split * C_OUT * K_TOTAL + (chan_o * K_TOTAL)[:, None] + w_col[None, :]
-        tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & k_mask[None, :])
+        tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=o_mask[:, None] & c_ok[None, :])
     if COMPUTE_B:
         if pid_k == 0:
             tl.store(db_ptr + split * C_OUT + chan_o, bias_acc.to(db_ptr.dtype.element_ty), mask=o_mask)
@@ -294,6 +344,34 @@ def _wgrad_splits(m: int, tiles: int, groups: int, device: torch.device) -> int:
     return max(1, min(want, triton.cdiv(m, 512), _MAX_GRID_Z // groups))
 
 
+# The kernels are launched on channels-innermost (channels_last) tensors: the K loop then walks
+# contiguous memory, so on a GPU tiles load as vectors through asynchronous copies into shared
+# memory. An NCHW operand is repacked once per call (a copy, as cuDNN's NCHW paths transpose too),
+# the same way through the interpreter, so the tests run the launches a GPU runs. The kernels
+# themselves read any strides (tests/test_conv2d_kernel.py checks them with this switched off).
+_REPACK = True
+
+
+def _channels_inner(t):
+    if t is None or not _REPACK or t.shape[1] <= 1 or t.stride(1) == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _channels_inner_out(t):
+    """The buffer a kernel writes for output t: t itself, or (when t is not channels innermost) a
+    channels_last scratch that _copy_back then copies into t. Written with scattered
+    scalar stores, an NCHW tile's addresses spill registers; channels innermost, they are vectors."""
+    if t is None or not _REPACK or t.shape[1] <= 1 or t.stride(1) == 1:
+        return t
+    return torch.empty_like(t, memory_format=torch.channels_last)
+
+
+def _copy_back(out, buffer):
+    if buffer is not out:
+        out.copy_(buffer)
+
+
 def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     """x [N, C_in, H, W], w [C_out, C_in_g, kH, kW] -> y [N, C_out, H_out, W_out] (and z, the
     pre-activation, same shape and strides, when store_z)."""
@@ -306,54 +384,78 @@ def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     z = torch.empty_like(y) if store_z else None
     if y.numel() == 0:
         return y, z
-    c_out_g = c_out // groups
-    m = n * h_out * w_out
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
-    wrap_triton(_conv2d_fwd_kernel)[grid](
-        x, w, b if b is not None else w, y, z if store_z else y,
-        c_in_g, h, wd, c_out_g, h_out, w_out, m, c_in_g * kh * kw,
-        *x.stride(), *w.stride(), *y.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=store_z,
-        INPUT_PRECISION=_input_precision(x.dtype),
-    )
+    _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act)
     return y, z
 
 
-def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act):
-    """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z)."""
+def _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act):
+    """Writes y (and z when not None) [N, C_out, H_out, W_out]; the output size is y's, so that a
+    transposed convolution's input gradient can ask for exactly its input's size."""
+    x, w = _channels_inner(x), _channels_inner(w)
+    n, _, h, wd = x.shape
+    c_out, c_in_g, kh, kw = w.shape
+    h_out, w_out = y.shape[2], y.shape[3]
+    c_out_g = c_out // groups
+    m = n * h_out * w_out
+    y_buf, z_buf = _channels_inner_out(y), _channels_inner_out(z)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
+    wrap_triton(_conv2d_fwd_kernel)[grid](
+        x, w, b if b is not None else w, y_buf, z_buf if z is not None else y_buf,
+        c_in_g, h, wd, c_out_g, h_out, w_out, m, c_in_g * kh * kw,
+        *x.stride(), *w.stride(), *y_buf.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+        KH=kh, KW=kw, HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=z is not None,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
+    _copy_back(y, y_buf)
+    _copy_back(z, z_buf)
+
+
+def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act, bias=None, out_act=0, z=None):
+    """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z).
+    bias, out_act and z are the epilogue of a transposed convolution (dx = act(dgrad + bias), z the
+    pre-activation): conv_transpose2d's forward is this kernel."""
+    gy, saved, w = _channels_inner(gy), _channels_inner(saved), _channels_inner(w)
     n, _, h, wd = dx.shape
     c_out, c_in_g, kh, kw = w.shape
     c_out_g = c_out // groups
     m_in = n * h * wd
     s = saved if saved is not None else gy
+    dx_buf, z_buf = _channels_inner_out(dx), _channels_inner_out(z)
     grid = lambda meta: (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
     wrap_triton(_conv2d_dgrad_kernel)[grid](
-        gy, s, w, dx,
+        gy, s, w, dx_buf, bias if bias is not None else w, z_buf if z is not None else dx_buf,
         c_in_g, h, wd, c_out_g, gy.shape[2], gy.shape[3], m_in, c_out_g * kh * kw,
-        *gy.stride(), *s.stride(), *w.stride(), *dx.stride(),
+        *gy.stride(), *s.stride(), *w.stride(), *dx_buf.stride(),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
         KH=kh, KW=kw, ACTIVATION=act, INPUT_PRECISION=_input_precision(w.dtype),
+        HAS_BIAS=bias is not None, OUT_ACTIVATION=out_act, STORE_Z=z is not None,
     )
+    _copy_back(dx, dx_buf)
+    _copy_back(z, z_buf)
     return dx
 
 
 def _conv2d_wgrad(gy, saved, x, w_shape, stride, padding, dilation, groups, act, need_w, need_b):
     """dw [C_out, C_in_g, kH, kW] (if need_w) and db [C_out] (if need_b), in x's dtype."""
+    gy, saved = _channels_inner(gy), _channels_inner(saved)
+    if need_w:
+        x = _channels_inner(x)
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w_shape
     c_out_g = c_out // groups
     h_out, w_out = gy.shape[2], gy.shape[3]
     m = n * h_out * w_out
     k_total = c_in_g * kh * kw
-    tiles = (triton.cdiv(k_total, 64) if need_w else 1) * triton.cdiv(c_out_g, 64) * groups
+    tiles = (kh * kw * triton.cdiv(c_in_g, 64) if need_w else 1) * triton.cdiv(c_out_g, 64) * groups
     splits = _wgrad_splits(m, tiles, groups, x.device)
     m_per_split = triton.cdiv(m, splits)
     splits = triton.cdiv(m, m_per_split)  # no empty split
-    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), device=x.device, dtype=acc_dtype(x.dtype)) if need_w else None
-    db_part = torch.empty((splits, c_out), device=x.device, dtype=acc_dtype(x.dtype)) if need_b else None
+    part = dict(device=x.device, dtype=acc_dtype(x.dtype))
+    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), **part) if need_w else None
+    db_part = torch.empty((splits, c_out), **part) if need_b else None
     s = saved if saved is not None else gy
-    k_programs = (lambda meta: triton.cdiv(k_total, meta["BLOCK_K"])) if need_w else (lambda meta: 1)
+    k_programs = (lambda meta: kh * kw * triton.cdiv(c_in_g, meta["BLOCK_K"])) if need_w else (lambda meta: 1)
     grid = lambda meta: (k_programs(meta), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups * splits)  # noqa: E731
     wrap_triton(_conv2d_wgrad_kernel)[grid](
         gy, s, x, dw_part if need_w else s, db_part if need_b else s,
@@ -378,6 +480,7 @@ def _conv2d_backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, paddi
         dw = torch.zeros(w_shape, dtype=dtype, device=device) if need_w else None
         db = torch.zeros(w_shape[0], dtype=dtype, device=device) if need_b else None
         return dx, dw, db
+    gy, saved = _channels_inner(gy), _channels_inner(saved)  # once, for both launches
     if need_x:
         dx = torch.empty_strided(x_shape, x_strides, dtype=gy.dtype, device=gy.device)
         if dx.numel() == 0:
@@ -559,7 +662,8 @@ def _compile_variants():
             variants.append(_variant(_conv2d_fwd_kernel, "fwd", config, dtype,
                                      {**common, "HAS_BIAS": True, "STORE_Z": act == ACTIVATION_CODES["gelu"]}))
         for config in _DGRAD_CONFIGS:
-            variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype, common))
+            variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype,
+                                     {**common, "HAS_BIAS": False, "OUT_ACTIVATION": 0, "STORE_Z": False}))
         for config in _WGRAD_CONFIGS:
             variants.append(_variant(_conv2d_wgrad_kernel, "wgrad", config, dtype,
                                      {**common, "COMPUTE_W": True, "COMPUTE_B": True}, acc_ptrs=("dw_ptr", "db_ptr")))
@@ -588,7 +692,8 @@ SPEC = register(KernelSpec(
                    bias=False),
         _conv_case("groups2_channels_last_sigmoid", 2, 4, 6, (6, 5), (3, 1), stride=(2, 1), padding=(1, 1, 0, 0),
                    groups=2, act="sigmoid", channels_last=True),
-        _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1), act="gelu"),
+        _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1),
+                   act="gelu"),
         _conv_case("depthwise_no_activation", 2, 3, 6, (5, 5), (3, 3), padding=(1, 1, 1, 1), groups=3),
     ],
     gradcheck_case=_conv_case("gradcheck_gelu", 1, 2, 3, (5, 4), (3, 3), stride=(2, 1), padding=(1, 0, 1, 1),
@@ -609,5 +714,6 @@ SPEC = register(KernelSpec(
     ],
     flops=_flops,
     bytes_moved=_bytes_moved,
-    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs, bias grad fused in wgrad",
+    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs, "
+                "bias grad fused in wgrad",
 ))

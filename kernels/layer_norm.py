@@ -15,8 +15,10 @@ Backward, with xhat = (x - mean) * rstd and g = dy * weight (dy without weight):
     dweight = sum_M dy * xhat,   dbias = sum_M dy
 One launch of a fixed number of programs (about two per SM), each walking a contiguous run of row
 tiles: it writes dx and adds its rows' dy * xhat and dy into register accumulators, stored once
-as one partial row per program [P, N]. A second small kernel sums the P partials per column in a
-fixed order (no atomics), so the weight and bias gradients are reproducible run to run.
+as one partial row per program [P, N]. Rows of SPLIT_DWDB_BLOCK_N and more leave the partials to
+a second kernel over [rows, column block] tiles (each program the same run of rows).
+A last small kernel sums the P partials per column in a fixed order (no atomics), so the weight
+and bias gradients are reproducible run to run.
 
 Custom ops: torch.ops.gpudl.layer_norm (input, weight, bias, eps, store_stats) -> (y, mean, rstd),
 the statistics only when store_stats (a backward will read them), and its backward op
@@ -51,6 +53,11 @@ MAX_N = 16384
 # Elements per program tile: short rows are batched ROWS at a time so a program still moves a
 # useful amount of memory (N=64 -> 64 rows per program).
 TILE = 4096
+# Rows this long (BLOCK_N) leave the weight and bias gradients to a kernel of their own: the fused
+# backward holding a whole row of x, dy, weight, xhat and both gradient accumulators per program
+# spilled registers there (gpudl.kernels.audit).
+SPLIT_DWDB_BLOCK_N = 16384
+DWDB_BLOCK_M, DWDB_BLOCK_N, DWDB_WARPS = 8, 512, 4  # the separate kernel's [rows, columns] tile
 REDUCE_BLOCK_P = 32  # partial rows summed per step by the reduction kernel
 REDUCE_BLOCK_N = 128  # columns per reduction program
 REDUCE_WARPS = 4
@@ -157,6 +164,48 @@ def _ln_bwd_kernel(
 
 
 @triton.jit
+def _ln_bwd_dwdb_kernel(
+    x_ptr, dy_ptr,  # [M, N] contiguous
+    mean_ptr, rstd_ptr,  # [M], ACC precision
+    dw_part_ptr, db_part_ptr,  # [P, N] ACC partial sums
+    M, N,
+    rows_per_program,
+    DW: tl.constexpr, DB: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Partial dweight / dbias for long rows: program (p, c) sums dy * xhat and dy over its run of
+    rows [p * rows_per_program, ...) for column block c, into partial row p (the fused kernel's
+    partial rows, summed in another, equally fixed, order)."""
+    pid_p = tl.program_id(0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    first = pid_p.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, M)
+    for start in range(first, last, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+        if DW:
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            dw_acc += dy * tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if DB:
+            db_acc += dy
+    part = pid_p.to(tl.int64) * N + cols
+    if DW:
+        tl.store(dw_part_ptr + part, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if DB:
+        tl.store(db_part_ptr + part, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+@triton.jit
 def _ln_reduce_partials_kernel(
     dw_part_ptr, db_part_ptr,  # [P, N] ACC partial sums
     dw_ptr, db_ptr,  # [N] in the parameters' dtype
@@ -252,13 +301,23 @@ def layer_norm_backward(dy, input, weight, mean, rstd, need_dx: bool, need_dw: b
     programs = triton.cdiv(num_tiles, tiles_per_program)  # no program left without tiles
     dw_part = torch.empty(programs, n, dtype=acc, device=x.device) if need_dw else None
     db_part = torch.empty(programs, n, dtype=acc, device=x.device) if need_db else None
-    wrap_triton(_ln_bwd_kernel)[(programs,)](
-        x, dy, weight.contiguous() if weight is not None else x, mean, rstd,
-        dx if need_dx else x, dw_part if need_dw else mean, db_part if need_db else mean,
-        m, n, tiles_per_program,
-        HAS_W=weight is not None, DX=need_dx, DW=need_dw, DB=need_db, ACC=tl_acc(x.dtype),
-        ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
-    )
+    split = block_n >= SPLIT_DWDB_BLOCK_N
+    fused_dw, fused_db = need_dw and not split, need_db and not split
+    if need_dx or fused_dw or fused_db:
+        wrap_triton(_ln_bwd_kernel)[(programs,)](
+            x, dy, weight.contiguous() if weight is not None else x, mean, rstd,
+            dx if need_dx else x, dw_part if fused_dw else mean, db_part if fused_db else mean,
+            m, n, tiles_per_program,
+            HAS_W=weight is not None, DX=need_dx, DW=fused_dw, DB=fused_db, ACC=tl_acc(x.dtype),
+            ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    if split and (need_dw or need_db):
+        wrap_triton(_ln_bwd_dwdb_kernel)[(programs, triton.cdiv(n, DWDB_BLOCK_N))](
+            x, dy, mean, rstd, dw_part if need_dw else mean, db_part if need_db else mean,
+            m, n, tiles_per_program * rows,
+            DW=need_dw, DB=need_db, ACC=tl_acc(x.dtype), BLOCK_M=DWDB_BLOCK_M, BLOCK_N=DWDB_BLOCK_N,
+            num_warps=DWDB_WARPS,
+        )
     if need_dw or need_db:
         wrap_triton(_ln_reduce_partials_kernel)[(triton.cdiv(n, REDUCE_BLOCK_N),)](
             dw_part if need_dw else db_part, db_part if need_db else dw_part,
@@ -414,9 +473,18 @@ def _compile_variants() -> list[CompileVariant]:
                  "dw_part_ptr": acc_ptr, "db_part_ptr": acc_ptr, "M": "i32", "N": "i32", "tiles_per_program": "i32",
                  "HAS_W": "constexpr", "DX": "constexpr", "DW": "constexpr", "DB": "constexpr", "ACC": "constexpr",
                  "ROWS": "constexpr", "BLOCK_N": "constexpr"},
-                {"HAS_W": True, "DX": True, "DW": True, "DB": True, "ACC": acc, "ROWS": rows, "BLOCK_N": block_n},
+                {"HAS_W": True, "DX": True, "DW": block_n < SPLIT_DWDB_BLOCK_N, "DB": block_n < SPLIT_DWDB_BLOCK_N,
+                 "ACC": acc, "ROWS": rows, "BLOCK_N": block_n},
                 num_warps=warps,
             ))
+        variants.append(CompileVariant(
+            f"ln_bwd_dwdb-{ptr[1:]}-M{DWDB_BLOCK_M}-N{DWDB_BLOCK_N}-w{DWDB_WARPS}", _ln_bwd_dwdb_kernel,
+            {"x_ptr": ptr, "dy_ptr": ptr, "mean_ptr": acc_ptr, "rstd_ptr": acc_ptr, "dw_part_ptr": acc_ptr,
+             "db_part_ptr": acc_ptr, "M": "i32", "N": "i32", "rows_per_program": "i32", "DW": "constexpr",
+             "DB": "constexpr", "ACC": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+            {"DW": True, "DB": True, "ACC": acc, "BLOCK_M": DWDB_BLOCK_M, "BLOCK_N": DWDB_BLOCK_N},
+            num_warps=DWDB_WARPS,
+        ))
         variants.append(CompileVariant(
             f"ln_reduce-{ptr[1:]}", _ln_reduce_partials_kernel,
             {"dw_part_ptr": acc_ptr, "db_part_ptr": acc_ptr, "dw_ptr": ptr, "db_ptr": ptr, "P": "i32", "N": "i32",

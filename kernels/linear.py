@@ -10,8 +10,10 @@ One tiled GEMM kernel (`_matmul_kernel`, C = epilogue(A @ B) with arbitrary stri
 program order for L2 reuse as in Triton's matmul tutorial) serves all three products:
     forward      y  = act(x @ W^T + b)   A = x [M, K],     B = W^T [K, N] (W's strides swapped)
     grad input   dx = dz @ W             A = dz [M, N],    B = W [N, K]
-    grad weight  dW = dz^T @ x           A = dz^T [N, M],  B = x [M, K]; the bias grad (column sums
-                                         of dz) is the row sum of A, accumulated in the same loop
+    grad weight  dW = dz^T @ x           A = dz^T [N, M],  B = x [M, K]
+and the bias gradient, the column sums of dz, by a small reduction kernel. (It was once the row
+sum of A accumulated in the dW GEMM's loop: that reduction of the operand tile cost registers,
+and the audit found the dW GEMM spilling on sm_80; one more read of dz costs far less.)
 where dz = dL/d(pre-activation) = act'(pre) * dy.
 
 Activation gradient: relu, leaky_relu, tanh and sigmoid take it from the saved OUTPUT (relu and
@@ -49,6 +51,7 @@ from gpudl.kernels._common import (
     SHARED_MEMORY_LIMIT,
     activation_grad_from_saved,
     apply_activation,
+    fp32_matmul_allows_tf32,
     tl_acc,
     triton_dtype,
     tuning_configs,
@@ -58,15 +61,32 @@ from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order
 _GELU = ACTIVATION_CODES["gelu"]
 
 # --------------------------------------------------------------------------- autotune configs
-# The first config is the one the interpreter runs: the largest tile, so tests launch few programs.
-# The 64-wide-K and 256-wide-N tiles only fit shared memory for 2-byte types; `_prune_configs`
-# drops what does not fit the device for the call's dtype.
-_GEMM_CONFIGS = [
+# Audited (gpudl.kernels.audit: no spills on sm_80/sm_90, tensor cores, pipelined loads). The first
+# config is the one the interpreter runs: the largest tile, so tests launch few programs.
+# Half precision: 2-byte tiles, up to 128x256x64 (Triton's matmul tutorial sizes).
+_HALF_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
 ]
+# float32 (IEEE on FMA units, or TF32 tensor cores): twice the bytes per element and, on FMA units,
+# operands held in registers: at most 64 accumulators per thread, and 128x128 with a 16-deep K
+# step (at 32 it spilled on sm_80 under the gelu epilogue).
+_FP32_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+]
+_GEMM_CONFIGS = _HALF_CONFIGS + _FP32_CONFIGS
+
+
+def _configs_for(configs, element_size: int):
+    """The candidates of `configs` audited for the element size: the half-precision ones for 2-byte
+    types, the float32 ones otherwise (float64 too); all of `configs` if none is (the interpreter's one)."""
+    pool = _HALF_CONFIGS if element_size == 2 else _FP32_CONFIGS
+    return [c for c in configs if any(c is p for p in pool)] or list(configs)
 
 
 def _estimated_shared_memory(config: triton.Config, element_size: int) -> int:
@@ -90,19 +110,19 @@ def _configs_that_fit(configs, element_size: int, limit: int):
 
 def _prune_configs(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
-    return _configs_that_fit(configs, a.element_size(), _shared_memory_limit(a.device))
+    size = a.element_size()
+    return _configs_that_fit(_configs_for(configs, size), size, _shared_memory_limit(a.device))
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr, rowsum_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     STORE_PRE: tl.constexpr,
-    ROW_SUM: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,8 +132,8 @@ def _matmul_kernel(
 ):
     """C [M, N] = activation(A [M, K] @ B [K, N] + bias [N]), any strides.
 
-    STORE_PRE: also write A @ B + bias to pre [M, N] (strides of C). ROW_SUM: also write the row
-    sums of A to rowsum [M] (the programs of the first column block do)."""
+    STORE_PRE: also write A @ B + bias to pre [M, N] (strides of C)."""
+    SPLIT_EPILOGUE: tl.constexpr = 4 if ACTIVATION >= 3 and BLOCK_N >= 64 else 1
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -136,36 +156,56 @@ def _matmul_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    row_acc = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K  # the last block is partial when K is not a multiple of BLOCK_K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if ROW_SUM:
-            row_acc += tl.sum(a.to(ACC_DTYPE), axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    if SPLIT_EPILOGUE == 4:
+        # An erf/exp epilogue over the whole tile at once needs more registers than there are
+        # (the audit found spills): finish the tile in four column quarters instead.
+        # [m, a, b, j] = acc[m, a * BLOCK_N / 2 + b * BLOCK_N / 4 + j]; split b, then a.
+        q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 1, 2))
+        b0, b1 = tl.split(q)
+        q00, q10 = tl.split(b0)
+        q01, q11 = tl.split(b1)
+        offs_q = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N // 4)
+        _epilogue(q00, offs_m, offs_q, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+        _epilogue(q01, offs_m, offs_q + BLOCK_N // 4, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+        _epilogue(q10, offs_m, offs_q + BLOCK_N // 2, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+        _epilogue(q11, offs_m, offs_q + 3 * (BLOCK_N // 4), M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+    else:
+        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Bias, pre-activation store, activation and store of one [rows, columns] piece of C."""
+    mask_n = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    mask = mask_m[:, None] & mask_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + c_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
     out = apply_activation(acc, ACTIVATION)
     tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=mask)
-    if ROW_SUM:
-        # Every column block computed the same sums; the first writes them.
-        rows_to_write = tl.where(pid_n == 0, M, 0)
-        tl.store(rowsum_ptr + offs_m, row_acc.to(rowsum_ptr.dtype.element_ty), mask=offs_m < rows_to_write)
 
 
 _matmul = triton.autotune(
     configs=tuning_configs(_GEMM_CONFIGS),
     # Strides are in the key because forward, grad-input and grad-weight of one layer share M, N,
     # K permutations but not layouts (dW reads dz transposed), and want their own tiles.
-    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "ROW_SUM"],
+    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_matmul_kernel)
 
@@ -199,8 +239,7 @@ def _column_sum_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """out [N] = x [M, N].sum(0): the bias gradient when the weight needs none (else the
-    grad-weight GEMM produces it for free)."""
+    """out [N] = x [M, N].sum(0): the bias gradient (x = dz)."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     # A 2-D accumulator, reduced once at the end: fewer cross-thread reductions in the loop.
@@ -208,36 +247,26 @@ def _column_sum_kernel(
     for start in range(0, M, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M).to(tl.int64)
         mask = (offs_m < M)[:, None] & mask_n[None, :]
-        acc += tl.load(x_ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask, other=0.0).to(ACC_DTYPE)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_m + offs_n[None, :] * stride_n, mask=mask, other=0.0)
+        acc += x.to(ACC_DTYPE)
     tl.store(out_ptr + offs_n, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 _ELEMENTWISE_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}
 _ELEMENTWISE_WARPS = 4
-_COLUMN_SUM_BLOCK = {"BLOCK_M": 64, "BLOCK_N": 128}
+_COLUMN_SUM_BLOCK = {"BLOCK_M": 32, "BLOCK_N": 128}  # 64 rows spilled on sm_80 (the audit)
 _COLUMN_SUM_WARPS = 4
 
 
 # --------------------------------------------------------------------------- host launchers
-def _fp32_matmul_allows_tf32() -> bool:
-    """torch's own switch for fp32 matmuls (off by default). The new API's `fp32_precision`
-    reflects the legacy `allow_tf32` and `set_float32_matmul_precision` too, while reading
-    `allow_tf32` raises once the new API was used, so read the new one where it exists."""
-    matmul = torch.backends.cuda.matmul
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision is not None:
-        return precision not in ("ieee", "none")  # "tf32" (or the even looser "bf16")
-    return bool(matmul.allow_tf32)
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     # fp32 follows torch's TF32 switch so results match F.linear's precision; other dtypes
     # ignore the setting (fp16/bf16 use tensor cores, fp64 is exact).
-    return "tf32" if dtype == torch.float32 and _fp32_matmul_allows_tf32() else "ieee"
+    return "tf32" if dtype == torch.float32 and fp32_matmul_allows_tf32() else "ieee"
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: int = 0, pre=None, rowsum=None):
-    """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]); optional pre [M, N] and rowsum [M] outputs.
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: int = 0, pre=None):
+    """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]); optional pre [M, N] output.
     a, b may be any strided views (transposes included); c and pre share strides."""
     M, K = a.shape
     N = b.shape[1]
@@ -255,13 +284,11 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         a, b, c,
         bias.contiguous() if bias is not None else c,  # [N]: a copy only for a strided view, negligible
         pre if pre is not None else c,
-        rowsum if rowsum is not None else c,
         M, N, K,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
         STORE_PRE=pre is not None,
-        ROW_SUM=rowsum is not None,
         ACC_DTYPE=tl_acc(c.dtype),
         INPUT_PRECISION=_input_precision(c.dtype),
     )
@@ -369,11 +396,8 @@ def _linear_backward_op(grad_output: Tensor, input: Optional[Tensor], weight: Op
     if need_weight:
         x = input.reshape(M, input.shape[-1])  # a view whenever the leading dims flatten
         grad_weight = torch.empty((N, x.shape[1]), dtype=x.dtype, device=dz.device)
-        grad_bias = torch.empty(N, dtype=x.dtype, device=dz.device) if need_bias else grad_bias
-        _gemm(dz.t(), x, grad_weight, rowsum=grad_bias if need_bias else None)
-        if need_bias and grad_weight.numel() == 0:  # no GEMM ran (in_features == 0): sum directly
-            grad_bias = _column_sum(dz, x.dtype)
-    elif need_bias:
+        _gemm(dz.t(), x, grad_weight)
+    if need_bias:
         grad_bias = _column_sum(dz, dz.dtype)
     return grad_input, grad_weight, grad_bias
 
@@ -403,7 +427,8 @@ def linear(input, weight, bias, activation_name):
 def _case(lead, in_features, out_features, has_bias, activation_name):
     def make(dtype, device):
         x = torch.randn(*lead, in_features, dtype=dtype, device=device, requires_grad=True)
-        w = (torch.randn(out_features, in_features, dtype=dtype, device=device) / math.sqrt(max(in_features, 1))).requires_grad_()
+        w = torch.randn(out_features, in_features, dtype=dtype, device=device) / math.sqrt(max(in_features, 1))
+        w.requires_grad_()
         b = torch.randn(out_features, dtype=dtype, device=device, requires_grad=True) if has_bias else None
         return x, w, b, activation_name
 
@@ -436,31 +461,39 @@ def _bytes_moved(args) -> float:
     return float((x.numel() + w.numel() + (0 if b is None else b.numel()) + y) * x.element_size())
 
 
+# The GEMM's epilogues, each compiled on its own (a launch specializes them): the forward's with
+# bias, gelu (the heaviest activation) and the stored pre-activation; the plain one of the grad
+# input and grad weight GEMMs (compiled in the layouts of both launches).
+_GEMM_MODES = {
+    "fwd-bias-gelu-pre": {"HAS_BIAS": True, "ACTIVATION": _GELU, "STORE_PRE": True},
+    "plain": {"HAS_BIAS": False, "ACTIVATION": 0, "STORE_PRE": False},
+}
+
+
 def _compile_variants() -> list[CompileVariant]:
-    """Every autotune config the GEMM may pick (those that fit sm_80, the smaller device, for the
-    dtype; sm_90 keeps the same set) in fp32 (IEEE, torch's default) and bf16, with every epilogue
-    and loop option switched on; fp32 TF32 (opt-in) for the largest fp32 tile only, which bounds
-    the others' shared memory and registers (same tiles, another dot lowering), to keep the
-    check's compile time near a minute; and the two elementwise kernels in fp32 and bf16."""
+    """Every autotune config the GEMM may pick for the dtype (those that fit sm_80, the smaller
+    device; sm_90 keeps the same set), with each epilogue, in fp32 (IEEE, torch's
+    default, and TF32, opt-in) and bf16; and the two elementwise kernels in fp32 and bf16."""
     variants = []
-    gemm_sig = {name: "i32" for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")}
+    gemm_sig = {name: "i32" for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                         "stride_cm", "stride_cn")}
     limit = min(SHARED_MEMORY_LIMIT.values())
     for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "ieee")):
         ptr = triton_dtype(dtype)
-        configs = _configs_that_fit(_GEMM_CONFIGS, torch.empty((), dtype=dtype).element_size(), limit)
-        if precision == "tf32":
-            configs = configs[:1]
-        for config in configs:
+        size = torch.empty((), dtype=dtype).element_size()
+        for config in _configs_that_fit(_configs_for(_GEMM_CONFIGS, size), size, limit):
             kw = config.kwargs
-            variants.append(CompileVariant(
-                name=f"matmul-{ptr[1:]}-{precision}-{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}-w{config.num_warps}-s{config.num_stages}",
-                kernel=_matmul_kernel,
-                signature={"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "pre_ptr": ptr, "rowsum_ptr": ptr, **gemm_sig},
-                constexprs={"HAS_BIAS": True, "ACTIVATION": _GELU, "STORE_PRE": True, "ROW_SUM": True,
-                            "ACC_DTYPE": tl.float32, "INPUT_PRECISION": precision, **kw},
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-            ))
+            for mode, switches in _GEMM_MODES.items():
+                variants.append(CompileVariant(
+                    name=f"matmul-{mode}-{ptr[1:]}-{precision}-{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
+                         f"-w{config.num_warps}-s{config.num_stages}",
+                    kernel=_matmul_kernel,
+                    signature={"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "pre_ptr": ptr,
+                               **gemm_sig},
+                    constexprs={**switches, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": precision, **kw},
+                    num_warps=config.num_warps,
+                    num_stages=config.num_stages,
+                ))
     for dtype in (torch.float32, torch.bfloat16):
         ptr = triton_dtype(dtype)
         variants.append(CompileVariant(
@@ -491,10 +524,11 @@ SPEC = register(KernelSpec(
     compile_variants=_compile_variants,
     # M = 1100 rows: more than GROUP_M (8) row blocks under every config, so the grouped program
     # order has a full and a partial group; several column blocks and K steps in all three GEMMs;
-    # gelu stores the pre-activation, and the bias gradient comes from the dW GEMM's row sums.
+    # gelu stores the pre-activation, and the bias gradient comes from the column-sum kernel.
     tuning_cases=[Case("tuning-1100x72x260-gelu", _case((1100,), 72, 260, True, "gelu"))],
     bench_cases=_BENCH_CASES,
     flops=_flops,
     bytes_moved=_bytes_moved,
-    description="tiled GEMM with bias and activation epilogue; Triton backward (dz kernel, dx and dW GEMMs, bias grad fused into dW)",
+    description="tiled GEMM with bias and activation epilogue; Triton backward (dz kernel, dx and dW GEMMs, "
+                "bias grad by a column sum)",
 ))

@@ -27,9 +27,10 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Start the long GPU compile check first, so its worker finishes it while the others test;
-    skip the `gpu` tests where there is no CUDA device."""
-    items.sort(key=lambda item: "compiles_for_sm80" not in item.name)
+    """Start the long GPU compile check (the kernel audit) first, so its worker finishes it while
+    the others test, and run the audit's rule tests last, when its report is there to read; skip
+    the `gpu` tests where there is no CUDA device."""
+    items.sort(key=lambda item: 0 if "compiles_for_sm80" in item.name else 2 if "test_audit.py" in item.nodeid else 1)
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

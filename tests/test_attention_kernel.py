@@ -6,11 +6,12 @@ Runs through the Triton interpreter on the CPU; shapes are tiny."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import leaves as _leaves
 
 import gpudl
@@ -151,7 +152,8 @@ def test_gradcheck_float64(mask_kind):
 
 
 # --------------------------------------------------------------------------- gradients not required
-@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+@pytest.mark.parametrize("wanted", [(True, False, False), (False, True, False), (False, False, True),
+                                    (False, True, True)])
 def test_only_required_gradients_are_computed(wanted, launches):
     q, k, v = _qkv(1, 2, 11, 13, 16)
     for t, w in zip((q, k, v), wanted):
@@ -267,7 +269,8 @@ def test_ops_three_dim_inputs_and_causal_under_triton_backend():
     with gpudl.use_backend("triton"):
         out = ops.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
     assert out.shape == (2, 9, 8)
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5), atol=1e-5, rtol=1e-4)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
 
 
 def test_ops_validation_messages():
@@ -310,3 +313,22 @@ def test_multihead_attention_matches_torch_under_triton_backend(batch_first, mon
     ref = torch.autograd.grad(want, [theirs.in_proj_weight, theirs.out_proj.weight], grad)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_fp32_precision_follows_torch_tf32_switch():
+    """float32 attention runs IEEE products unless torch's matmul switch allows TF32 (as
+    F.scaled_dot_product_attention's matmuls do); float64 stays IEEE. In a subprocess: mixing
+    torch's two TF32 APIs in this process would make later reads raise."""
+    script = """
+import torch
+from gpudl.kernels import attention as A
+got = [A._precision(torch.float32)]
+torch.set_float32_matmul_precision("high")
+got += [A._precision(torch.float32), A._precision(torch.float64)]
+torch.set_float32_matmul_precision("highest")
+got.append(A._precision(torch.float32))
+print(",".join(got))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "ieee,tf32,ieee,ieee"

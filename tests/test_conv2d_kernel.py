@@ -85,7 +85,7 @@ def test_conv2d_non_contiguous_views_and_stride0_grad():
     w = torch.randn(5, 3, 4, 3).transpose(2, 3)  # [5, 3, 3, 4], non-contiguous
     assert not x.is_contiguous() and not w.is_contiguous()
     rx, rw = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    kx, kw_ = x.requires_grad_(), w.requires_grad_()  # the views themselves reach the kernels
+    kx, kw_ = x.requires_grad_(), w.requires_grad_()  # the views themselves reach gpudl.ops
     with gpudl.use_backend("triton"):
         y = ops.conv2d(kx, kw_, None, padding=(2, 1), dilation=(1, 2), activation="tanh")
     r = torch.tanh(F.conv2d(rx, rw, None, padding=(2, 1), dilation=(1, 2)))
@@ -149,6 +149,20 @@ def test_conv2d_wgrad_split_reduction(monkeypatch):
     _assert_all_close(y, r, got, want)
 
 
+@pytest.mark.parametrize("repack", [True, False], ids=["repacked", "any-strides"])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_conv2d_nchw_repacking_and_strided_kernels(monkeypatch, activation, repack):
+    """NCHW operands are repacked channels-innermost before the launches (so tiles load as vectors)
+    and outputs and gradients keep their NCHW layouts; without the repack the kernels read the
+    NCHW strides directly and give the same values."""
+    monkeypatch.setattr(conv_kernels, "_REPACK", repack)
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 6, 7, 5), torch.randn(4, 3, 3, 2) / 5, torch.randn(4)
+    y, r, got, want = _conv_pair(x, w, b, activation, stride=(2, 1), padding=1, groups=2)
+    assert y.is_contiguous() and got[0].is_contiguous() and got[1].is_contiguous()
+    _assert_all_close(y, r, got, want)
+
+
 def test_conv2d_zero_size_batch_and_channels():
     torch.manual_seed(0)
     w, b = torch.randn(4, 3, 3, 3).requires_grad_(), torch.randn(4).requires_grad_()
@@ -188,7 +202,8 @@ def test_conv2d_groups_beyond_grid_limit_falls_back(monkeypatch):
     monkeypatch.setattr(conv_kernels, "_MAX_GRID_Z", 2)  # the real limit is 65535 groups
     torch.manual_seed(0)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
-    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=r"conv2d: running the PyTorch reference.*groups > 2"):
+    match = r"conv2d: running the PyTorch reference.*groups > 2"
+    with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=match):
         y = ops.conv2d(x, w, None, padding=1, groups=4, activation="relu")
     assert y.grad_fn is None or "gpudl_conv2d" not in type(y.grad_fn).__name__
     torch.testing.assert_close(y, F.relu(F.conv2d(x, w, None, padding=1, groups=4)))

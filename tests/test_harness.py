@@ -139,7 +139,8 @@ def test_group_order_bug_is_caught_only_by_forcing_the_configs(mutants, device):
     module, spec = mutants("linear.py", "linear", (r"% group_size_m\n", "% GROUP_M\n"), "group_order")
     assert _harness_verdicts(spec, device) == [None] * len(spec.cases)
     case = Case("600x40x70", module._case((600,), 40, 70, True, None))
-    assert len(tuning_candidates(module._matmul)) == 4
+    assert len(tuning_candidates(module._matmul)) == len(module._GEMM_CONFIGS)
+    assert module._GEMM_CONFIGS[3].kwargs["BLOCK_M"] == 64
     with forced_config(module._matmul, 3), recording_launches() as launches:
         with pytest.raises(AssertionError, match="output 0"):
             compare_with_reference(spec, case, torch.float32, device, launches)

@@ -17,6 +17,7 @@ import gpudl
 from gpudl import nn, ops
 from gpudl.kernels import layer_norm as ln
 
+
 def _params(shape, device, dtype=torch.float32, requires_grad=True):
     w = (1.0 + 0.5 * torch.randn(shape, device=device, dtype=dtype)).requires_grad_(requires_grad)
     b = (0.5 * torch.randn(shape, device=device, dtype=dtype)).requires_grad_(requires_grad)
@@ -141,6 +142,39 @@ def test_parameter_grads_over_many_programs_are_reproducible(device, launches):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("wanted", [("x", "w", "b"), ("w",), ("x", "b")])
+def test_long_rows_take_the_separate_dweight_dbias_kernel(wanted, monkeypatch, device, launches):
+    """Rows of SPLIT_DWDB_BLOCK_N and more (forced down to 64 here) get dweight/dbias from their own
+    kernel over [rows, column block] tiles: the same gradients as the fused path (dx bit for bit, the
+    parameter gradients up to summation order), reproducible, and only those asked for."""
+    torch.manual_seed(0)
+    m, n = 45, 600  # BLOCK_N 1024; two column blocks of the separate kernel, ragged rows and columns
+    x = torch.randn(m, n, device=device)
+    w, b = _params((n,), device)
+    g = torch.randn(m, n, device=device)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(name in wanted) for t, name in ((x, "x"), (w, "w"), (b, "b"))]
+        with gpudl.use_backend("triton"):
+            out = ops.layer_norm(leaves[0], (n,), leaves[1], leaves[2])
+        return torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
+
+    fused = grads()
+    monkeypatch.setattr(ln, "SPLIT_DWDB_BLOCK_N", 64)
+    launches.records.clear()
+    split = grads()
+    dwdb = launches.of("_ln_bwd_dwdb_kernel")
+    assert len(dwdb) == 1 and dwdb[0]["grid"][1] == 2
+    assert (dwdb[0]["DW"], dwdb[0]["DB"]) == ("w" in wanted, "b" in wanted)
+    assert [c["DX"] for c in launches.of("_ln_bwd_kernel")] == ([True] if "x" in wanted else [])
+    assert all(not (c["DW"] or c["DB"]) for c in launches.of("_ln_bwd_kernel"))
+    for a, c, again in zip(fused, split, grads()):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-5)
+        assert torch.equal(c, again)
+    if "x" in wanted:
+        assert torch.equal(fused[0], split[0])
+
+
 @pytest.mark.parametrize("wanted", [("x",), ("w",), ("b",), ("w", "b"), ("x", "b")])
 def test_only_required_grads_are_computed(wanted, device, launches):
     torch.manual_seed(0)
@@ -206,9 +240,12 @@ def test_double_backward_is_refused(device):
     (lambda x: ops.layer_norm(x, ()), ValueError, r"normalized_shape must have at least one dim"),
     (lambda x: ops.layer_norm(x, 4.0), TypeError, r"normalized_shape must be an int or a sequence of ints, got 4.0"),
     (lambda x: ops.layer_norm(x, (True,)), TypeError, r"normalized_shape must be an int or a sequence of ints"),
-    (lambda x: ops.layer_norm(x, (4,), torch.ones(3)), ValueError, r"weight must have shape normalized_shape \(4,\), got \(3,\)"),
-    (lambda x: ops.layer_norm(x, (4,), None, torch.ones(2, 2)), ValueError, r"bias must have shape normalized_shape \(4,\), got \(2, 2\)"),
-    (lambda x: ops.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)), TypeError, r"weight has dtype torch.float64 but input has dtype torch.float32"),
+    (lambda x: ops.layer_norm(x, (4,), torch.ones(3)), ValueError,
+     r"weight must have shape normalized_shape \(4,\), got \(3,\)"),
+    (lambda x: ops.layer_norm(x, (4,), None, torch.ones(2, 2)), ValueError,
+     r"bias must have shape normalized_shape \(4,\), got \(2, 2\)"),
+    (lambda x: ops.layer_norm(x, (4,), torch.ones(4, dtype=torch.float64)), TypeError,
+     r"weight has dtype torch.float64 but input has dtype torch.float32"),
     (lambda x: ops.layer_norm(x, (4,), [1.0] * 4), TypeError, r"weight must be a torch.Tensor, got list"),
     (lambda x: ops.layer_norm(x.long(), (4,)), TypeError, r"input must be a floating-point tensor"),
     (lambda x: ops.layer_norm(x, (4,), eps=-1e-5), ValueError, r"eps must be a finite float >= 0, got -1e-05"),

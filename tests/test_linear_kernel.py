@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import assert_close, leaves
 
 import gpudl
@@ -211,17 +210,18 @@ def test_only_input_grad_runs_only_the_grad_input_gemm(gemm_calls):
     forward = len(gemm_calls)
     (gx,) = torch.autograd.grad(y.sum(), (x,))
     assert _backward_launches(gemm_calls, forward) == [("gemm", (6, 16))]
-    torch.testing.assert_close(gx, torch.autograd.grad(reference.linear(x, w, b, "gelu").sum(), (x,))[0], atol=1e-5, rtol=1e-4)
+    (want,) = torch.autograd.grad(reference.linear(x, w, b, "gelu").sum(), (x,))
+    torch.testing.assert_close(gx, want, atol=1e-5, rtol=1e-4)
 
 
-def test_weight_and_bias_grads_share_one_gemm(gemm_calls):
+def test_weight_grad_is_one_gemm_and_bias_grad_a_column_sum(gemm_calls):
     x = torch.randn(6, 16)
     w = torch.randn(8, 16, requires_grad=True)
     b = torch.randn(8, requires_grad=True)
     y = L.linear(x, w, b, "relu")
     forward = len(gemm_calls)
     gw, gb = torch.autograd.grad(y.sum(), (w, b))
-    assert _backward_launches(gemm_calls, forward) == [("gemm", (8, 16))]  # bias grad as its row sums
+    assert _backward_launches(gemm_calls, forward) == [("gemm", (8, 16)), ("column_sum", (6, 8))]
     rw, rb = leaves(w, b)
     want_w, want_b = torch.autograd.grad(reference.linear(x, rw, rb, "relu").sum(), (rw, rb))
     assert_close("weight gradient", gw, want_w, 1e-5, 1e-5)
@@ -266,11 +266,15 @@ def test_ops_linear_dispatches_to_the_kernel_only_on_triton_backend(gemm_calls):
     [
         (lambda: ops.linear(torch.randn(5, 7), torch.randn(3, 6)), ValueError, r"input has 7 features .* expects 6"),
         (lambda: ops.linear(torch.randn(5, 6), torch.randn(6)), ValueError, r"weight must be 2-D, got shape \(6,\)"),
-        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), torch.randn(4)), ValueError, r"bias must have shape \(3,\)"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), torch.randn(4)),
+         ValueError, r"bias must have shape \(3,\)"),
         (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), torch.randn(1, 3)), ValueError, r"bias must be 1-D"),
-        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6).double()), TypeError, r"weight has dtype torch.float64 but input has dtype torch.float32"),
-        (lambda: ops.linear(torch.randn(5, 6).long(), torch.randn(3, 6).long()), TypeError, r"input must be a floating-point tensor"),
-        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), activation="swish"), ValueError, r"activation must be one of"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6).double()),
+         TypeError, r"weight has dtype torch.float64 but input has dtype torch.float32"),
+        (lambda: ops.linear(torch.randn(5, 6).long(), torch.randn(3, 6).long()),
+         TypeError, r"input must be a floating-point tensor"),
+        (lambda: ops.linear(torch.randn(5, 6), torch.randn(3, 6), activation="swish"),
+         ValueError, r"activation must be one of"),
         (lambda: ops.linear(torch.tensor(1.0), torch.randn(3, 1)), ValueError, r"at least 1 dimension"),
     ],
 )
