@@ -125,8 +125,12 @@ def _ln_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    # Rows of 16384: the weight is reloaded per tile (from cache) rather than held in registers
+    # across the loop; held, the fp32 backward spilled (gpudl.kernels.audit).
+    W_PER_TILE: tl.constexpr = BLOCK_N >= 16384
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+        if not W_PER_TILE:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     # 2-D accumulators, reduced over ROWS once at the end: no cross-thread sum per tile.
     dw_acc = tl.zeros((ROWS, BLOCK_N), ACC)
     db_acc = tl.zeros((ROWS, BLOCK_N), ACC)
@@ -145,7 +149,10 @@ def _ln_bwd_kernel(
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if DX:
             if HAS_W:
-                g = dy * w[None, :]
+                if W_PER_TILE:
+                    g = dy * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+                else:
+                    g = dy * w[None, :]
             else:
                 g = dy
             c1 = tl.sum(g * xhat, axis=1) / N
