@@ -366,20 +366,24 @@ def _attn_bwd_dq(Q, K, V, M, DO, LSE, Delta, DQ,
 # under the interpreter (tuning_configs), with blocks small enough that the tiny test shapes span
 # several blocks. On a GPU, half precision autotunes over the HALF entries that fit, float32 and
 # float64 over the FP32 ones: each audited (gpudl.kernels.audit) for spills on sm_80 and sm_90 at
-# head dims 64 and 128 (the 32x128 dK/dV tile spilled at d128 on 4 warps: it takes 8).
+# head dims 64 and 128 (on sm_80, 4 warps spilled at d128 on 64x64 forward and 32x64 dK/dV tiles,
+# and 32x128 dK/dV or 128x64 dQ tiles spilled even on 8).
 INTERPRETER = {"fwd": (32, 16, 4, 2), "dkdv": (16, 32, 4, 2), "dq": (32, 16, 4, 2)}
 HALF = {
-    "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3)],
+    "fwd": [(64, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)],
     # dK/dV: BLOCK_N keys per program, BLOCK_M queries per loop step.
-    "dkdv": [(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 3)],
+    "dkdv": [(32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3), (32, 32, 4, 3)],
     # dQ: BLOCK_M queries per program, BLOCK_N keys per loop step.
-    "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+    "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3)],
 }
+# float32 on FMA units (IEEE) holds its operand tiles in registers: bigger tiles than the
+# interpreter's spilled at head dim 128, so they are for head dims up to 64 only.
 FP32 = {
-    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2)],
-    "dkdv": [(16, 64, 4, 2), (16, 32, 4, 2)],
-    "dq": [(64, 16, 4, 2), (32, 16, 4, 2)],
+    "fwd": [(32, 16, 4, 2), (32, 32, 4, 2)],
+    "dkdv": [(16, 32, 4, 2), (16, 64, 4, 2)],
+    "dq": [(32, 16, 4, 2), (64, 16, 4, 2)],
 }
+FP32_D128 = {kind: table[:1] for kind, table in FP32.items()}
 FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = (
     list(dict.fromkeys([INTERPRETER[k], *HALF[k], *FP32[k]])) for k in ("fwd", "dkdv", "dq"))
 PRE_BLOCK_M, PRE_WARPS = 64, 4
@@ -398,7 +402,7 @@ def _smem_estimate(cfg, block_d: int, elem: int, per_program: str) -> int:
 def _candidates(kind: str, block_d: int, elem: int, per_program: str) -> list[tuple]:
     """The configs of kernel `kind` the autotuner may pick on a GPU for this padded head dim and
     element size."""
-    table = HALF[kind] if elem == 2 else FP32[kind]
+    table = HALF[kind] if elem == 2 else FP32[kind] if block_d <= 64 else FP32_D128[kind]
     limit = min(SHARED_MEMORY_LIMIT.values())
     return [c for c in table if _smem_estimate(c, block_d, elem, per_program) <= limit] or table[-1:]
 

@@ -58,6 +58,10 @@ TILE = 4096
 # spilled registers there (gpudl.kernels.audit).
 SPLIT_DWDB_BLOCK_N = 16384
 DWDB_BLOCK_M, DWDB_BLOCK_N, DWDB_WARPS = 8, 512, 4  # the separate kernel's [rows, columns] tile
+
+
+def _dwdb_block_m(dtype: torch.dtype) -> int:
+    return DWDB_BLOCK_M // 2 if dtype == torch.float64 else DWDB_BLOCK_M  # 8 float64 rows spilled
 REDUCE_BLOCK_P = 32  # partial rows summed per step by the reduction kernel
 REDUCE_BLOCK_N = 128  # columns per reduction program
 REDUCE_WARPS = 4
@@ -125,8 +129,12 @@ def _ln_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    # Rows of 16384: the weight is reloaded per tile (from cache) rather than held in registers
+    # across the loop; held, the fp32 backward spilled (gpudl.kernels.audit).
+    W_PER_TILE: tl.constexpr = BLOCK_N >= 16384
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+        if not W_PER_TILE:
+            w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     # 2-D accumulators, reduced over ROWS once at the end: no cross-thread sum per tile.
     dw_acc = tl.zeros((ROWS, BLOCK_N), ACC)
     db_acc = tl.zeros((ROWS, BLOCK_N), ACC)
@@ -145,7 +153,10 @@ def _ln_bwd_kernel(
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         if DX:
             if HAS_W:
-                g = dy * w[None, :]
+                if W_PER_TILE:
+                    g = dy * tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)[None, :]
+                else:
+                    g = dy * w[None, :]
             else:
                 g = dy
             c1 = tl.sum(g * xhat, axis=1) / N
@@ -315,7 +326,7 @@ def layer_norm_backward(dy, input, weight, mean, rstd, need_dx: bool, need_dw: b
         wrap_triton(_ln_bwd_dwdb_kernel)[(programs, triton.cdiv(n, DWDB_BLOCK_N))](
             x, dy, mean, rstd, dw_part if need_dw else mean, db_part if need_db else mean,
             m, n, tiles_per_program * rows,
-            DW=need_dw, DB=need_db, ACC=tl_acc(x.dtype), BLOCK_M=DWDB_BLOCK_M, BLOCK_N=DWDB_BLOCK_N,
+            DW=need_dw, DB=need_db, ACC=tl_acc(x.dtype), BLOCK_M=_dwdb_block_m(x.dtype), BLOCK_N=DWDB_BLOCK_N,
             num_warps=DWDB_WARPS,
         )
     if need_dw or need_db:
@@ -478,11 +489,11 @@ def _compile_variants() -> list[CompileVariant]:
                 num_warps=warps,
             ))
         variants.append(CompileVariant(
-            f"ln_bwd_dwdb-{ptr[1:]}-M{DWDB_BLOCK_M}-N{DWDB_BLOCK_N}-w{DWDB_WARPS}", _ln_bwd_dwdb_kernel,
+            f"ln_bwd_dwdb-{ptr[1:]}-M{_dwdb_block_m(dtype)}-N{DWDB_BLOCK_N}-w{DWDB_WARPS}", _ln_bwd_dwdb_kernel,
             {"x_ptr": ptr, "dy_ptr": ptr, "mean_ptr": acc_ptr, "rstd_ptr": acc_ptr, "dw_part_ptr": acc_ptr,
              "db_part_ptr": acc_ptr, "M": "i32", "N": "i32", "rows_per_program": "i32", "DW": "constexpr",
              "DB": "constexpr", "ACC": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-            {"DW": True, "DB": True, "ACC": acc, "BLOCK_M": DWDB_BLOCK_M, "BLOCK_N": DWDB_BLOCK_N},
+            {"DW": True, "DB": True, "ACC": acc, "BLOCK_M": _dwdb_block_m(dtype), "BLOCK_N": DWDB_BLOCK_N},
             num_warps=DWDB_WARPS,
         ))
         variants.append(CompileVariant(

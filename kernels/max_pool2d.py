@@ -31,7 +31,7 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK": 512}, num_warps=4),
 ]
 # The backward: elementwise over the input, one fixed config.
-_BWD_BLOCK, _BWD_WARPS = 1024, 4
+_BWD_BLOCK, _BWD_WARPS = 1024, 8  # 4 warps spilled (int64 window coordinates, 8 elements a thread)
 
 
 @triton.jit

@@ -175,6 +175,21 @@ def test_long_rows_take_the_separate_dweight_dbias_kernel(wanted, monkeypatch, d
         assert torch.equal(fused[0], split[0])
 
 
+def test_longest_rows_match_torch(device, launches):
+    """Rows of MAX_N: the backward reloads the weight per tile and leaves dweight/dbias to the
+    separate kernel; outputs and all three gradients match torch."""
+    torch.manual_seed(0)
+    n = ln.MAX_N
+    x = torch.randn(3, n, device=device)
+    w, b = _params((n,), device)
+    (out, grads), (want, want_grads) = _triton_and_torch(lambda x_, w_, b_: ops.layer_norm(x_, (n,), w_, b_),
+                                                         x.requires_grad_(), w, b)
+    assert launches.of("_ln_bwd_dwdb_kernel") and launches.of("_ln_bwd_kernel")[0]["BLOCK_N"] == n
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("wanted", [("x",), ("w",), ("b",), ("w", "b"), ("x", "b")])
 def test_only_required_grads_are_computed(wanted, device, launches):
     torch.manual_seed(0)
