@@ -42,11 +42,14 @@ def _gan_losses(module, batch):
 
 
 MODELS = {
-    "linear_regression": (lambda: LinearRegressionModule(num_features=10), lambda: DiabetesDataModule(batch_size=16), _supervised_loss),
-    "logistic_regression": (lambda: LogisticRegressionModule(num_features=30), lambda: BreastCancerDataModule(batch_size=16), _supervised_loss),
+    "linear_regression": (lambda: LinearRegressionModule(num_features=10), lambda: DiabetesDataModule(batch_size=16),
+                          _supervised_loss),
+    "logistic_regression": (lambda: LogisticRegressionModule(num_features=30),
+                            lambda: BreastCancerDataModule(batch_size=16), _supervised_loss),
     "cnn": (lambda: CNNModule(channels=(16, 32), hidden=32), lambda: DigitsDataModule(batch_size=16), _supervised_loss),
     "rnn": (lambda: RNNModule(hidden_size=32), lambda: DigitsDataModule(batch_size=16), _supervised_loss),
-    "attention": (lambda: AttentionModule(embed_dim=32, num_heads=2, num_layers=1, mlp_dim=32), lambda: DigitsDataModule(batch_size=16), _supervised_loss),
+    "attention": (lambda: AttentionModule(embed_dim=32, num_heads=2, num_layers=1, mlp_dim=32),
+                  lambda: DigitsDataModule(batch_size=16), _supervised_loss),
     "gan": (lambda: GANModule(latent_dim=16, hidden=32), lambda: DigitsDataModule(batch_size=16), _gan_losses),
 }
 
@@ -123,12 +126,12 @@ def test_model_step_agrees_between_backends(name, device, dispatched, launches):
 
 # Two optimizer steps, one validation and one test batch of every experiment, through train();
 # batches of 4 keep the interpreted kernels' grids small.
-FAST = ["data.batch_size=4", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "callbacks=none"]
+FAST = ["data.batch_size=4", "logger=none", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false", "callbacks=none"]
 GAN_FAST = ["model.judge_epochs=1", "model.num_eval_samples=50"]
 EXPERIMENTS = ["linreg_diabetes", "linreg_toy", "logreg_cancer", "cnn_digits", "cnn_mnist", "rnn_digits",
-               "attention_digits", "gan_digits", "gan_mnist"]
+               "attention_digits", "gan_digits", "gan_mnist", "dcgan_mnist"]
 
 
 @pytest.mark.slow
@@ -140,7 +143,10 @@ def test_every_experiment_trains_end_to_end_on_the_kernels(experiment, tmp_path,
     from gpudl.train import train
     from gpudl.utils import compose
 
-    extra = GAN_FAST if experiment.startswith("gan") else []
+    if experiment == "dcgan_mnist" and "conv_transpose2d" not in REGISTRY:
+        # Expected until the conv_transpose2d kernel is merged; then this check goes (see the merge notes).
+        pytest.skip("conv_transpose2d has no kernel on this branch: the DCGAN's generator cannot run on triton")
+    extra = GAN_FAST if "gan" in experiment else []
     trainer = "trainer=gpu" if device.type == "cuda" else "trainer=cpu"
     results, counts = {}, {}
     for name in ("torch", "triton"):

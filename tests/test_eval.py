@@ -48,7 +48,7 @@ def test_eval_reproduces_gan_quality_with_a_retrained_judge(tmp_path):
         tmp_path, "experiment=gan_digits", "model.judge_epochs=1", "model.num_eval_samples=50",
         "callbacks.sample_grid.num_samples=4",
     )
-    for key in ["test/gen_confidence", "test/gen_classes", "test/gen_score"]:
+    for key in ["test/gen_confidence", "test/gen_classes", "test/gen_score", "test/fid", "baseline/fid_floor"]:
         assert evaluated[key] == pytest.approx(trained[key], rel=1e-5), key
 
 

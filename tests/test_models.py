@@ -50,10 +50,12 @@ def _digits(batch_size=32):
         (lambda: CNNModule(optimizer=ADAM), torch.rand(5, 1, 8, 8), (5, 10)),
         (lambda: CNNModule(image_size=28, channels=[8, 16], optimizer=ADAM), torch.rand(3, 1, 28, 28), (3, 10)),
         (lambda: RNNModule(optimizer=ADAM), torch.rand(5, 1, 8, 8), (5, 10)),
-        (lambda: RNNModule(input_size=28, num_layers=2, hidden_size=16, optimizer=ADAM), torch.rand(2, 1, 28, 28), (2, 10)),
+        (lambda: RNNModule(input_size=28, num_layers=2, hidden_size=16, optimizer=ADAM), torch.rand(2, 1, 28, 28),
+         (2, 10)),
         (lambda: AttentionModule(optimizer=ADAM), torch.rand(5, 1, 8, 8), (5, 10)),
         (lambda: AttentionModule(patch_size=2, pool="mean", optimizer=ADAM), torch.rand(5, 1, 8, 8), (5, 10)),
-        (lambda: AttentionModule(image_size=28, patch_size=7, embed_dim=32, optimizer=ADAM), torch.rand(2, 1, 28, 28), (2, 10)),
+        (lambda: AttentionModule(image_size=28, patch_size=7, embed_dim=32, optimizer=ADAM), torch.rand(2, 1, 28, 28),
+         (2, 10)),
     ],
 )
 def test_forward_backward_shapes(make, x, out_shape):
@@ -112,6 +114,10 @@ def test_wrong_input_shape_is_a_clear_error():
         (lambda: GANModule(num_eval_samples=0, optimizer=ADAM), "num_eval_samples"),
         (lambda: GANModule(gradient_clip_val=-1.0, optimizer=ADAM), "gradient_clip_val"),
         (lambda: GANModule(judge_epochs=0, optimizer=ADAM), "judge_epochs"),
+        (lambda: GANModule(architecture="resnet", optimizer=ADAM), "architecture must be one of"),
+        (lambda: GANModule(architecture="dcgan", image_shape=(1, 10, 10)), r"side divisible by 4.*\(1, 10, 10\)"),
+        (lambda: GANModule(architecture="dcgan", image_shape=(1, 8, 12)), "square images"),
+        (lambda: GANModule(architecture="dcgan", channels=0), "channels"),
     ],
 )
 def test_hyperparameters_are_validated(make, match):
@@ -132,7 +138,8 @@ def test_optimizer_and_scheduler_partials_are_used():
 
 
 def test_gan_optimizers_one_per_net():
-    gan = GANModule(optimizer=functools.partial(torch.optim.Adam, lr=1e-4), d_optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    gan = GANModule(optimizer=functools.partial(torch.optim.Adam, lr=1e-4),
+                    d_optimizer=functools.partial(torch.optim.SGD, lr=0.1))
     opt_g, opt_d = gan.configure_optimizers()
     assert isinstance(opt_g, torch.optim.Adam) and isinstance(opt_d, torch.optim.SGD)
     assert {id(p) for g in opt_g.param_groups for p in g["params"]} == {id(p) for p in gan.generator.parameters()}
@@ -146,12 +153,18 @@ def test_gan_optimizers_one_per_net():
 @pytest.mark.parametrize(
     "make_dm, make_model, metrics",
     [
-        (lambda: DiabetesDataModule(batch_size=64), lambda: LinearRegressionModule(10, ADAM), ["val/loss", "val/mse", "val/r2"]),
-        (lambda: ToyLineDataModule(batch_size=None), lambda: LinearRegressionModule(1, ADAM), ["val/r2", "test/slope", "test/intercept"]),
-        (lambda: BreastCancerDataModule(), lambda: LogisticRegressionModule(30, ADAM), ["val/acc", "val/acc_best", "test/acc"]),
-        (lambda: _digits(), lambda: CNNModule(channels=(4, 8), hidden=16, dropout=0.1, optimizer=ADAM), ["val/acc_best", "test/acc"]),
+        (lambda: DiabetesDataModule(batch_size=64), lambda: LinearRegressionModule(10, ADAM),
+         ["val/loss", "val/mse", "val/r2"]),
+        (lambda: ToyLineDataModule(batch_size=None), lambda: LinearRegressionModule(1, ADAM),
+         ["val/r2", "test/slope", "test/intercept"]),
+        (lambda: BreastCancerDataModule(), lambda: LogisticRegressionModule(30, ADAM),
+         ["val/acc", "val/acc_best", "test/acc"]),
+        (lambda: _digits(), lambda: CNNModule(channels=(4, 8), hidden=16, dropout=0.1, optimizer=ADAM),
+         ["val/acc_best", "test/acc"]),
         (lambda: _digits(), lambda: RNNModule(hidden_size=16, optimizer=ADAM), ["val/acc_best", "test/acc"]),
-        (lambda: _digits(), lambda: AttentionModule(embed_dim=16, num_heads=2, num_layers=1, mlp_dim=32, optimizer=ADAM), ["val/acc_best", "test/acc"]),
+        (lambda: _digits(),
+         lambda: AttentionModule(embed_dim=16, num_heads=2, num_layers=1, mlp_dim=32, optimizer=ADAM),
+         ["val/acc_best", "test/acc"]),
     ],
 )
 def test_short_fit_logs_the_metrics(tmp_path, make_dm, make_model, metrics):
@@ -226,7 +239,8 @@ def test_gan_checkpoint_loads_with_weights_only_and_excludes_the_judge(tmp_path)
     # Testing a restored module retrains its judge (seeded) and scores the samples.
     result = _trainer(tmp_path).test(restored, datamodule=dm, verbose=False)[0]
     assert result["judge/acc"] == pytest.approx(gan.judge_acc)
-    assert {"test/gen_confidence", "test/gen_classes", "test/gen_score", "baseline/gen_score"} <= set(result)
+    assert {"test/gen_confidence", "test/gen_classes", "test/gen_score", "test/fid", "baseline/gen_score",
+            "baseline/fid", "baseline/fid_floor"} <= set(result)
 
 
 # --------------------------------------------------------------------------- the GAN
@@ -238,6 +252,49 @@ def test_gan_sample_shape_and_range():
     assert gan.sample(0).shape == (0, 1, 28, 28)
     with pytest.raises(ValueError, match="n must be"):
         gan.sample(-1)
+
+
+@pytest.mark.parametrize("image_shape", [(1, 28, 28), (1, 8, 8), (3, 16, 16)])
+def test_dcgan_shapes_and_layers(image_shape):
+    """The DCGAN: z -> [N, *image_shape] in [0, 1] through gpudl's transposed convolutions (tanh fused
+    into the last), and images -> one logit through strided convolutions (leaky ReLU fused into the
+    first, which has no BatchNorm)."""
+    from gpudl.models.gan import DCGANDiscriminator, DCGANGenerator
+
+    gan = GANModule(image_shape=image_shape, architecture="dcgan", channels=8, latent_dim=5)
+    g, d = gan.generator, gan.discriminator
+    assert isinstance(g, DCGANGenerator) and isinstance(d, DCGANDiscriminator)
+    assert [type(m) for m in (g.project, g.up_1, g.up_2)] == [gpudl.nn.ConvTranspose2d] * 3
+    assert g.up_2.activation == "tanh" and g.up_2.stride == (2, 2)
+    assert [type(m) for m in (d.conv_1, d.conv_2, d.out)] == [gpudl.nn.Conv2d] * 3
+    assert d.conv_1.activation == "leaky_relu" and d.conv_1.stride == d.conv_2.stride == (2, 2)
+    z = torch.randn(6, 5)
+    # Each layer's size: 1x1 -> side/4 -> side/2 -> side.
+    side = image_shape[-1]
+    assert g.project(z[:, :, None, None]).shape == (6, 16, side // 4, side // 4)
+    images = g(z)
+    assert images.shape == (6, *image_shape) and images.min() >= 0 and images.max() <= 1
+    logits = d(images)
+    assert logits.shape == (6, 1)
+    assert d.conv_2(d.conv_1(images)).shape == (6, 16, side // 4, side // 4)
+    # Gradients reach every parameter of both nets.
+    (logits.sum()).backward()
+    assert all(p.grad is not None for p in [*g.parameters(), *d.parameters()])
+    samples = gan.sample(3, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == (3, *image_shape) and gan.generator.training  # sample() restores the mode
+    assert gan.sample(0).shape == (0, *image_shape)
+
+
+def test_dcgan_learns_digits_beyond_the_untrained_generator(tmp_path):
+    """A few epochs on the 8x8 digits: the generated images' Fréchet distance to the real ones falls far
+    below the untrained generator's, and above the real-vs-real floor."""
+    torch.manual_seed(0)
+    gan = GANModule(architecture="dcgan", image_shape=(1, 8, 8), channels=16, latent_dim=16, judge_epochs=5,
+                    judge_hidden=64, num_eval_samples=200)
+    trainer = _trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0)
+    trainer.fit(gan, datamodule=_digits(32))
+    logged = trainer.callback_metrics
+    assert logged["baseline/fid_floor"] < logged["val/fid"] < logged["baseline/fid"] / 4
 
 
 def test_gan_manual_optimization_updates_both_nets(tmp_path):
@@ -252,7 +309,8 @@ def test_gan_manual_optimization_updates_both_nets(tmp_path):
     assert trainer.global_step == 4  # two optimizer steps per batch
     logged = trainer.callback_metrics
     for key in ["train/d_loss_step", "train/g_loss_step", "train/loss_epoch", "val/loss", "val/gen_confidence",
-                "val/gen_classes", "val/gen_score", "baseline/gen_confidence", "baseline/gen_classes", "judge/acc"]:
+                "val/gen_classes", "val/gen_score", "val/fid", "baseline/gen_confidence", "baseline/gen_classes",
+                "baseline/fid", "baseline/fid_floor", "judge/acc"]:
         assert key in logged, f"{key} not logged; got {sorted(logged)}"
     torch.testing.assert_close(
         logged["val/gen_score"], logged["val/gen_confidence"] * logged["val/gen_classes"] / 10, atol=1e-6, rtol=1e-5
@@ -391,3 +449,5 @@ def test_gan_digits_beats_its_untrained_generator(tmp_path):
     result = _fit_test(tmp_path, DigitsDataModule(batch_size=64), GANModule(), 40)
     assert result["test/gen_confidence"] > result["baseline/gen_confidence"] + 0.3
     assert result["test/gen_classes"] >= result["baseline/gen_classes"] + 5
+    # Its Fréchet distance falls far below the untrained generator's, not below real vs real.
+    assert result["baseline/fid_floor"] < result["test/fid"] < result["baseline/fid"] / 4

@@ -42,6 +42,8 @@ def read_report(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+# Every GAN's Fréchet distances: the samples' (val, test), the untrained generator's, real vs real.
+GAN_FID = ["val/fid", "test/fid", "baseline/fid", "baseline/fid_floor"]
 # The metrics each experiment must log (beyond train/loss, val/loss, test/loss).
 EXPECTED_KEYS = {
     "linreg_diabetes": ["test/mse", "test/r2", "val/r2"],
@@ -52,15 +54,17 @@ EXPECTED_KEYS = {
     "rnn_digits": ["test/acc", "val/acc_best"],
     "attention_digits": ["test/acc", "val/acc_best"],
     "gan_digits": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
-                   "baseline/gen_confidence"],
+                   "baseline/gen_confidence", *GAN_FID],
     "gan_mnist": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
-                  "baseline/gen_confidence"],
+                  "baseline/gen_confidence", *GAN_FID],
+    "dcgan_mnist": ["val/gen_score", "val/gen_score_best", "test/gen_confidence", "test/gen_classes",
+                    "baseline/gen_confidence", *GAN_FID],
 }
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPECTED_KEYS))
 def test_every_experiment_trains_a_few_steps(experiment, tmp_path, capsys):
-    metrics, out = run(tmp_path, f"experiment={experiment}", *(GAN_FAST if experiment.startswith("gan") else []))
+    metrics, out = run(tmp_path, f"experiment={experiment}", *(GAN_FAST if "gan" in experiment else []))
     for key in ["train/loss", "val/loss", "test/loss", *EXPECTED_KEYS[experiment]]:
         assert key in metrics and isinstance(metrics[key], float), key
     report = read_report(out)
@@ -73,6 +77,10 @@ def test_every_experiment_trains_a_few_steps(experiment, tmp_path, capsys):
     assert (out / "config.yaml").is_file()
     summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[gpudl]")]
     assert len(summary) == 1 and f"[gpudl] {experiment}: test/" in summary[0]
+    if "gan" in experiment:
+        # The FIDs reach metrics.json with the test metrics; real vs real sits far below the untrained generator.
+        assert {key: report["metrics"][key] for key in GAN_FID} == {key: metrics[key] for key in GAN_FID}
+        assert 0 <= metrics["baseline/fid_floor"] < metrics["baseline/fid"]
 
 
 def test_gan_trains_logs_quality_and_saves_sample_grids(tmp_path):

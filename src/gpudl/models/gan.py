@@ -1,4 +1,5 @@
-"""A generative adversarial network (Goodfellow et al. 2014) of two MLPs.
+"""A generative adversarial network (Goodfellow et al. 2014): two MLPs (architecture="mlp") or a
+DCGAN (Radford et al. 2016; architecture="dcgan"), transposed convolutions against strided ones.
 
 The generator G maps noise z ~ N(0, I) to an image; the discriminator D maps an image to a logit
 "this is real". They play a two-player game: D minimizes
@@ -17,6 +18,12 @@ trained on the run's real training images, and each validation/test epoch it cla
 val/gen_score_best is the best val/gen_score so far (the score of the best checkpoint), what a
 sweep optimizes, as classifiers return val/acc_best.
 The same numbers for the untrained generator (its initial weights) are logged as baseline/*.
+
+{stage}/fid is a Fréchet distance (FID, Heusel et al. 2017, gpudl.fid) between Gaussian fits of the
+judge's penultimate-layer features of the generated images and of held-out real images (the val
+split at validation, the test split at test). Beside it, once per run: baseline/fid, the untrained
+generator's against the test split, and baseline/fid_floor, the training split's against the test
+split (what a generator that reproduces real images exactly would score, up to sample size).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import torch
 
 from gpudl import nn, ops
 from gpudl.checks import check_factory, check_float, check_int, check_int_tuple
+from gpudl.fid import frechet_distance, gaussian_fit
+from gpudl.reference import LEAKY_RELU_SLOPE
 
 
 class Generator(torch.nn.Module):
@@ -60,8 +69,62 @@ class Discriminator(torch.nn.Module):
         return self.out(self.fc_2(self.fc_1(x.flatten(1))))
 
 
+class DCGANGenerator(torch.nn.Module):
+    """The DCGAN generator (Radford et al. 2016): z [N, latent_dim] -> images [N, C, H, W] in [0, 1]
+    (H = W, a multiple of 4). Transposed convolutions only: z as a 1x1 map projected to
+    (H/4)x(H/4) x 2*channels, then two stride-2 4x4 up-samplings (x2 each), BatchNorm + ReLU between
+    them, and tanh fused into the last one (rescaled to the data's [0, 1]).
+
+    Its BatchNorms normalize with the statistics of the batch being generated, in evaluation too
+    (no running averages): the generator's weights move every step, and running averages of its
+    activations lagged so far behind that eval-mode samples scored 0 where the same weights with
+    batch statistics scored 0.64 (dcgan_mnist, half an epoch in). Batches of a few hundred judged
+    images make those statistics stable."""
+
+    def __init__(self, latent_dim: int, channels: int, image_shape: tuple[int, ...]):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c, size = image_shape[0], image_shape[-1]
+        # Biases before a BatchNorm are cancelled by its mean subtraction: none there.
+        self.project = nn.ConvTranspose2d(latent_dim, 2 * channels, size // 4, bias=False)
+        self.bn_1 = torch.nn.BatchNorm2d(2 * channels, track_running_stats=False)
+        self.up_1 = nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1, bias=False)
+        self.bn_2 = torch.nn.BatchNorm2d(channels, track_running_stats=False)
+        self.up_2 = nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1, activation="tanh")
+
+    def forward(self, z):
+        x = torch.relu(self.bn_1(self.project(z[:, :, None, None])))
+        x = torch.relu(self.bn_2(self.up_1(x)))
+        return 0.5 * (self.up_2(x) + 1)  # tanh's [-1, 1] -> the data's [0, 1]
+
+
+class DCGANDiscriminator(torch.nn.Module):
+    """The DCGAN discriminator: images [N, C, H, W] -> logits [N, 1]. Two stride-2 4x4 convolutions
+    (H -> H/2 -> H/4) with leaky ReLU, the first fused into its convolution (no BatchNorm on the
+    input layer, as in the paper), the second after a BatchNorm; a (H/4)x(H/4) convolution to one
+    logit."""
+
+    def __init__(self, channels: int, image_shape: tuple[int, ...]):
+        super().__init__()
+        c, size = image_shape[0], image_shape[-1]
+        self.conv_1 = nn.Conv2d(c, channels, 4, stride=2, padding=1, activation="leaky_relu")
+        self.conv_2 = nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1, bias=False)
+        self.bn_2 = torch.nn.BatchNorm2d(2 * channels)
+        self.out = nn.Conv2d(2 * channels, 1, size // 4)
+
+    def forward(self, x):
+        x = torch.nn.functional.leaky_relu(self.bn_2(self.conv_2(self.conv_1(x))), LEAKY_RELU_SLOPE)
+        return self.out(x).flatten(1)
+
+
+ARCHITECTURES = ("mlp", "dcgan")
+
+
 class GANModule(L.LightningModule):
-    """MLP GAN on images [N, *image_shape] in [0, 1] (batches (images, labels); labels unused).
+    """GAN on images [N, *image_shape] in [0, 1] (batches (images, labels); labels unused).
+
+    architecture: "mlp" (Generator/Discriminator, width `hidden`) or "dcgan"
+        (DCGANGenerator/DCGANDiscriminator, base width `channels`; square images, side a multiple of 4).
 
     optimizer: partial used for both nets unless g_optimizer / d_optimizer are given. None
         everywhere: Adam lr 2e-3, betas (0.5, 0.999) (DCGAN's betas; its lr 2e-4 is too slow
@@ -77,12 +140,19 @@ class GANModule(L.LightningModule):
 
     def __init__(self, image_shape=(1, 8, 8), latent_dim: int = 32, hidden: int = 256, optimizer=None, scheduler=None,
                  g_optimizer=None, d_optimizer=None, judge_epochs: int = 10, judge_hidden: int = 256,
-                 num_eval_samples: int = 500, gradient_clip_val: float | None = None, eval_seed: int = 0):
+                 num_eval_samples: int = 500, gradient_clip_val: float | None = None, eval_seed: int = 0,
+                 architecture: str = "mlp", channels: int = 32):
         super().__init__()
         owner = type(self).__name__
         image_shape = check_int_tuple(owner, "image_shape", image_shape, length=3)
         latent_dim = check_int(owner, "latent_dim", latent_dim)
         hidden = check_int(owner, "hidden", hidden)
+        channels = check_int(owner, "channels", channels)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"{owner}: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if architecture == "dcgan" and (image_shape[1] != image_shape[2] or image_shape[1] % 4):
+            raise ValueError(f"{owner}: architecture='dcgan' needs square images with a side divisible by 4 "
+                             f"(two stride-2 layers), got image_shape {image_shape}")
         judge_epochs = check_int(owner, "judge_epochs", judge_epochs)
         judge_hidden = check_int(owner, "judge_hidden", judge_hidden)
         num_eval_samples = check_int(owner, "num_eval_samples", num_eval_samples)
@@ -98,8 +168,12 @@ class GANModule(L.LightningModule):
         self.d_optimizer_factory = d_optimizer or optimizer
         self.scheduler_factory = scheduler
 
-        self.generator = Generator(latent_dim, hidden, image_shape)
-        self.discriminator = Discriminator(hidden, image_shape)
+        if architecture == "dcgan":
+            self.generator = DCGANGenerator(latent_dim, channels, image_shape)
+            self.discriminator = DCGANDiscriminator(channels, image_shape)
+        else:
+            self.generator = Generator(latent_dim, hidden, image_shape)
+            self.discriminator = Discriminator(hidden, image_shape)
         # The untrained generator, kept outside the state_dict, for the baseline/* metrics.
         self._initial_generator_state = copy.deepcopy(self.generator.state_dict())
         self._set_judge(None, None)
@@ -120,6 +194,8 @@ class GANModule(L.LightningModule):
         """n images [n, *image_shape] in [0, 1] from fresh noise (a CPU torch.Generator seeds it)."""
         check_int("GANModule.sample", "n", n, minimum=0)
         z = torch.randn(n, self.hparams.latent_dim, generator=generator).to(self.device)
+        if n == 0:  # the DCGAN's batch statistics need a batch
+            return torch.empty(0, *self.hparams.image_shape, device=self.device)
         was_training = self.generator.training
         self.generator.eval()
         images = self.generator(z)
@@ -132,7 +208,8 @@ class GANModule(L.LightningModule):
                 return torch.optim.Adam(net.parameters(), lr=2e-3, betas=(0.5, 0.999))
             return factory(params=net.parameters())
 
-        optimizers = [make(self.generator, self.g_optimizer_factory), make(self.discriminator, self.d_optimizer_factory)]
+        optimizers = [make(self.generator, self.g_optimizer_factory),
+                      make(self.discriminator, self.d_optimizer_factory)]
         if self.scheduler_factory is None:
             return optimizers
         return optimizers, [self.scheduler_factory(optimizer=opt) for opt in optimizers]
@@ -143,7 +220,8 @@ class GANModule(L.LightningModule):
 
     def _clip(self, optimizer):
         if self.hparams.gradient_clip_val is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.gradient_clip_val,
+                                gradient_clip_algorithm="norm")
 
     def training_step(self, batch, batch_idx):
         real = self._images(batch)
@@ -224,7 +302,7 @@ class GANModule(L.LightningModule):
     def _log_quality(self, stage):
         self._ensure_judge()
         # Test judges fresh noise (seed + 1); every validation epoch judges the same noise.
-        scores = self.judge_generator(self.generator, self.hparams.eval_seed + (stage == "test"))
+        scores = self.judge_generator(self.generator, self.hparams.eval_seed + (stage == "test"), reference=stage)
         for key, value in scores.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "gen_score", sync_dist=True)
         if stage == "val":
@@ -235,7 +313,8 @@ class GANModule(L.LightningModule):
         if self._baseline is None:
             untrained = copy.deepcopy(self.generator)
             untrained.load_state_dict(self._initial_generator_state)
-            self._baseline = self.judge_generator(untrained)
+            self._baseline = self.judge_generator(untrained, reference="test")
+            self._baseline["fid_floor"] = self.fid_floor
         for key, value in self._baseline.items():
             self.log(f"baseline/{key}", value, sync_dist=True)
         # The judge's own quality: accuracy and mean top-1 probability on real test images.
@@ -251,9 +330,13 @@ class GANModule(L.LightningModule):
         self._best_gen_score = checkpoint.get("val_gen_score_best")
 
     @torch.no_grad()
-    def judge_generator(self, generator: torch.nn.Module, seed: int | None = None) -> dict[str, float]:
+    def judge_generator(self, generator: torch.nn.Module, seed: int | None = None,
+                        reference: str = "test") -> dict[str, float]:
         """Judge num_eval_samples images of `generator` made from noise seeded by `seed` (default
-        eval_seed). Returns {gen_confidence, gen_classes, gen_score}."""
+        eval_seed). Returns {gen_confidence, gen_classes, gen_score, fid}, the fid against the real
+        images of the `reference` split ("val" or "test")."""
+        if reference not in ("val", "test"):
+            raise ValueError(f"GANModule.judge_generator: reference must be 'val' or 'test', got {reference!r}")
         if self.judge is None:
             raise RuntimeError("GANModule: the judge is not trained yet (it is trained when fit or test starts)")
         g = torch.Generator().manual_seed(self.hparams.eval_seed if seed is None else seed)
@@ -262,7 +345,10 @@ class GANModule(L.LightningModule):
         generator.eval()
         images = generator(z.to(self.device, next(generator.parameters()).dtype))
         generator.train(was_training)
-        return judge_scores(self.judge, images)
+        scores = judge_scores(self.judge, images)
+        generated_stats = gaussian_fit(judge_features(self.judge, images))
+        scores["fid"] = frechet_distance(*generated_stats, *self._real_stats[reference])
+        return scores
 
     # ------------------------------------------------------------------ the judge
     def _ensure_judge(self):
@@ -275,19 +361,29 @@ class GANModule(L.LightningModule):
                 "so it needs a LightningDataModule: call trainer.fit/test(model, datamodule=...)"
             )
         X_train, y_train = _split_arrays(dm, "train")
+        X_val, _ = _split_arrays(dm, "val")
         X_test, y_test = _split_arrays(dm, "test")
         if X_train.shape[1:] != tuple(self.hparams.image_shape):
-            raise ValueError(f"GANModule: image_shape is {tuple(self.hparams.image_shape)} but the data's images are {tuple(X_train.shape[1:])}")
+            raise ValueError(f"GANModule: image_shape is {tuple(self.hparams.image_shape)} but the data's images are "
+                             f"{tuple(X_train.shape[1:])}")
         judge, acc = train_judge(
-            X_train, y_train, X_test, y_test, self.hparams.judge_hidden, self.hparams.judge_epochs, seed=self.hparams.eval_seed
+            X_train, y_train, X_test, y_test, self.hparams.judge_hidden, self.hparams.judge_epochs,
+            seed=self.hparams.eval_seed,
         )
         self._set_judge(judge, acc, judge_scores(judge, X_test)["gen_confidence"])
+        # The real images' feature statistics, computed once: the fid references and the floor.
+        train_stats = gaussian_fit(judge_features(judge, X_train))
+        self._real_stats = {"val": gaussian_fit(judge_features(judge, X_val)),
+                            "test": gaussian_fit(judge_features(judge, X_test))}
+        self.fid_floor = frechet_distance(*train_stats, *self._real_stats["test"])
 
     def _set_judge(self, judge: torch.nn.Module | None, acc: float | None, real_confidence: float | None = None):
         # Bypass nn.Module registration: the judge is an instrument, not part of the model, so it
         # stays out of the state_dict (checkpoints load into a fresh module) and on the CPU.
         object.__setattr__(self, "judge", judge)
         self.judge_acc, self.judge_real_confidence = acc, real_confidence
+        self._real_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fid_floor: float | None = None
 
 
 @torch.no_grad()
@@ -300,7 +396,15 @@ def judge_scores(judge: torch.nn.Module, images: torch.Tensor) -> dict[str, floa
     prediction = probs.argmax(-1)
     classes = prediction[prediction < num_classes].unique().numel()
     confidence = top.values.mean().item()
-    return {"gen_confidence": confidence, "gen_classes": float(classes), "gen_score": confidence * classes / num_classes}
+    return {"gen_confidence": confidence, "gen_classes": float(classes),
+            "gen_score": confidence * classes / num_classes}
+
+
+@torch.no_grad()
+def judge_features(judge: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The judge's penultimate-layer activations (after its hidden ReLU) for images [N, ...]:
+    the features the GANs' FID compares."""
+    return judge[:-1](images.detach().float().cpu().flatten(1))
 
 
 def _split_arrays(dm, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,7 +429,8 @@ def _junk(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(kind == 0, noise, torch.where(kind == 1, blank, shuffled))
 
 
-def train_judge(X_train, y_train, X_test, y_test, hidden: int, epochs: int, seed: int = 0, batch_size: int = 64, lr: float = 3e-3):
+def train_judge(X_train, y_train, X_test, y_test, hidden: int, epochs: int, seed: int = 0, batch_size: int = 64,
+                lr: float = 3e-3):
     """Train the judge: an MLP on flattened images, with plain torch on the CPU so the measurement
     does not depend on the backend (or kernels) under test. Seeded and run under fork_rng, so it
     is reproducible and leaves the training RNG stream untouched.
