@@ -112,6 +112,11 @@ def _gan_batch(smoke, device, gen):
     return torch.rand(n, 1, s, s, generator=gen).to(device), torch.randn(n, latent, generator=gen).to(device)
 
 
+def _dcgan_batch(smoke, device, gen):
+    n, c, s, latent = (4, 1, 8, 8) if smoke else (128, 3, 64, 100)
+    return torch.rand(n, c, s, s, generator=gen).to(device), torch.randn(n, latent, generator=gen).to(device)
+
+
 GPT_GPU = dict(vocab_size=103, context_length=1024, d_model=768, num_heads=12, num_layers=12)
 GPT_SMOKE = dict(vocab_size=11, context_length=16, d_model=16, num_heads=2, num_layers=1)
 
@@ -138,6 +143,12 @@ EXPERIMENTS: dict[str, Experiment] = {
         else GANModule(image_shape=(1, 28, 28), latent_dim=64, hidden=1024),
         batch=_gan_batch, unit="images", items=lambda b: b[0].shape[0], step=gan_step,
         config=lambda smoke: "MLP, batch 4, 8x8, hidden 16" if smoke else "MLP, batch 512, 28x28, hidden 1024"),
+    "dcgan": Experiment(
+        build=lambda smoke: GANModule(image_shape=(1, 8, 8), latent_dim=8, architecture="dcgan", channels=4) if smoke
+        else GANModule(image_shape=(3, 64, 64), latent_dim=100, architecture="dcgan", channels=64),
+        batch=_dcgan_batch, unit="images", items=lambda b: b[0].shape[0], step=gan_step,
+        config=lambda smoke: "DCGAN, batch 4, 8x8, 4 base channels" if smoke
+        else "DCGAN, batch 128, 3x64x64, 64 base channels"),
     "gpt": Experiment(
         build=lambda smoke: GPTModule(**(GPT_SMOKE if smoke else GPT_GPU)),
         batch=_tokens, unit="tokens", items=lambda b: b[0].numel(),

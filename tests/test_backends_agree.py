@@ -9,12 +9,13 @@ from helpers import assert_close
 
 import gpudl
 from gpudl import backend, ops
-from gpudl.data import BreastCancerDataModule, DiabetesDataModule, DigitsDataModule
+from gpudl.data import BreastCancerDataModule, DiabetesDataModule, DigitsDataModule, TextDataModule
 from gpudl.kernels import REGISTRY
 from gpudl.models import (
     AttentionModule,
     CNNModule,
     GANModule,
+    GPTModule,
     LinearRegressionModule,
     LogisticRegressionModule,
     RNNModule,
@@ -51,6 +52,10 @@ MODELS = {
     "attention": (lambda: AttentionModule(embed_dim=32, num_heads=2, num_layers=1, mlp_dim=32),
                   lambda: DigitsDataModule(batch_size=16), _supervised_loss),
     "gan": (lambda: GANModule(latent_dim=16, hidden=32), lambda: DigitsDataModule(batch_size=16), _gan_losses),
+    "dcgan": (lambda: GANModule(latent_dim=16, architecture="dcgan", channels=8),
+              lambda: DigitsDataModule(batch_size=16), _gan_losses),
+    "gpt": (lambda: GPTModule(context_length=16, d_model=32, num_heads=2, num_layers=1),
+            lambda: TextDataModule(context_length=16, batch_size=4, samples_per_epoch=16), _supervised_loss),
 }
 
 # The gpudl.ops each model calls in one training step (forward and loss). The spy below checks that
@@ -62,6 +67,8 @@ MODEL_OPS = {
     "rnn": {"rnn", "linear", "cross_entropy"},
     "attention": {"linear", "layer_norm", "scaled_dot_product_attention", "cross_entropy"},
     "gan": {"linear", "gan_discriminator_loss", "gan_generator_loss"},
+    "dcgan": {"conv2d", "conv_transpose2d", "gan_discriminator_loss", "gan_generator_loss"},
+    "gpt": {"linear", "layer_norm", "scaled_dot_product_attention", "cross_entropy"},
 }
 
 
@@ -131,7 +138,7 @@ FAST = ["data.batch_size=4", "logger=none", "trainer.max_epochs=1", "trainer.lim
         "trainer.enable_model_summary=false", "callbacks=none"]
 GAN_FAST = ["model.judge_epochs=1", "model.num_eval_samples=50"]
 EXPERIMENTS = ["linreg_diabetes", "linreg_toy", "logreg_cancer", "cnn_digits", "cnn_mnist", "rnn_digits",
-               "attention_digits", "gan_digits", "gan_mnist", "dcgan_mnist"]
+               "attention_digits", "gan_digits", "gan_mnist", "dcgan_mnist", "gpt_chars"]
 
 
 @pytest.mark.slow
@@ -143,9 +150,6 @@ def test_every_experiment_trains_end_to_end_on_the_kernels(experiment, tmp_path,
     from gpudl.train import train
     from gpudl.utils import compose
 
-    if experiment == "dcgan_mnist" and "conv_transpose2d" not in REGISTRY:
-        # Expected until the conv_transpose2d kernel is merged; then this check goes (see the merge notes).
-        pytest.skip("conv_transpose2d has no kernel on this branch: the DCGAN's generator cannot run on triton")
     extra = GAN_FAST if "gan" in experiment else []
     trainer = "trainer=gpu" if device.type == "cuda" else "trainer=cpu"
     results, counts = {}, {}

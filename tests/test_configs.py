@@ -19,7 +19,7 @@ from gpudl.utils import compose, config_dir  # noqa: E402
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 REQUIRED_EXPERIMENTS = {
     "linreg_diabetes", "linreg_toy", "logreg_cancer", "cnn_digits", "cnn_mnist", "rnn_digits",
-    "attention_digits", "gan_digits", "gan_mnist", "dcgan_mnist",
+    "attention_digits", "gan_digits", "gan_mnist", "dcgan_mnist", "gpt_chars",
 }
 
 
