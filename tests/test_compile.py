@@ -17,7 +17,14 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import gpudl
 from gpudl import ops
-from gpudl.models import AttentionModule, CNNModule, GANModule, LinearRegressionModule, LogisticRegressionModule, RNNModule
+from gpudl.models import (
+    AttentionModule,
+    CNNModule,
+    GANModule,
+    LinearRegressionModule,
+    LogisticRegressionModule,
+    RNNModule,
+)
 
 ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
 

@@ -19,7 +19,9 @@ from gpudl import kernels, ops
 def test_no_kernel_uses_atomics():
     sources = {p.name: p.read_text() for p in Path(kernels.__file__).parent.glob("*.py")}
     offenders = [name for name, text in sources.items() if "tl.atomic_" in text]
-    assert not offenders, f"atomic adds make results order-dependent; deterministic mode needs another path in {offenders}"
+    assert not offenders, (
+        f"atomic adds make results order-dependent; deterministic mode needs another path in {offenders}"
+    )
 
 
 @pytest.fixture

@@ -18,7 +18,14 @@ pytest.importorskip("omegaconf", reason="needs hydra-core and omegaconf (the GPU
 
 import gpudl  # noqa: E402
 from gpudl import ops  # noqa: E402
-from gpudl.models import AttentionModule, CNNModule, GANModule, LinearRegressionModule, LogisticRegressionModule, RNNModule  # noqa: E402,E501
+from gpudl.models import (  # noqa: E402,E501
+    AttentionModule,
+    CNNModule,
+    GANModule,
+    LinearRegressionModule,
+    LogisticRegressionModule,
+    RNNModule,
+)
 from gpudl.train import train  # noqa: E402
 from gpudl.utils import compose  # noqa: E402
 
@@ -60,7 +67,8 @@ MODELS = {
                             lambda n: (torch.randn(n, 30), torch.randint(0, 2, (n, 1)).float())),
     "cnn": (lambda: CNNModule(optimizer=ADAM), _classifier),
     "rnn": (lambda: RNNModule(hidden_size=16, optimizer=ADAM), _classifier),
-    "attention": (lambda: AttentionModule(embed_dim=16, num_heads=2, num_layers=1, mlp_dim=32, optimizer=ADAM), _classifier),
+    "attention": (lambda: AttentionModule(embed_dim=16, num_heads=2, num_layers=1, mlp_dim=32, optimizer=ADAM),
+                  _classifier),
 }
 
 

@@ -84,7 +84,8 @@ class AttentionModule(ClassificationModule):
         """images [N, C, S, S] -> tokens [N, T, token_dim]."""
         hp = self.hparams
         if x.dim() != 4 or x.shape[1:] != (hp.in_channels, hp.image_size, hp.image_size):
-            raise ValueError(f"AttentionModule expects images [N, {hp.in_channels}, {hp.image_size}, {hp.image_size}], got {tuple(x.shape)}")
+            raise ValueError(f"AttentionModule expects images [N, {hp.in_channels}, {hp.image_size}, {hp.image_size}], "
+                             f"got {tuple(x.shape)}")
         n, c, s, _ = x.shape
         if hp.patch_size is None:
             return x.permute(0, 2, 1, 3).reshape(n, s, c * s)

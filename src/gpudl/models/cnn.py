@@ -55,7 +55,9 @@ class CNNModule(ClassificationModule):
     def forward(self, x):
         if x.dim() != 4 or x.shape[1:] != (self.hparams.in_channels, self.hparams.image_size, self.hparams.image_size):
             size = self.hparams.image_size
-            raise ValueError(f"CNNModule expects images [N, {self.hparams.in_channels}, {size}, {size}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"CNNModule expects images [N, {self.hparams.in_channels}, {size}, {size}], got {tuple(x.shape)}"
+            )
         for conv in self.convs:
             x = ops.max_pool2d(conv(x), kernel_size=2)
         x = self.fc(x.flatten(1))
