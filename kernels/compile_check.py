@@ -164,9 +164,14 @@ def is_half(variant) -> bool:
 
 
 def data_dtype(variant) -> str:
-    """The variant's floating dtype: its half-precision pointers' if it has any, else fp32 or fp64."""
+    """The variant's floating dtype: its half-precision pointers' if it has any, else the dtype it
+    computes in (a tl.float64 / tl.float32 constexpr such as ACC), else its pointers' fp64 or fp32.
+    (sgd's float32 variants also take float64 hyperparameters: they are fp32 variants.)"""
     kinds = [k[1:] for k in variant.signature.values() if k in ("*bf16", "*fp16", "*fp32", "*fp64")]
-    return next((k for k in ("bf16", "fp16", "fp64", "fp32") if k in kinds), "none")
+    computes = {str(v) for v in variant.constexprs.values() if str(v) in ("fp32", "fp64") and not isinstance(v, str)}
+    return next((k for k in ("bf16", "fp16") if k in kinds), None) or next(
+        (k for k in ("fp64", "fp32") if k in computes), None) or next(
+        (k for k in ("fp64", "fp32") if k in kinds), "none")
 
 
 def specializations(variant, captured: dict) -> list[dict]:

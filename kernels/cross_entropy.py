@@ -35,7 +35,8 @@ from torch.library import wrap_triton
 from gpudl.kernels._common import REDUCE_BLOCK, REDUCTION_CODES, acc_dtype, tl_acc, triton_dtype
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, kernel_op, no_tensor, register
 
-TILE = 4096  # elements per program per step: BLOCK_N * BLOCK_C
+TILE = 2048  # elements per program per step, BLOCK_N * BLOCK_C (4096 at BLOCK_C = 4096), on 4 warps:
+# at 4096 on 8 warps ptxas spilled a few row values in some variants (gpudl.kernels.audit)
 
 
 @triton.jit
@@ -60,7 +61,7 @@ def _ce_fwd_kernel(
     in_range = (y >= 0) & (y < n_classes)
     ok = active & in_range
     bad = active & (in_range == 0)  # out-of-range target: NaN, never a silently wrong number
-    y_safe = tl.where(ok, y, 0)
+    y_safe = tl.where(ok, y, 0).to(tl.int32)  # in [0, C): int32 keeps pass 2's compare narrow
     x_rows = x_ptr + rows * stride_xn
     x_y = tl.load(x_rows + y_safe, mask=ok, other=0.0).to(ACC)
     if HAS_WEIGHT:
@@ -115,7 +116,7 @@ def _ce_fwd_kernel(
                 smooth += tl.sum(tl.where(mask2, wc[None, :] * (lse[:, None] - xb), 0.0), axis=1)
             if GRAD:
                 g = tl.exp((xb - m[:, None]) - log_s[:, None]) * coef[:, None]
-                g = g - tl.where(cols[None, :] == y[:, None], hard[:, None], 0.0)
+                g = g - tl.where(cols[None, :] == y_safe[:, None], hard[:, None], 0.0)  # other rows: zeroed or NaN
                 if SMOOTHING:
                     g = g - eps_c * wc[None, :]
                 g = tl.where(active[:, None], g, 0.0)
@@ -155,14 +156,14 @@ def _ce_finalize_kernel(partial_ptr, out_ptr, scale_ptr, num_partials, MEAN: tl.
 
 # --------------------------------------------------------------------------- host launchers
 # Chunk widths along C: powers of 4, so few variants need compiling; whole small rows, many per
-# program (BLOCK_N = TILE // BLOCK_C), and big rows in chunks of 4096.
+# program (BLOCK_N = TILE // BLOCK_C), and big rows one per program in chunks of 4096.
 BLOCK_C_CHOICES = (16, 64, 256, 1024, 4096)
 
 
 def block_sizes(n_classes: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps) for rows of n_classes logits."""
     block_c = next((b for b in BLOCK_C_CHOICES if b >= n_classes), BLOCK_C_CHOICES[-1])
-    return TILE // block_c, block_c, 8
+    return max(1, TILE // block_c), block_c, 4
 
 
 def cross_entropy_forward(x, y, weight, ignore_index: int, reduction: str, smoothing: float, grad: bool):
@@ -296,17 +297,18 @@ def _bytes(args):
 def _variants():
     variants = []
     for block_c in BLOCK_C_CHOICES:
+        block_n, _, num_warps = block_sizes(block_c)
         for dtype in (torch.float32, torch.bfloat16):
             ptr = triton_dtype(dtype)
             variants.append(CompileVariant(
-                f"ce-{str(dtype)[6:]}-BN{TILE // block_c}-BC{block_c}", _ce_fwd_kernel,
+                f"ce-{str(dtype)[6:]}-BN{block_n}-BC{block_c}", _ce_fwd_kernel,
                 {"x_ptr": ptr, "y_ptr": "*i64", "w_ptr": ptr, "out_ptr": "*fp32", "g_ptr": ptr, "n_rows": "i32",
                  "n_classes": "i32", "stride_xn": "i64", "ignore_index": "i64", "smoothing": "fp32",
                  "HAS_WEIGHT": "constexpr", "SMOOTHING": "constexpr", "REDUCTION": "constexpr", "GRAD": "constexpr",
                  "ACC": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"},
                 {"HAS_WEIGHT": True, "SMOOTHING": True, "REDUCTION": 1, "GRAD": True, "ACC": tl.float32,
-                 "BLOCK_N": TILE // block_c, "BLOCK_C": block_c},
-                num_warps=8,
+                 "BLOCK_N": block_n, "BLOCK_C": block_c},
+                num_warps=num_warps,
             ))
     for out in ("fp32", "bf16"):
         variants.append(CompileVariant(

@@ -246,11 +246,12 @@ def _ln_reduce_partials_kernel(
 # --------------------------------------------------------------------------- host launchers
 def launch_config(n: int, m: int) -> tuple[int, int, int]:
     """(BLOCK_N, ROWS, num_warps) for rows of n elements, m rows: tiles of up to TILE elements
-    (more for rows longer than TILE), 16 elements per thread (32 at BLOCK_N = 16384)."""
+    (more for rows longer than TILE), 16 elements per thread (32 warps at BLOCK_N = 16384: on 16,
+    32 elements per thread, the fp32 backward spilled)."""
     block_n = max(16, triton.next_power_of_2(n))
     rows = max(1, min(TILE // block_n, triton.next_power_of_2(max(m, 1))))
     tile = rows * block_n
-    num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16
+    num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16 if tile <= 8192 else 32
     return block_n, rows, num_warps
 
 

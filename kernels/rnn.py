@@ -58,7 +58,8 @@ NONLINEARITY_CODES = {"tanh": 0, "relu": 1}  # the kernels' ACTIVATION constexpr
 def _rnn_forward_kernel(
     xp_ptr,  # [L, N, H] by strides (s_xt, s_xn, s_xh): x @ W_ih^T + b_ih
     h0_ptr,  # [N, H] contiguous
-    w_ptr,  # W_hh [H, H] contiguous
+    w_ptr,  # W_hh^T [H, H] contiguous (transposed by the host: row-major chunks load as wide vectors;
+            # read through W_hh's strides, fp32 H >= 128 spilled, gpudl.kernels.audit)
     b_ptr,  # b_hh [H] or a dummy when HAS_BIAS is False
     out_ptr,  # [L, N, H] by strides (s_ot, s_on, 1): every h_t
     hn_ptr,  # [N, H] contiguous: the last h_t (the host handles L == 0 without a launch)
@@ -92,8 +93,8 @@ def _rnn_forward_kernel(
     o_row = out_ptr + rows * s_on
     prev_row = h0_ptr + rows * H  # where h_{t-1} lives: h0, then the output just written
     if RESIDENT:
-        # W_hh^T[k, j] = W_hh[j, k], loaded once for all steps.
-        w_t = tl.load(w_ptr + cols[None, :] * H + cols[:, None], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
+        # W_hh^T, loaded once for all steps.
+        w_t = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
 
     for _ in range(0, L):
         xp = tl.load(x_row[:, None] + cols[None, :] * s_xh, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -105,7 +106,7 @@ def _rnn_forward_kernel(
                 ks = k + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
                 a = tl.load(prev_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w_t = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=k_mask[:, None] & col_mask[None, :],
+                w_t = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                               other=0.0)
                 acc += tl.dot(a.to(dot_dtype), w_t, out_dtype=ACC_DTYPE, input_precision="ieee")
         z = xp + acc + bias[None, :]
@@ -200,6 +201,12 @@ def _config(hidden: int, dtype: torch.dtype) -> dict:
                 num_warps=4 if block_h <= 64 else 8)
 
 
+def forward_stages(cfg: dict) -> int:
+    """The forward's num_stages. Resident: 1, as its loop has nothing to pipeline (W_hh is on chip
+    before it, h is carried in registers, xp is not a tl.dot operand); 3 compiles to the same SASS."""
+    return 1 if cfg["RESIDENT"] else 3
+
+
 def _time_batch_strides(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
     return (t.stride(1), t.stride(0)) if batch_first else (t.stride(0), t.stride(1))
 
@@ -207,7 +214,7 @@ def _time_batch_strides(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
 def _forward(xp, h0, w_hh, b_hh, nonlinearity, batch_first):
     """xp [L, N, H] ([N, L, H] if batch_first, any strides); h0 [N, H]; returns (output [L, N, H]
     ([N, L, H]) contiguous, h_n [N, H])."""
-    h0, w_hh = h0.contiguous(), w_hh.contiguous()
+    h0, w_t = h0.contiguous(), w_hh.t().contiguous()
     b_hh = b_hh.contiguous() if b_hh is not None else None
     n, hidden = h0.shape
     length = xp.shape[1] if batch_first else xp.shape[0]
@@ -219,9 +226,10 @@ def _forward(xp, h0, w_hh, b_hh, nonlinearity, batch_first):
     s_ot, s_on = _time_batch_strides(out, batch_first)
     cfg = _config(hidden, xp.dtype)
     wrap_triton(_rnn_forward_kernel)[(triton.cdiv(n, BLOCK_N),)](
-        xp, h0, w_hh, b_hh if b_hh is not None else w_hh, out, hn,
+        xp, h0, w_t, b_hh if b_hh is not None else w_t, out, hn,
         length, n, hidden, s_xt, s_xn, xp.stride(2), s_ot, s_on,
         HAS_BIAS=b_hh is not None, ACTIVATION=NONLINEARITY_CODES[nonlinearity], ACC_DTYPE=tl_acc(xp.dtype), **cfg,
+        num_stages=forward_stages(cfg),
     )
     return out, hn
 
@@ -426,7 +434,7 @@ def _compile_variants():
                            "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
                            "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
                 constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts},
-                num_warps=cfg["num_warps"],
+                num_warps=cfg["num_warps"], num_stages=forward_stages(cfg),
             ))
             variants.append(CompileVariant(
                 name=f"rnn-bwd-{tag}", kernel=_rnn_backward_kernel,
