@@ -7,12 +7,13 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from gpudl.utils import repo_root
+REPO = Path(__file__).resolve().parents[1]  # not gpudl.utils: that needs omegaconf, which a GPU machine lacks
 
 
 def test_bench_loop_quick_writes_side_by_side_report(tmp_path):
-    proc = subprocess.run([sys.executable, str(repo_root() / "scripts" / "bench_loop.py"), "--quick", "--same-model",
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_loop.py"), "--quick", "--same-model",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "loop.json").read_text())
@@ -37,7 +38,7 @@ def test_bench_loop_module_imports_no_hydra_or_torch():
     # The GPU machine has no Hydra: importing the script (and its --plain children) must not need it.
     code = ("import sys, runpy; runpy.run_path(sys.argv[1], run_name='bench'); "
             "print(sorted(m for m in ('hydra', 'omegaconf', 'lightning', 'torch') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, str(repo_root() / "scripts" / "bench_loop.py")],
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "scripts" / "bench_loop.py")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

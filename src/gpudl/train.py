@@ -178,6 +178,12 @@ def _compile(model: Any, options: DictConfig) -> None:
     directly). In place, so the LightningModule, its checkpoints and state_dict keys are unchanged;
     the backward is compiled with the forward (AOT autograd)."""
     kwargs = {k: options.get(k) for k in ("backend", "mode", "fullgraph", "dynamic")}
+    # Dynamo counts recompilations per code object for the whole process: the jobs of a sweep (or
+    # tests) that run in one process would add up to its limit and, with fullgraph, fail. A run
+    # starts from a clean slate.
+    import torch._dynamo
+
+    torch._dynamo.reset()
     targets = model.compiled_modules() if hasattr(model, "compiled_modules") else [model]
     log.info("torch.compile %s with %s", ", ".join(type(m).__name__ for m in targets), kwargs)
     for module in targets:
