@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import re
@@ -242,16 +243,18 @@ def _compile_job(job):
     from gpudl.kernels import REGISTRY
 
     inspect = None
-    if audit:
-        from gpudl.kernels.audit import inspect_compiled as inspect
     variant = REGISTRY[op].compile_variants()[index]
+    if audit:  # "sass": disassemble every compilation; "sass-gemm": the GEMM-like ones (and spills)
+        from gpudl.kernels.audit import inspect_compiled
+
+        inspect = functools.partial(inspect_compiled, sass=audit == "sass" or is_gemm_like(variant.kernel))
     record = compile_variant(variant, arch, spec["unit"], inspect)
     return {"op": op, **record, "layouts": spec["layouts"], "gemm_like": is_gemm_like(variant.kernel),
             "half": is_half(variant), "dtype": data_dtype(variant),
             "constexprs": {k: str(v) for k, v in variant.constexprs.items()}}
 
 
-def run(ops, archs, jobs: int, audit: bool = False, emit=None):
+def run(ops, archs, jobs: int, audit: str | None = None, emit=None):
     """Compile every variant of `ops` for `archs` (in `jobs` processes); returns (records,
     failures). `emit(record)` sees each record as it arrives."""
     from gpudl.kernels import REGISTRY

@@ -29,7 +29,7 @@ def audit(tmp_path_factory):
     with FileLock(str(root / "kernel_audit.lock")):
         if not (out / "audit.json").exists():
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            proc = subprocess.run([sys.executable, "-m", "gpudl.kernels.audit", "--out", str(out)],
+            proc = subprocess.run([sys.executable, "-m", "gpudl.kernels.audit", "--sass", "gemm", "--out", str(out)],
                                   capture_output=True, text=True, env=env, timeout=1800)
             (root / "kernel_audit.log").write_text(proc.stdout + proc.stderr)
             if not (out / "audit.json").exists():
