@@ -67,7 +67,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90(audit):
     assert not failures, "\n".join(f"{r['op']} {r.get('variant')} {r.get('arch')}: {r.get('error')}" for r in failures)
     assert f"{len(records)}/{len(records)} compiled, largest shared memory" in audit["log"], audit["log"][-2000:]
     for r in records:
-        assert r["registers"] > 0 and r["instructions"] > 0 and r["warps_per_sm"] > 0, _name(r)
+        assert r["registers"] > 0 and r["warps_per_sm"] > 0, _name(r)
+        if r["gemm_like"]:  # the ones the CI audit (--sass gemm) disassembles
+            assert r["instructions"] > 0, _name(r)
 
 
 def test_no_half_precision_variant_spills(audit):
