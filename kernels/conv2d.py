@@ -525,6 +525,12 @@ def _(input, weight, bias, stride, padding, dilation, groups, activation, store_
 
 def _setup_conv2d(ctx, inputs, output):
     x, w, _, stride, padding, dilation, groups, activation, store_pre = inputs
+    save_for_backward(ctx, x, w, output, stride, padding, dilation, groups, activation, store_pre)
+
+
+def save_for_backward(ctx, x, w, output, stride, padding, dilation, groups, activation, store_pre):
+    """What a convolution's backward op needs (conv2d's, and conv_transpose2d's with its own
+    geometry): x for dw, w for dx, the output or pre-activation for the activation's gradient."""
     y, z = output
     act = ACTIVATION_CODES[activation]
     need_x, need_w, _ = ctx.needs_input_grad[:3]

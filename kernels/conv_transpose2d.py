@@ -170,17 +170,7 @@ def _(input, weight, bias, stride, padding, output_padding, groups, dilation, ac
 
 def _setup(ctx, inputs, output):
     x, w, _, stride, padding, _, groups, dilation, activation, store_pre = inputs
-    y, z = output
-    act = ACTIVATION_CODES[activation]
-    need_x, need_w, _ = ctx.needs_input_grad[:3]
-    # gelu's derivative needs the pre-activation z; the other activations' come from the output y.
-    saved = z if store_pre else (y if act != 0 else None)
-    ctx.save_for_backward(x if need_w else None, w if need_x else None, saved)
-    # dx follows x's layout (x's strides when x is dense, contiguous otherwise).
-    ctx.conf = (list(x.shape), list(torch.empty_like(x, device="meta").stride()), list(w.shape),
-                stride, padding, dilation, groups, activation)
-    ctx.mark_non_differentiable(z)
-    ctx.set_materialize_grads(False)
+    _conv.save_for_backward(ctx, x, w, output, stride, padding, dilation, groups, activation, store_pre)
 
 
 def _backward_autograd(ctx, grad_output, _grad_pre):

@@ -137,6 +137,17 @@ def autocast_class(cuda: str, cpu: str | None = None):
 
 
 # --------------------------------------------------------------------------- convolution
+def _batched_conv_input(input, weight, groups):
+    """The checks every convolution shares; returns (input as [N, C, H, W], whether it was unbatched)."""
+    _check_tensor("input", input, (3, 4))
+    _check_tensor("weight", weight, (4,))
+    _check_same("weight", weight, "input", input)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    unbatched = input.dim() == 3
+    return (input.unsqueeze(0) if unbatched else input), unbatched
+
+
 @autocast_class("lower_precision")
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """2-D convolution followed by a fused activation, as `F.conv2d` then `activation`.
@@ -145,13 +156,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     bias [C_out] or None; padding an int, a pair, 'same' or 'valid'.
     Returns [N, C_out, H_out, W_out] (or [C_out, H_out, W_out] for unbatched input).
     """
-    _check_tensor("input", input, (3, 4))
-    _check_tensor("weight", weight, (4,))
-    _check_same("weight", weight, "input", input)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
+    x, unbatched = _batched_conv_input(input, weight, groups)
     c_out, c_in_per_group, kh, kw = weight.shape
     if x.shape[1] != c_in_per_group * groups:
         raise ValueError(
@@ -209,13 +214,7 @@ def conv_transpose2d(
     bias [C_out] or None. Returns [N, C_out, H_out, W_out] with
     H_out = (H - 1) * stride - 2 * padding + dilation * (kH - 1) + output_padding + 1.
     """
-    _check_tensor("input", input, (3, 4))
-    _check_tensor("weight", weight, (4,))
-    _check_same("weight", weight, "input", input)
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    unbatched = input.dim() == 3
-    x = input.unsqueeze(0) if unbatched else input
+    x, unbatched = _batched_conv_input(input, weight, groups)
     c_in, c_out_per_group, kh, kw = weight.shape
     if x.shape[1] != c_in:
         raise ValueError(
