@@ -19,8 +19,8 @@ from torch.library import wrap_triton
 
 from gpudl.kernels.registry import INTERPRET
 
-# Activation codes passed to kernels as a tl.constexpr, so each one compiles its own epilogue.
-ACTIVATION_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5}
+# The epilogue activations, passed to kernels by name as a tl.constexpr (each compiles its own epilogue).
+ACTIVATION_NAMES = ("none", "relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 LEAKY_RELU_SLOPE: tl.constexpr = tl.constexpr(0.01)
 
 # Shared-memory limits per block, bytes (CUDA programming guide, compute capability tables).
@@ -30,6 +30,14 @@ SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 INT32_LIMIT = 2**31 - 1  # element offsets past this need int64 index arithmetic
 REDUCE_BLOCK = 1024  # the one-program partial-sum kernel's block
+
+
+def activation_constexpr(activation: str | None) -> str:
+    """The ACTIVATION constexpr of an epilogue: the activation's name, "none" for None."""
+    name = "none" if activation is None else activation
+    if name not in ACTIVATION_NAMES:
+        raise ValueError(f"activation: got {activation!r}, expected one of {ACTIVATION_NAMES[1:]} or None")
+    return name
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,16 +125,16 @@ def softplus(x):
 
 @triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
-    """Epilogue activation by code (ACTIVATION_CODES); gelu is the exact erf form."""
-    if ACTIVATION == 1:
+    """Epilogue activation by name (ACTIVATION_NAMES); gelu is the exact erf form."""
+    if ACTIVATION == "relu":
         x = tl.maximum(x, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == "leaky_relu":
         x = tl.where(x >= 0, x, x * LEAKY_RELU_SLOPE)
-    elif ACTIVATION == 3:
+    elif ACTIVATION == "tanh":
         x = tanh(x)
-    elif ACTIVATION == 4:
+    elif ACTIVATION == "sigmoid":
         x = sigmoid(x)
-    elif ACTIVATION == 5:
+    elif ACTIVATION == "gelu":
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     return x
 
@@ -136,33 +144,33 @@ def activation_grad_from_saved(saved, grad, ACTIVATION: tl.constexpr):
     """d activation / d pre times grad, from what the forward saved: the OUTPUT y for relu,
     leaky_relu, tanh and sigmoid (their derivative is a function of y, and the output exists
     anyway, as in PyTorch's autograd), the pre-activation for gelu (not a function of y)."""
-    if ACTIVATION == 1:
+    if ACTIVATION == "relu":
         grad = tl.where(saved > 0, grad, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == "leaky_relu":
         grad = tl.where(saved > 0, grad, grad * LEAKY_RELU_SLOPE)  # y > 0 exactly when pre > 0
-    elif ACTIVATION == 3:
+    elif ACTIVATION == "tanh":
         grad = grad * (1.0 - saved * saved)
-    elif ACTIVATION == 4:
+    elif ACTIVATION == "sigmoid":
         grad = grad * saved * (1.0 - saved)
-    elif ACTIVATION == 5:
-        grad = activation_grad(saved, grad, 5)
+    elif ACTIVATION == "gelu":
+        grad = activation_grad(saved, grad, "gelu")
     return grad
 
 
 @triton.jit
 def activation_grad(pre, grad, ACTIVATION: tl.constexpr):
     """d activation(pre) / d pre times grad, from the pre-activation value."""
-    if ACTIVATION == 1:
+    if ACTIVATION == "relu":
         grad = tl.where(pre > 0, grad, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == "leaky_relu":
         grad = tl.where(pre > 0, grad, grad * LEAKY_RELU_SLOPE)  # torch uses the slope at 0
-    elif ACTIVATION == 3:
+    elif ACTIVATION == "tanh":
         t = tanh(pre)
         grad = grad * (1.0 - t * t)
-    elif ACTIVATION == 4:
+    elif ACTIVATION == "sigmoid":
         s = sigmoid(pre)
         grad = grad * s * (1.0 - s)
-    elif ACTIVATION == 5:
+    elif ACTIVATION == "gelu":
         cdf = 0.5 * (1.0 + tl.erf(pre * 0.7071067811865476))
         pdf = tl.exp(-0.5 * pre * pre) * 0.3989422804014327
         grad = grad * (cdf + pre * pdf)

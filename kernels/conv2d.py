@@ -36,8 +36,8 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from gpudl.kernels._common import (
-    ACTIVATION_CODES,
     acc_dtype,
+    activation_constexpr,
     activation_grad_from_saved,
     apply_activation,
     triton_dtype,
@@ -217,7 +217,7 @@ def _conv2d_dgrad_kernel(
         o_ok = o < C_OUT_G
         valid = row_ok[:, None] & o_ok[None, :]
         g = tl.load((g_rows + oh * sg_h + ow * sg_w)[:, None] + (o * sg_c)[None, :], mask=valid, other=0.0)
-        if ACTIVATION != 0:
+        if ACTIVATION != "none":
             s = tl.load((s_rows + oh * ss_h + ow * ss_w)[:, None] + (o * ss_c)[None, :], mask=valid, other=0.0)
             g = activation_grad_from_saved(s.to(ACC), g.to(ACC), ACTIVATION)
         b = tl.load((w_cols + kh * sw_h + kw * sw_w)[None, :] + (o * sw_o)[:, None],
@@ -289,7 +289,7 @@ def _conv2d_wgrad_kernel(
         # dz tile, transposed: [BLOCK_N channels, BLOCK_M positions]
         g_mask = o_mask[:, None] & m_mask[None, :]
         g = tl.load(g_chan[:, None] + (n * sg_n + oh * sg_h + ow * sg_w)[None, :], mask=g_mask, other=0.0)
-        if ACTIVATION != 0:
+        if ACTIVATION != "none":
             s = tl.load(s_chan[:, None] + (n * ss_n + oh * ss_h + ow * ss_w)[None, :], mask=g_mask, other=0.0)
             g = activation_grad_from_saved(s.to(ACC), g.to(ACC), ACTIVATION)
         if COMPUTE_B:
@@ -411,7 +411,7 @@ def _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act):
     _copy_back(z, z_buf)
 
 
-def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act, bias=None, out_act=0, z=None):
+def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act, bias=None, out_act="none", z=None):
     """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z).
     bias, out_act and z are the epilogue of a transposed convolution (dx = act(dgrad + bias), z the
     pre-activation): conv_transpose2d's forward is this kernel."""
@@ -510,7 +510,7 @@ def _output_shape(x_shape, w_shape, stride, padding, dilation):
 def _conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
                dilation: list[int], groups: int, activation: Optional[str], store_pre: bool) -> tuple[Tensor, Tensor]:
     """(y [N, C_out, H_out, W_out], the pre-activation z (same layout) when store_pre, else empty)."""
-    y, z = _conv2d_forward(input, weight, bias, stride, padding, dilation, groups, ACTIVATION_CODES[activation],
+    y, z = _conv2d_forward(input, weight, bias, stride, padding, dilation, groups, activation_constexpr(activation),
                            store_pre)
     return y, (z if z is not None else no_tensor(y))
 
@@ -532,10 +532,10 @@ def save_for_backward(ctx, x, w, output, stride, padding, dilation, groups, acti
     """What a convolution's backward op needs (conv2d's, and conv_transpose2d's with its own
     geometry): x for dw, w for dx, the output or pre-activation for the activation's gradient."""
     y, z = output
-    act = ACTIVATION_CODES[activation]
+    act = activation_constexpr(activation)
     need_x, need_w, _ = ctx.needs_input_grad[:3]
     # gelu's derivative needs the pre-activation z; the other activations' come from the output y.
-    saved = z if store_pre else (y if act != 0 else None)
+    saved = z if store_pre else (y if act != "none" else None)
     ctx.save_for_backward(x if need_w else None, w if need_x else None, saved)
     # dx follows x's layout (x's strides when x is dense, contiguous otherwise).
     ctx.conf = (list(x.shape), list(torch.empty_like(x, device="meta").stride()), list(w.shape),
@@ -564,7 +564,7 @@ def _conv2d_backward_op(grad_output: Tensor, input: Optional[Tensor], weight: Op
                         need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dinput, dweight, dbias); each an empty tensor when not asked for."""
     dx, dw, db = _conv2d_backward(grad_output, input, weight, saved, input_shape, input_strides, weight_shape,
-                                  stride, padding, dilation, groups, ACTIVATION_CODES[activation],
+                                  stride, padding, dilation, groups, activation_constexpr(activation),
                                   need_input, need_weight, need_bias)
     return tuple(t if t is not None else no_tensor(grad_output) for t in (dx, dw, db))
 
@@ -662,14 +662,14 @@ def _compile_variants():
     for dtype in (torch.float32, torch.bfloat16):
         precision = "tf32" if dtype == torch.float32 else "ieee"
         # fp32 variants compile the relu epilogue, bf16 ones the heaviest (gelu, storing z).
-        act = ACTIVATION_CODES["relu"] if dtype == torch.float32 else ACTIVATION_CODES["gelu"]
+        act = "relu" if dtype == torch.float32 else "gelu"
         common = {"KH": 3, "KW": 3, "ACTIVATION": act, "INPUT_PRECISION": precision}
         for config in _FWD_CONFIGS:
             variants.append(_variant(_conv2d_fwd_kernel, "fwd", config, dtype,
-                                     {**common, "HAS_BIAS": True, "STORE_Z": act == ACTIVATION_CODES["gelu"]}))
+                                     {**common, "HAS_BIAS": True, "STORE_Z": act == "gelu"}))
         for config in _DGRAD_CONFIGS:
             variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype,
-                                     {**common, "HAS_BIAS": False, "OUT_ACTIVATION": 0, "STORE_Z": False}))
+                                     {**common, "HAS_BIAS": False, "OUT_ACTIVATION": "none", "STORE_Z": False}))
         for config in _WGRAD_CONFIGS:
             variants.append(_variant(_conv2d_wgrad_kernel, "wgrad", config, dtype,
                                      {**common, "COMPUTE_W": True, "COMPUTE_B": True}, acc_ptrs=("dw_ptr", "db_ptr")))

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from gpudl.kernels import conv2d as _conv
-from gpudl.kernels._common import ACTIVATION_CODES, activation_grad_from_saved, triton_dtype
+from gpudl.kernels._common import activation_constexpr, activation_grad_from_saved, triton_dtype
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
 
 # The conv2d kernels this op launches, bound here so that the registry's every-config test forces
@@ -94,7 +94,7 @@ def _forward(x, w, b, stride, padding, output_padding, groups, dilation, act, st
         return y, z
     # The dgrad kernel reads x as the convolution's output gradient with no activation of its own
     # (act 0): every output element is written, taps that miss x contribute zero.
-    _conv._conv2d_dgrad(x, None, w, y, stride, _pad4(padding), dilation, groups, 0, bias=b, out_act=act, z=z)
+    _conv._conv2d_dgrad(x, None, w, y, stride, _pad4(padding), dilation, groups, "none", bias=b, out_act=act, z=z)
     return y, z
 
 
@@ -126,7 +126,7 @@ def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dil
     gy, saved = _conv._channels_inner(gy), _conv._channels_inner(saved)
     dz = None
     if need_x or need_w:
-        dz = gy if act == 0 else _activation_grad(gy, saved, act)
+        dz = gy if act == "none" else _activation_grad(gy, saved, act)
     if need_x:
         dx = torch.empty_strided(x_shape, x_strides, **like)
         if dx.numel() == 0:
@@ -157,7 +157,7 @@ def _conv_transpose2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], 
                          activation: Optional[str], store_pre: bool) -> tuple[Tensor, Tensor]:
     """(y [N, C_out, H_out, W_out], the pre-activation z (same layout) when store_pre, else empty)."""
     y, z = _forward(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                    ACTIVATION_CODES[activation], store_pre)
+                    activation_constexpr(activation), store_pre)
     return y, (z if z is not None else no_tensor(y))
 
 
@@ -192,8 +192,9 @@ def _conv_transpose2d_backward_op(grad_output: Tensor, input: Optional[Tensor], 
                                   dilation: list[int], groups: int, activation: Optional[str], need_input: bool,
                                   need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dinput, dweight, dbias); each an empty tensor when not asked for."""
+    act = activation_constexpr(activation)
     dx, dw, db = _backward(grad_output, input, weight, saved, input_shape, input_strides, weight_shape, stride,
-                           padding, dilation, groups, ACTIVATION_CODES[activation], need_input, need_weight, need_bias)
+                           padding, dilation, groups, act, need_input, need_weight, need_bias)
     return tuple(t if t is not None else no_tensor(grad_output) for t in (dx, dw, db))
 
 
@@ -261,23 +262,23 @@ def _compile_variants():
     variants = []
     for dtype in (torch.float32, torch.bfloat16):
         precision = "tf32" if dtype == torch.float32 else "ieee"
-        act = ACTIVATION_CODES["relu"] if dtype == torch.float32 else ACTIVATION_CODES["gelu"]
+        act = "relu" if dtype == torch.float32 else "gelu"
         common = {"KH": 4, "KW": 4, "INPUT_PRECISION": precision}
         # forward: the dgrad kernel with the full epilogue (bias, activation, z for gelu), every config
         for config in _conv._DGRAD_CONFIGS:
             variants.append(_conv._variant(_conv2d_dgrad_kernel, "fwd", config, dtype, {
-                **common, "ACTIVATION": 0, "HAS_BIAS": True, "OUT_ACTIVATION": act,
-                "STORE_Z": act == ACTIVATION_CODES["gelu"]}))
+                **common, "ACTIVATION": "none", "HAS_BIAS": True, "OUT_ACTIVATION": act,
+                "STORE_Z": act == "gelu"}))
         # dx, dw, db: conv2d's kernels, whose every config conv2d's spec compiles; here the first
         # config, with this op's constexprs
         for config in _conv._FWD_CONFIGS[:1]:
             variants.append(_conv._variant(_conv2d_fwd_kernel, "dgrad", config, dtype, {
-                **common, "ACTIVATION": 0, "HAS_BIAS": False, "STORE_Z": False}))
+                **common, "ACTIVATION": "none", "HAS_BIAS": False, "STORE_Z": False}))
         # dw. (db is the wgrad kernel's bias-only mode, a reduction with no GEMM, which conv2d's
         # spec leaves out of its variants too.)
         for config in _conv._WGRAD_CONFIGS[:1]:
             variants.append(_conv._variant(_conv2d_wgrad_kernel, "wgrad", config, dtype, {
-                **common, "ACTIVATION": 0, "COMPUTE_W": True, "COMPUTE_B": False}, acc_ptrs=("dw_ptr", "db_ptr")))
+                **common, "ACTIVATION": "none", "COMPUTE_W": True, "COMPUTE_B": False}, acc_ptrs=("dw_ptr", "db_ptr")))
         ptr = triton_dtype(dtype)
         signature = {"g_ptr": ptr, "s_ptr": ptr, "out_ptr": ptr, **{a: "i32" for a in (
             "NUMEL", "C", "H", "W", "sg_n", "sg_c", "sg_h", "sg_w", "ss_n", "ss_c", "ss_h", "ss_w",

@@ -47,8 +47,8 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from gpudl.kernels._common import (
-    ACTIVATION_CODES,
     SHARED_MEMORY_LIMIT,
+    activation_constexpr,
     activation_grad_from_saved,
     apply_activation,
     fp32_matmul_allows_tf32,
@@ -57,8 +57,6 @@ from gpudl.kernels._common import (
     tuning_configs,
 )
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, first_order_only, kernel_op, no_tensor, register
-
-_GELU = ACTIVATION_CODES["gelu"]
 
 # --------------------------------------------------------------------------- autotune configs
 # Audited (gpudl.kernels.audit: no spills on sm_80/sm_90, tensor cores, pipelined loads). The first
@@ -133,7 +131,8 @@ def _matmul_kernel(
     """C [M, N] = activation(A [M, K] @ B [K, N] + bias [N]), any strides.
 
     STORE_PRE: also write A @ B + bias to pre [M, N] (strides of C)."""
-    SPLIT_EPILOGUE: tl.constexpr = 4 if ACTIVATION >= 3 and BLOCK_N >= 64 else 1
+    TRANSCENDENTAL: tl.constexpr = ACTIVATION == "tanh" or ACTIVATION == "sigmoid" or ACTIVATION == "gelu"
+    SPLIT_EPILOGUE: tl.constexpr = 4 if TRANSCENDENTAL and BLOCK_N >= 64 else 1
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -265,7 +264,7 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and fp32_matmul_allows_tf32() else "ieee"
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: int = 0, pre=None):
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: str = "none", pre=None):
     """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]); optional pre [M, N] output.
     a, b may be any strided views (transposes included); c and pre share strides."""
     M, K = a.shape
@@ -324,7 +323,7 @@ def _column_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _forward(input, weight, bias, code: int, store_pre: bool):
+def _forward(input, weight, bias, activation: str, store_pre: bool):
     """Returns (output [..., N], pre-activation [..., N] or None, input as x [M, K])."""
     N, K = weight.shape
     lead = input.shape[:-1]
@@ -332,7 +331,7 @@ def _forward(input, weight, bias, code: int, store_pre: bool):
     y = torch.empty((*lead, N), dtype=input.dtype, device=input.device)
     pre = torch.empty_like(y) if store_pre else None
     M = x.shape[0]
-    _gemm(x, weight.t(), y.view(M, N), bias=bias, activation=code, pre=None if pre is None else pre.view(M, N))
+    _gemm(x, weight.t(), y.view(M, N), bias=bias, activation=activation, pre=None if pre is None else pre.view(M, N))
     return y, pre, x
 
 
@@ -341,7 +340,7 @@ def _forward(input, weight, bias, code: int, store_pre: bool):
 def _linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
                store_pre: bool) -> tuple[Tensor, Tensor]:
     """(y [..., N], pre-activation [..., N] when store_pre else an empty tensor)."""
-    y, pre, _ = _forward(input, weight, bias, ACTIVATION_CODES[activation], store_pre)
+    y, pre, _ = _forward(input, weight, bias, activation_constexpr(activation), store_pre)
     return y, (pre if pre is not None else no_tensor(y))
 
 
@@ -354,10 +353,10 @@ def _(input, weight, bias, activation, store_pre):
 def _setup_linear(ctx, inputs, output):
     input, weight, _, activation, _ = inputs
     y, pre = output
-    code = ACTIVATION_CODES[activation]
+    code = activation_constexpr(activation)
     need_x, need_w, _ = ctx.needs_input_grad[:3]
     # dx needs only W, dW only x: keep alive only what a requested gradient reads.
-    saved = None if code == 0 else (pre if code == _GELU else y)
+    saved = None if code == "none" else (pre if code == "gelu" else y)
     ctx.save_for_backward(input if need_w else None, weight if need_x else None, saved)
     ctx.activation, ctx.input_shape = activation, input.shape
     ctx.mark_non_differentiable(pre)
@@ -383,11 +382,11 @@ def _linear_backward_op(grad_output: Tensor, input: Optional[Tensor], weight: Op
                         need_input: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dinput, dweight, dbias); each an empty tensor when not asked for. `saved` is the output
     (relu, leaky_relu, tanh, sigmoid) or the pre-activation (gelu); None without an activation."""
-    code = ACTIVATION_CODES[activation]
+    code = activation_constexpr(activation)
     N = grad_output.shape[-1]
     M = math.prod(grad_output.shape[:-1])
     dy = grad_output.reshape(M, N)
-    dz = dy if code == 0 else _activation_backward(dy, saved.reshape(M, N), code)
+    dz = dy if code == "none" else _activation_backward(dy, saved.reshape(M, N), code)
     grad_input, grad_weight, grad_bias = no_tensor(dy), no_tensor(dy), no_tensor(dy)  # distinct: outputs never alias
     if need_input:
         grad_input = torch.empty((M, weight.shape[1]), dtype=weight.dtype, device=dz.device)
@@ -419,7 +418,7 @@ def linear(input, weight, bias, activation_name):
     Same normalized signature as `gpudl.reference.linear`; gpudl.ops.linear validates first."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
     # gelu's derivative needs the pre-activation: write it only when a backward will read it.
-    store_pre = needs_grad and ACTIVATION_CODES[activation_name] == _GELU
+    store_pre = needs_grad and activation_constexpr(activation_name) == "gelu"
     return torch.ops.gpudl.linear(input, weight, bias, activation_name, store_pre)[0]
 
 
@@ -465,8 +464,8 @@ def _bytes_moved(args) -> float:
 # bias, gelu (the heaviest activation) and the stored pre-activation; the plain one of the grad
 # input and grad weight GEMMs (compiled in the layouts of both launches).
 _GEMM_MODES = {
-    "fwd-bias-gelu-pre": {"HAS_BIAS": True, "ACTIVATION": _GELU, "STORE_PRE": True},
-    "plain": {"HAS_BIAS": False, "ACTIVATION": 0, "STORE_PRE": False},
+    "fwd-bias-gelu-pre": {"HAS_BIAS": True, "ACTIVATION": "gelu", "STORE_PRE": True},
+    "plain": {"HAS_BIAS": False, "ACTIVATION": "none", "STORE_PRE": False},
 }
 
 
@@ -501,7 +500,7 @@ def _compile_variants() -> list[CompileVariant]:
             kernel=_activation_backward_kernel,
             signature={"dy_ptr": ptr, "saved_ptr": ptr, "dz_ptr": ptr,
                        **{n: "i32" for n in ("M", "N", "stride_dym", "stride_dyn", "stride_sm", "stride_sn")}},
-            constexprs={"ACTIVATION": _GELU, "COMPUTE_DTYPE": tl.float32, **_ELEMENTWISE_BLOCK},
+            constexprs={"ACTIVATION": "gelu", "COMPUTE_DTYPE": tl.float32, **_ELEMENTWISE_BLOCK},
             num_warps=_ELEMENTWISE_WARPS,
         ))
         variants.append(CompileVariant(
