@@ -16,6 +16,7 @@ import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import linear as L
+from gpudl.kernels import linear_triton as LT
 
 ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 
@@ -306,10 +307,10 @@ print(",".join(got))
 
 
 def test_config_pruning_keeps_what_fits():
-    configs = L._GEMM_CONFIGS
+    configs = LT.GEMM_TILES
     # sm_80's 163 KiB: the 128x256x64 bf16 tile fits, not in fp32; fp64 always keeps one config.
-    bf16 = L._configs_that_fit(configs, 2, 166912)
-    fp32 = L._configs_that_fit(configs, 4, 166912)
-    fp64 = L._configs_that_fit(configs, 8, 1)
+    bf16 = LT.tiles_that_fit(configs, 2, 166912)
+    fp32 = LT.tiles_that_fit(configs, 4, 166912)
+    fp64 = LT.tiles_that_fit(configs, 8, 1)
     assert configs[0] in bf16 and configs[0] not in fp32 and fp32
     assert len(fp64) == 1
