@@ -14,16 +14,20 @@ One GEMM kernel (`linear_triton.matmul`, any strides) serves all three products:
 where dz = dL/d(pre-activation) = act'(pre) * dy, and the bias gradient is the column sum of dz
 (its own small kernel: a row sum of A inside the dW GEMM's loop costs that loop registers).
 
-Activation gradient: relu, leaky_relu, tanh and sigmoid take it from the saved OUTPUT (relu and
-leaky_relu: y > 0 exactly when pre > 0 because the slope is positive; tanh: 1 - y^2; sigmoid:
-y (1 - y)), as PyTorch's own autograd does. gelu is not invertible (it is not monotonic below
-x = -0.75), so the forward writes the pre-activation as a second output when a gradient will be
-needed.
-
-dz is formed by an elementwise kernel before the two GEMMs, not in their prologues: each GEMM
-reads every dz element about K / BLOCK_N times, so a prologue would redo the activation gradient
-(erf/exp for gelu) at each read, inside both K loops. One pass over [M, N] keeps the loops plain
-loads feeding tl.dot. Without an activation dz is dy itself and no kernel runs.
+What backward keeps: besides x (for dW) and W (for dx), at most ONE tensor, and never one the
+model does not hold anyway.
+- relu, leaky_relu, tanh, sigmoid: the OUTPUT y, the tensor the next layer keeps as its input
+  (the same storage, no extra memory); the gradient is a function of it (relu and leaky_relu:
+  y > 0 exactly when pre > 0 because the slope is positive; tanh: 1 - y^2; sigmoid: y (1 - y)),
+  as PyTorch's own autograd does. An elementwise kernel forms dz from dy and y.
+- gelu is not invertible from y (not monotonic below x = -0.75), and keeping the pre-activation
+  costs one [M, N] tensor per layer (1152 MiB on the GPT config, estimated with fake tensors).
+  Backward recomputes it instead, from the saved x, W and b: the forward GEMM runs again with an
+  epilogue that writes dz = gelu'(x @ W^T + b) * dy directly. One extra M x N x K GEMM buys the
+  memory; no [M, N] tensor is saved.
+dz is formed before the two gradient GEMMs, not in their prologues: each GEMM reads every dz
+element about K / BLOCK_N times, so a prologue would redo the activation gradient at each read,
+inside both K loops. Without an activation dz is dy itself and no kernel runs.
 
 fp32 inputs follow torch's TF32 switch (`torch.backends.cuda.matmul.fp32_precision`, which the
 legacy `allow_tf32` and `torch.set_float32_matmul_precision` also set; off by default): IEEE
@@ -60,9 +64,9 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and fp32_matmul_allows_tf32() else "ieee"
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: str = "none", pre=None):
-    """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]); optional pre [M, N] output.
-    a, b may be any strided views (transposes included); c and pre share strides."""
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: str = "none", dy=None):
+    """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]), or, given dy [M, N] (c's strides),
+    c = act'(a @ b + bias) * dy. a, b may be any strided views (transposes included)."""
     M, K = a.shape
     N = b.shape[1]
     if c.numel() == 0:
@@ -78,30 +82,38 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
     wrap_triton(matmul)[grid](
         a, b, c,
         bias.contiguous() if bias is not None else c,  # [N]: a copy only for a strided view, negligible
-        pre if pre is not None else c,
+        dy if dy is not None else c,
         M, N, K,
         stride_a[0], stride_a[1], stride_b[0], stride_b[1], c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
-        STORE_PRE=pre is not None,
+        EPILOGUE="activation" if dy is None else "activation_grad",
         ACC_DTYPE=tl_acc(c.dtype),
         INPUT_PRECISION=_input_precision(c.dtype),
     )
     return c
 
 
-def _activation_backward(dy: torch.Tensor, saved: torch.Tensor, activation: str) -> torch.Tensor:
-    """dz [M, N] (new, contiguous) from dy [M, N] and saved [M, N]."""
+def _activation_backward(dy: torch.Tensor, y: torch.Tensor, activation: str) -> torch.Tensor:
+    """dz [M, N] (new, contiguous) from dy [M, N] and the saved output y [M, N]."""
     M, N = dy.shape
     dz = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
     if dz.numel() == 0:
         return dz
     grid = (triton.cdiv(M, ELEMENTWISE_TILE["BLOCK_M"]), triton.cdiv(N, ELEMENTWISE_TILE["BLOCK_N"]))
     wrap_triton(_activation_backward_kernel)[grid](
-        dy, saved, dz, M, N, dy.stride(0), dy.stride(1), saved.stride(0), saved.stride(1),
+        dy, y, dz, M, N, dy.stride(0), dy.stride(1), y.stride(0), y.stride(1),
         ACTIVATION=activation, COMPUTE_DTYPE=tl_acc(dy.dtype), **ELEMENTWISE_TILE, num_warps=ELEMENTWISE_WARPS,
     )
     return dz
+
+
+def _recomputed_activation_backward(dy, x, weight, bias, activation: str) -> torch.Tensor:
+    """dz [M, N] (new, contiguous) = act'(x @ W^T + b) * dy: the forward GEMM again, its epilogue
+    turning the recomputed pre-activation into dz (gelu, whose forward keeps no [M, N] tensor)."""
+    M, N = dy.shape
+    dz = torch.empty((M, N), dtype=dy.dtype, device=dy.device)
+    return _gemm(x, weight.t(), dz, bias=bias, activation=activation, dy=dy.contiguous())
 
 
 def _column_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,54 +131,53 @@ def _column_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _forward(input, weight, bias, activation: str, store_pre: bool):
-    """Returns (output [..., N], pre-activation [..., N] or None, input as x [M, K])."""
-    N, K = weight.shape
-    lead = input.shape[:-1]
-    x = input.reshape(math.prod(lead), K)  # a view whenever the leading dims flatten; strides do the rest
-    y = torch.empty((*lead, N), dtype=input.dtype, device=input.device)
-    pre = torch.empty_like(y) if store_pre else None
-    M = x.shape[0]
-    _gemm(x, weight.t(), y.view(M, N), bias=bias, activation=activation, pre=None if pre is None else pre.view(M, N))
-    return y, pre, x
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., F] as [M, F]: a view whenever the leading dims flatten (strides do the rest)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 # --------------------------------------------------------------------------- custom ops
+# Which [M, N] tensor backward reads per activation: the output, or nothing (recomputed).
+_SAVES_OUTPUT = ("relu", "leaky_relu", "tanh", "sigmoid")
+_RECOMPUTES = ("gelu",)
+
+
 @kernel_op("linear")
-def _linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str],
-               store_pre: bool) -> tuple[Tensor, Tensor]:
-    """(y [..., N], pre-activation [..., N] when store_pre else an empty tensor)."""
-    y, pre, _ = _forward(input, weight, bias, activation_constexpr(activation), store_pre)
-    return y, (pre if pre is not None else no_tensor(y))
+def _linear_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], activation: Optional[str]) -> Tensor:
+    """y [..., N] = act(input @ weight^T + bias)."""
+    N = weight.shape[0]
+    y = torch.empty((*input.shape[:-1], N), dtype=input.dtype, device=input.device)
+    _gemm(_rows(input), weight.t(), _rows(y), bias=bias, activation=activation_constexpr(activation))
+    return y
 
 
 @_linear_op.register_fake
-def _(input, weight, bias, activation, store_pre):
-    y = input.new_empty((*input.shape[:-1], weight.shape[0]))
-    return y, (torch.empty_like(y) if store_pre else y.new_empty(0))
+def _(input, weight, bias, activation):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
 
 
 def _setup_linear(ctx, inputs, output):
-    input, weight, _, activation, _ = inputs
-    y, pre = output
+    input, weight, bias, activation = inputs
     code = activation_constexpr(activation)
     need_x, need_w, _ = ctx.needs_input_grad[:3]
-    # dx needs only W, dW only x: keep alive only what a requested gradient reads.
-    saved = None if code == "none" else (pre if code == "gelu" else y)
-    ctx.save_for_backward(input if need_w else None, weight if need_x else None, saved)
+    recompute = code in _RECOMPUTES
+    # dx reads only W, dW only x; a recomputed pre-activation reads x, W and b.
+    ctx.save_for_backward(input if (need_w or recompute) else None,
+                          weight if (need_x or recompute) else None,
+                          bias if recompute else None,
+                          output if code in _SAVES_OUTPUT else None)
     ctx.activation, ctx.input_shape = activation, input.shape
-    ctx.mark_non_differentiable(pre)
     ctx.set_materialize_grads(False)
 
 
-def _linear_backward(ctx, grad_output, _grad_pre):
-    input, weight, saved = ctx.saved_tensors
+def _linear_backward(ctx, grad_output):
+    input, weight, bias, output = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if grad_output is None:
-        return None, None, None, None, None
+        return None, None, None, None
     dx, dw, db = torch.ops.gpudl.linear_backward(
-        grad_output, input, weight, saved, ctx.activation, list(ctx.input_shape), need_x, need_w, need_b)
-    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None, None
+        grad_output, input, weight, bias, output, ctx.activation, list(ctx.input_shape), need_x, need_w, need_b)
+    return (dx if need_x else None), (dw if need_w else None), (db if need_b else None), None
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
@@ -174,22 +185,29 @@ _linear_op.register_autograd(_linear_backward, setup_context=_setup_linear)
 
 @kernel_op("linear_backward")
 def _linear_backward_op(grad_output: Tensor, input: Optional[Tensor], weight: Optional[Tensor],
-                        saved: Optional[Tensor], activation: Optional[str], input_shape: list[int],
-                        need_input: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(dinput, dweight, dbias); each an empty tensor when not asked for. `saved` is the output
-    (relu, leaky_relu, tanh, sigmoid) or the pre-activation (gelu); None without an activation."""
+                        bias: Optional[Tensor], output: Optional[Tensor], activation: Optional[str],
+                        input_shape: list[int], need_input: bool, need_weight: bool,
+                        need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dinput, dweight, dbias); each an empty tensor when not asked for. `output` is the forward's
+    output for relu, leaky_relu, tanh and sigmoid, None otherwise; gelu recomputes its
+    pre-activation from input, weight and bias."""
     code = activation_constexpr(activation)
     N = grad_output.shape[-1]
     M = math.prod(grad_output.shape[:-1])
     dy = grad_output.reshape(M, N)
-    dz = dy if code == "none" else _activation_backward(dy, saved.reshape(M, N), code)
+    if code in _RECOMPUTES:
+        dz = _recomputed_activation_backward(dy, _rows(input), weight, bias, code)
+    elif code in _SAVES_OUTPUT:
+        dz = _activation_backward(dy, output.reshape(M, N), code)
+    else:
+        dz = dy
     grad_input, grad_weight, grad_bias = no_tensor(dy), no_tensor(dy), no_tensor(dy)  # distinct: outputs never alias
     if need_input:
         grad_input = torch.empty((M, weight.shape[1]), dtype=weight.dtype, device=dz.device)
         _gemm(dz, weight, grad_input)
         grad_input = grad_input.view(input_shape)
     if need_weight:
-        x = input.reshape(M, input.shape[-1])  # a view whenever the leading dims flatten
+        x = _rows(input)
         grad_weight = torch.empty((N, x.shape[1]), dtype=x.dtype, device=dz.device)
         _gemm(dz.t(), x, grad_weight)
     if need_bias:
@@ -201,7 +219,7 @@ first_order_only(_linear_backward_op)
 
 
 @_linear_backward_op.register_fake
-def _(grad_output, input, weight, saved, activation, input_shape, need_input, need_weight, need_bias):
+def _(grad_output, input, weight, bias, output, activation, input_shape, need_input, need_weight, need_bias):
     N = grad_output.shape[-1]
     return (grad_output.new_empty(input_shape if need_input else 0),
             grad_output.new_empty((N, input.shape[-1]) if need_weight else 0),
@@ -212,7 +230,4 @@ def linear(input, weight, bias, activation_name):
     """activation(input @ weight^T + bias): input [..., K]; weight [N, K]; bias [N] or None;
     activation_name one of gpudl.reference.ACTIVATIONS. Returns [..., N] in input's dtype.
     Same normalized signature as `gpudl.reference.linear`; gpudl.ops.linear validates first."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))
-    # gelu's derivative needs the pre-activation: write it only when a backward will read it.
-    store_pre = needs_grad and activation_constexpr(activation_name) == "gelu"
-    return torch.ops.gpudl.linear(input, weight, bias, activation_name, store_pre)[0]
+    return torch.ops.gpudl.linear(input, weight, bias, activation_name)

@@ -63,11 +63,12 @@ def _bytes_moved(args) -> float:
 
 
 # The GEMM's epilogues, each compiled on its own (a launch specializes them): the forward's with
-# bias, gelu (the heaviest activation) and the stored pre-activation; the plain one of the grad
-# input and grad weight GEMMs (compiled in the layouts of both launches).
+# bias and gelu (the heaviest activation); gelu's backward recompute (bias, gelu's gradient times
+# dy); the plain one of the grad-input and grad-weight GEMMs.
 _GEMM_MODES = {
-    "fwd-bias-gelu-pre": {"HAS_BIAS": True, "ACTIVATION": "gelu", "STORE_PRE": True},
-    "plain": {"HAS_BIAS": False, "ACTIVATION": "none", "STORE_PRE": False},
+    "fwd-bias-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation"},
+    "bwd-recompute-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation_grad"},
+    "plain": {"HAS_BIAS": False, "ACTIVATION": "none", "EPILOGUE": "activation"},
 }
 
 
@@ -89,7 +90,7 @@ def _compile_variants() -> list[CompileVariant]:
                     name=f"matmul-{mode}-{ptr[1:]}-{precision}-{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
                          f"-w{config.num_warps}-s{config.num_stages}",
                     kernel=_matmul_kernel,
-                    signature={"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "pre_ptr": ptr,
+                    signature={"a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "dy_ptr": ptr,
                                **gemm_sig},
                     constexprs={**switches, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": precision, **kw},
                     num_warps=config.num_warps,
@@ -98,11 +99,11 @@ def _compile_variants() -> list[CompileVariant]:
     for dtype in (torch.float32, torch.bfloat16):
         ptr = triton_dtype(dtype)
         variants.append(CompileVariant(
-            name=f"activation_backward-{ptr[1:]}-gelu",
+            name=f"activation_backward-{ptr[1:]}-sigmoid",
             kernel=_activation_backward_kernel,
             signature={"dy_ptr": ptr, "saved_ptr": ptr, "dz_ptr": ptr,
                        **{n: "i32" for n in ("M", "N", "stride_dym", "stride_dyn", "stride_sm", "stride_sn")}},
-            constexprs={"ACTIVATION": "gelu", "COMPUTE_DTYPE": tl.float32, **ELEMENTWISE_TILE},
+            constexprs={"ACTIVATION": "sigmoid", "COMPUTE_DTYPE": tl.float32, **ELEMENTWISE_TILE},
             num_warps=ELEMENTWISE_WARPS,
         ))
         variants.append(CompileVariant(
@@ -125,11 +126,12 @@ SPEC = register(KernelSpec(
     compile_variants=_compile_variants,
     # M = 1100 rows: more than GROUP_M (8) row blocks under every config, so the grouped program
     # order has a full and a partial group; several column blocks and K steps in all three GEMMs;
-    # gelu stores the pre-activation, and the bias gradient comes from the column-sum kernel.
+    # gelu's backward recomputes its pre-activation in the GEMM, and the bias gradient comes from
+    # the column-sum kernel.
     tuning_cases=[Case("tuning-1100x72x260-gelu", _case((1100,), 72, 260, True, "gelu"))],
     bench_cases=_BENCH_CASES,
     flops=_flops,
     bytes_moved=_bytes_moved,
-    description="tiled GEMM with bias and activation epilogue; Triton backward (dz kernel, dx and dW GEMMs, "
-                "bias grad by a column sum)",
+    description="tiled GEMM with bias and activation epilogue; Triton backward (dz from the saved output, or "
+                "gelu's pre-activation recomputed by the GEMM; dx and dW GEMMs, bias grad by a column sum)",
 ))

@@ -6,8 +6,8 @@ grouped program order of Triton's matmul tutorial (03): GROUP_M row blocks sweep
 blocks together, so the B tiles they share stay in L2. The three products of a linear layer
 are this one kernel with different strides (see kernels/linear.py).
 
-The epilogue (bias, activation, optional pre-activation store) runs once per output tile, after
-the K loop: the loop holds only the two tile loads and `tl.dot`. Transcendental epilogues
+The epilogue (bias, then the activation, or the activation's gradient times dy) runs once per
+output tile, after the K loop: the loop holds only the two tile loads and `tl.dot`. Transcendental epilogues
 (tanh, sigmoid, gelu) finish the tile in four column quarters: the whole 128x256 fp32 tile with
 erf/exp live spills registers on sm_80 (`python -m gpudl.kernels.audit --op linear`).
 
@@ -22,6 +22,7 @@ import triton.language as tl
 
 from gpudl.kernels._common import (
     SHARED_MEMORY_LIMIT,
+    activation_grad,
     activation_grad_from_saved,
     apply_activation,
     tuning_configs,
@@ -91,12 +92,12 @@ def _prune_tiles(configs, named_args, **kwargs):
 # --------------------------------------------------------------------------- GEMM
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, dy_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
-    STORE_PRE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -104,9 +105,10 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """C [M, N] = activation(A [M, K] @ B [K, N] + bias [N]), any strides.
-
-    STORE_PRE: also write A @ B + bias to pre [M, N] (strides of C)."""
+    """With z = A [M, K] @ B [K, N] + bias [N], any strides:
+    EPILOGUE == "activation":       C [M, N] = activation(z)
+    EPILOGUE == "activation_grad":  C [M, N] = activation'(z) * dy [M, N] (dy with C's strides);
+    the second recomputes a pre-activation the forward did not keep and turns it straight into dz."""
     TRANSCENDENTAL: tl.constexpr = ACTIVATION == "tanh" or ACTIVATION == "sigmoid" or ACTIVATION == "gelu"
     EPILOGUE_QUARTERS: tl.constexpr = TRANSCENDENTAL and BLOCK_N >= 64
     pid = tl.program_id(0)
@@ -144,31 +146,33 @@ def _matmul_kernel(
         q00, q10 = tl.split(b0)
         q01, q11 = tl.split(b1)
         offs_q = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N // 4)
-        _epilogue(q00, offs_m, offs_q, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
-                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
-        _epilogue(q01, offs_m, offs_q + BLOCK_N // 4, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
-                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
-        _epilogue(q10, offs_m, offs_q + BLOCK_N // 2, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
-                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
-        _epilogue(q11, offs_m, offs_q + 3 * (BLOCK_N // 4), M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
-                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+        _epilogue(q00, offs_m, offs_q, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
+        _epilogue(q01, offs_m, offs_q + BLOCK_N // 4, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
+        _epilogue(q10, offs_m, offs_q + BLOCK_N // 2, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
+        _epilogue(q11, offs_m, offs_q + 3 * (BLOCK_N // 4), M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
     else:
-        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
-                  HAS_BIAS, ACTIVATION, STORE_PRE, ACC_DTYPE)
+        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                  HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
 
 
 @triton.jit
-def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, pre_ptr, c_ptr, stride_cm, stride_cn,
-              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """Bias, pre-activation store, activation and store of one [rows, columns] piece of C."""
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EPILOGUE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Bias, then the activation or its gradient, and the store of one [rows, columns] piece of C."""
     mask_n = offs_n < N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
     c_offs = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     mask = (offs_m < M)[:, None] & mask_n[None, :]
-    if STORE_PRE:
-        tl.store(pre_ptr + c_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
-    out = apply_activation(acc, ACTIVATION)
+    if EPILOGUE == "activation_grad":
+        dy = tl.load(dy_ptr + c_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        out = activation_grad(acc, dy, ACTIVATION)
+    else:
+        out = apply_activation(acc, ACTIVATION)
     tl.store(c_ptr + c_offs, out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -176,7 +180,7 @@ matmul = triton.autotune(
     configs=tuning_configs(GEMM_TILES),
     # Strides are in the key: forward, grad-input and grad-weight of one layer share M, N, K
     # permutations but not layouts (dW reads dz transposed), and want their own tiles.
-    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION"],
+    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "EPILOGUE"],
     prune_configs_by={"early_config_prune": _prune_tiles},
 )(_matmul_kernel)
 
@@ -200,7 +204,8 @@ def _activation_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dz [M, N] (contiguous) = act'(.) * dy [M, N] from saved [M, N] (see activation_grad_from_saved)."""
+    """dz [M, N] (contiguous) = act'(.) * dy [M, N] from the saved output y [M, N] (relu, leaky_relu,
+    tanh, sigmoid: see activation_grad_from_saved)."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
