@@ -81,6 +81,27 @@ def _backward(dy, dhn, out, w_hh, nonlinearity, batch_first):
     return dz, dh0
 
 
+def weight_hh_grad(dz: Tensor, output: Tensor, h0: Tensor, batch_first: bool) -> Tensor:
+    """grad W_hh = sum over steps t and rows n of dz[t, n]^T h[t - 1, n] (h[-1] = h0), as GEMMs over
+    views of dz and output (contiguous buffers of this op): no full-size copy, no concatenation.
+
+    dz, output [L, N, H] ([N, L, H] if batch_first); h0 [N, H]. Returns [H, H]."""
+    hidden = dz.shape[-1]
+    flat_dz, flat_out = dz.reshape(-1, hidden), output.reshape(-1, hidden)
+    if not batch_first:
+        # Row t * N + n: steps 1.. of dz against steps ..L-2 of the output are two contiguous
+        # views, offset by N rows; step 0 pairs with h0.
+        batch = dz.shape[1]
+        return torch.addmm(dz[0].t().mm(h0), flat_dz[batch:].t(), flat_out[:-batch])
+    # Row n * L + t: row f of dz against row f - 1 of the output is h_{t-1} everywhere except at
+    # t = 0, where row f - 1 is the previous sequence's last state (or nothing, for n = 0). The
+    # step-0 term therefore pairs dz[n, 0] with h0[n] - output[n - 1, L - 1] (h0[0] for n = 0),
+    # an [N, H] correction.
+    first = h0.clone()
+    first[1:] -= output[:-1, -1]
+    return torch.addmm(dz[:, 0].t().mm(first), flat_dz[1:].t(), flat_out[:-1])
+
+
 # --------------------------------------------------------------------------- custom ops
 @kernel_op("rnn_recurrence")
 def _rnn_recurrence_op(input_projection: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Optional[Tensor],
@@ -132,15 +153,8 @@ def _rnn_recurrence_backward_op(grad_output: Optional[Tensor], grad_h_n: Optiona
     dy = grad_output if grad_output is not None else output.new_zeros(()).expand(output.shape)
     dhn = grad_h_n if grad_h_n is not None else output.new_zeros(()).expand(n, hidden)
     dz, dh0 = _backward(dy, dhn, output, weight_hh, nonlinearity, batch_first)
-    # Then the weight gradients, as GEMM and reduction over the stored dz:
-    # grad W_hh = sum_t dz_t^T h_{t-1} (h_{-1} = h0), grad b_hh = sum_t dz_t.
-    grad_w, grad_b = no_tensor(dz), no_tensor(dz)
-    if need_weight:
-        time_dim = 1 if batch_first else 0
-        h_prev = torch.cat([h0.unsqueeze(time_dim), output], time_dim).narrow(time_dim, 0, output.shape[time_dim])
-        grad_w = dz.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
-    if need_bias:
-        grad_b = dz.reshape(-1, hidden).sum(0, dtype=acc_dtype(dz.dtype)).to(dz.dtype)
+    grad_w = weight_hh_grad(dz, output, h0, batch_first) if need_weight else no_tensor(dz)
+    grad_b = dz.reshape(-1, hidden).sum(0, dtype=acc_dtype(dz.dtype)).to(dz.dtype) if need_bias else no_tensor(dz)
     return (dz if need_input_projection else no_tensor(dz)), (dh0 if need_h0 else no_tensor(dz)), grad_w, grad_b
 
 
