@@ -13,6 +13,7 @@ Shapes (the normalized arguments of gpudl.reference.conv2d):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -21,8 +22,13 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from gpudl.kernels._common import acc_dtype, activation_constexpr
-from gpudl.kernels.conv2d_triton import (  # noqa: F401  (the autotuned kernels, found here by the tests)
-    _MAX_GRID_Z,
+from gpudl.kernels.conv2d_triton import (  # the autotuned kernels are found here by the registry tests
+    ACT_GRAD_BLOCK,
+    BIAS_GRAD_CHANNELS,
+    BIAS_GRAD_ROWS,
+    MAX_GRID_Z,
+    _activation_grad_kernel,
+    _bias_grad_kernel,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
@@ -52,47 +58,39 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _wgrad_splits(m: int, tiles: int, groups: int, device: torch.device) -> int:
-    """How many programs share the wgrad reduction over m: enough tiles to fill the GPU twice
-    over, each split still at least 512 rows long. One under the interpreter."""
+def _reduction_splits(m: int, tiles: int, groups: int, device: torch.device) -> int:
+    """How many programs share a reduction over m rows (wgrad, the bias gradient): enough to fill
+    the GPU twice over when the output tiles alone do not, each split still at least 512 rows long.
+    One under the interpreter. More than one costs an fp32 partial buffer of splits x the result."""
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     want = triton.cdiv(2 * _sm_count(index), max(tiles, 1))
-    return max(1, min(want, triton.cdiv(m, 512), _MAX_GRID_Z // groups))
+    return max(1, min(want, triton.cdiv(m, 512), MAX_GRID_Z // groups))
 
 
-# The kernels are launched on channels-innermost (channels_last) tensors: the K loop then walks
-# contiguous memory, so on a GPU tiles load as vectors through asynchronous copies into shared
-# memory. An NCHW operand is repacked once per call (a copy, as cuDNN's NCHW paths transpose too),
-# the same way through the interpreter, so the tests run the launches a GPU runs. The kernels
-# themselves read any strides (tests/test_conv2d_kernel.py checks them with this switched off).
-_REPACK = True
+_wgrad_splits = _reduction_splits  # the name the tests force splits through
 
 
-def _channels_inner(t):
-    if t is None or not _REPACK or t.shape[1] <= 1 or t.stride(1) == 1:
-        return t
-    return t.contiguous(memory_format=torch.channels_last)
+def _geometry(stride, dilation, kh, kw, *tensors):
+    """The constexprs a launch fixes: strides, dilations, kernel size, and whether element offsets
+    into `tensors` need int64 (int32 arithmetic is a third of the instructions in the K loops)."""
+    return dict(STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1], KH=kh, KW=kw,
+                INDEX_64=any(_extent(t) >= _INDEX_32_LIMIT for t in tensors))
 
 
-def _channels_inner_out(t):
-    """The buffer a kernel writes for output t: t itself, or (when t is not channels innermost) a
-    channels_last scratch that _copy_back then copies into t. Written with scattered
-    scalar stores, an NCHW tile's addresses spill registers; channels innermost, they are vectors."""
-    if t is None or not _REPACK or t.shape[1] <= 1 or t.stride(1) == 1:
-        return t
-    return torch.empty_like(t, memory_format=torch.channels_last)
+# Offsets of padded taps reach past a tensor's extent by up to a kernel's reach: keep a margin.
+_INDEX_32_LIMIT = 2**30
 
 
-def _copy_back(out, buffer):
-    if buffer is not out:
-        out.copy_(buffer)
+def _extent(t) -> int:
+    """Elements between the first and one past the last element t addresses."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     """x [N, C_in, H, W], w [C_out, C_in_g, kH, kW] -> y [N, C_out, H_out, W_out] (and z, the
-    pre-activation, same shape and strides, when store_z)."""
+    pre-activation, same shape and strides, when store_z); channels_last when x or w is."""
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     h_out = _out_size(h, padding[0], padding[1], dilation[0], kh, stride[0])
@@ -100,120 +98,138 @@ def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     fmt = torch.channels_last if _is_channels_last(x) or _is_channels_last(w) else torch.contiguous_format
     y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype, memory_format=fmt)
     z = torch.empty_like(y) if store_z else None
-    if y.numel() == 0:
-        return y, z
-    _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act)
+    if y.numel() > 0:
+        _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act)
     return y, z
 
 
 def _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act):
     """Writes y (and z when not None) [N, C_out, H_out, W_out]; the output size is y's, so that a
-    transposed convolution's input gradient can ask for exactly its input's size."""
-    x, w = _channels_inner(x), _channels_inner(w)
+    transposed convolution's input gradient can ask for exactly its input's size. Every operand is
+    read with its own strides (channels_last ones as contiguous vectors); nothing is repacked."""
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w.shape
     h_out, w_out = y.shape[2], y.shape[3]
     c_out_g = c_out // groups
     m = n * h_out * w_out
-    y_buf, z_buf = _channels_inner_out(y), _channels_inner_out(z)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
     wrap_triton(_conv2d_fwd_kernel)[grid](
-        x, w, b if b is not None else w, y_buf, z_buf if z is not None else y_buf,
+        x, w, b if b is not None else w, y, z if z is not None else y,
         c_in_g, h, wd, c_out_g, h_out, w_out, m, c_in_g * kh * kw,
-        *x.stride(), *w.stride(), *y_buf.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=z is not None,
+        *x.stride(), *w.stride(), *y.stride(), padding[0], padding[2],
+        **_geometry(stride, dilation, kh, kw, x, w, y), HAS_BIAS=b is not None, ACTIVATION=act, STORE_Z=z is not None,
         INPUT_PRECISION=_input_precision(x.dtype),
     )
-    _copy_back(y, y_buf)
-    _copy_back(z, z_buf)
 
 
-def _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act, bias=None, out_act="none", z=None):
-    """Writes every element of dx [N, C_in, H, W] from gy [N, C_out, H_out, W_out] (and the saved y or z).
-    bias, out_act and z are the epilogue of a transposed convolution (dx = act(dgrad + bias), z the
-    pre-activation): conv_transpose2d's forward is this kernel."""
-    gy, saved, w = _channels_inner(gy), _channels_inner(saved), _channels_inner(w)
+def _conv2d_dgrad(gz, w, dx, stride, padding, dilation, groups, bias=None, act="none", z=None):
+    """Writes every element of dx [N, C_in, H, W] from gz [N, C_out, H_out, W_out], the gradient of
+    the pre-activation. bias, act and z are the epilogue of a transposed convolution (dx = act(dgrad
+    + bias), z the pre-activation): conv_transpose2d's forward is this kernel."""
     n, _, h, wd = dx.shape
     c_out, c_in_g, kh, kw = w.shape
     c_out_g = c_out // groups
-    m_in = n * h * wd
-    s = saved if saved is not None else gy
-    dx_buf, z_buf = _channels_inner_out(dx), _channels_inner_out(z)
-    grid = lambda meta: (triton.cdiv(m_in, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
+    h_phase, w_phase = triton.cdiv(h, stride[0]), triton.cdiv(wd, stride[1])
+    m_phase = n * h_phase * w_phase
+    phases = stride[0] * stride[1]
+    grid = lambda meta: (triton.cdiv(m_phase, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]),  # noqa: E731
+                         groups * phases)
     wrap_triton(_conv2d_dgrad_kernel)[grid](
-        gy, s, w, dx_buf, bias if bias is not None else w, z_buf if z is not None else dx_buf,
-        c_in_g, h, wd, c_out_g, gy.shape[2], gy.shape[3], m_in, c_out_g * kh * kw,
-        *gy.stride(), *s.stride(), *w.stride(), *dx_buf.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, ACTIVATION=act, INPUT_PRECISION=_input_precision(w.dtype),
-        HAS_BIAS=bias is not None, OUT_ACTIVATION=out_act, STORE_Z=z is not None,
+        gz, w, dx, bias if bias is not None else w, z if z is not None else dx,
+        c_in_g, h, wd, c_out_g, gz.shape[2], gz.shape[3], h_phase, w_phase, m_phase, c_out_g * kh * kw,
+        *gz.stride(), *w.stride(), *dx.stride(), padding[0], padding[2],
+        **_geometry(stride, dilation, kh, kw, gz, w, dx),
+        TAP_STEP_H=stride[0] // math.gcd(stride[0], dilation[0]),
+        TAP_STEP_W=stride[1] // math.gcd(stride[1], dilation[1]),
+        INPUT_PRECISION=_input_precision(w.dtype), HAS_BIAS=bias is not None, ACTIVATION=act, STORE_Z=z is not None,
     )
-    _copy_back(dx, dx_buf)
-    _copy_back(z, z_buf)
     return dx
 
 
-def _conv2d_wgrad(gy, saved, x, w_shape, stride, padding, dilation, groups, act, need_w, need_b):
-    """dw [C_out, C_in_g, kH, kW] (if need_w) and db [C_out] (if need_b), in x's dtype."""
-    gy, saved = _channels_inner(gy), _channels_inner(saved)
-    if need_w:
-        x = _channels_inner(x)
+def _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups):
+    """dw [C_out, C_in_g, kH, kW] in x's dtype, from gz [N, C_out, H_out, W_out] (the gradient of
+    the pre-activation) and x."""
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w_shape
     c_out_g = c_out // groups
-    h_out, w_out = gy.shape[2], gy.shape[3]
+    h_out, w_out = gz.shape[2], gz.shape[3]
     m = n * h_out * w_out
     k_total = c_in_g * kh * kw
-    tiles = (kh * kw * triton.cdiv(c_in_g, 64) if need_w else 1) * triton.cdiv(c_out_g, 64) * groups
+    tiles = kh * kw * triton.cdiv(c_in_g, 64) * triton.cdiv(c_out_g, 64) * groups
     splits = _wgrad_splits(m, tiles, groups, x.device)
     m_per_split = triton.cdiv(m, splits)
     splits = triton.cdiv(m, m_per_split)  # no empty split
-    part = dict(device=x.device, dtype=acc_dtype(x.dtype))
-    dw_part = torch.empty((splits, c_out, c_in_g, kh, kw), **part) if need_w else None
-    db_part = torch.empty((splits, c_out), **part) if need_b else None
-    s = saved if saved is not None else gy
-    k_programs = (lambda meta: kh * kw * triton.cdiv(c_in_g, meta["BLOCK_K"])) if need_w else (lambda meta: 1)
-    grid = lambda meta: (k_programs(meta), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups * splits)  # noqa: E731
+    dw = torch.empty(w_shape, device=x.device, dtype=x.dtype)
+    # One split writes dw itself; several write fp32 partials, summed below in a fixed order.
+    out = dw if splits == 1 else torch.empty((splits, *w_shape), device=x.device, dtype=acc_dtype(x.dtype))
+    grid = lambda meta: (kh * kw * triton.cdiv(c_in_g, meta["BLOCK_N"]), triton.cdiv(c_out_g, meta["BLOCK_M"]),  # noqa: E731
+                         groups * splits)
     wrap_triton(_conv2d_wgrad_kernel)[grid](
-        gy, s, x, dw_part if need_w else s, db_part if need_b else s,
+        gz, x, out,
         c_in_g, h, wd, c_out_g, h_out, w_out, m, k_total, c_out, groups, m_per_split,
-        *gy.stride(), *s.stride(), *x.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-        KH=kh, KW=kw, ACTIVATION=act, COMPUTE_W=need_w, COMPUTE_B=need_b,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        *gz.stride(), *x.stride(), padding[0], padding[2],
+        **_geometry(stride, dilation, kh, kw, gz, x, out), INPUT_PRECISION=_input_precision(x.dtype),
     )
-    dw = dw_part.sum(0).to(x.dtype) if need_w else None
-    db = db_part.sum(0).to(x.dtype) if need_b else None
-    return dw, db
+    if splits > 1:
+        torch.sum(out, dim=0, out=dw)
+    return dw
+
+
+def _bias_grad(gz):
+    """db [C] = the sum of gz [N, C, H, W] over (n, h, w), in gz's dtype."""
+    n, c, h, wd = gz.shape
+    m = n * h * wd
+    db = torch.empty(c, device=gz.device, dtype=gz.dtype)
+    splits = _reduction_splits(m, triton.cdiv(c, BIAS_GRAD_CHANNELS), 1, gz.device)
+    m_per_split = triton.cdiv(m, splits)
+    splits = triton.cdiv(m, m_per_split)
+    out = db if splits == 1 else torch.empty((splits, c), device=gz.device, dtype=acc_dtype(gz.dtype))
+    wrap_triton(_bias_grad_kernel)[(triton.cdiv(c, BIAS_GRAD_CHANNELS), splits)](
+        gz, out, c, h, wd, m, m_per_split, *gz.stride(),
+        BLOCK_M=BIAS_GRAD_ROWS, BLOCK_C=BIAS_GRAD_CHANNELS, num_warps=4,
+    )
+    if splits > 1:
+        torch.sum(out, dim=0, out=db)
+    return db
+
+
+def activation_grad(gy, saved, act):
+    """dz = gy * act'(saved), with saved's (dense) strides; gy itself when there is no activation."""
+    if act == "none":
+        return gy
+    dz = torch.empty_like(saved)
+    numel = dz.numel()
+    same = gy.stride() == saved.stride()
+    wrap_triton(_activation_grad_kernel)[(triton.cdiv(numel, ACT_GRAD_BLOCK),)](
+        gy, saved, dz, numel, dz.shape[1], dz.shape[2], dz.shape[3], *gy.stride(), *saved.stride(),
+        ACTIVATION=act, SAME_DENSE_LAYOUT=same, BLOCK=ACT_GRAD_BLOCK, num_warps=4,
+    )
+    return dz
 
 
 def _conv2d_backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dilation, groups, act,
                      need_x, need_w, need_b):
-    """(dx with x's strides, dw, db); None for those not asked for."""
+    """(dx with x's strides, dw, db); None for those not asked for. The activation gradient is
+    applied once, here, and the GEMMs read its result."""
     dx = dw = db = None
+    like = dict(dtype=gy.dtype, device=gy.device)
     if gy.numel() == 0:  # empty batch or no output channels: every gradient is zero
-        dtype, device = gy.dtype, gy.device
-        dx = torch.empty_strided(x_shape, x_strides, dtype=dtype, device=device).zero_() if need_x else None
-        dw = torch.zeros(w_shape, dtype=dtype, device=device) if need_w else None
-        db = torch.zeros(w_shape[0], dtype=dtype, device=device) if need_b else None
+        dx = torch.empty_strided(x_shape, x_strides, **like).zero_() if need_x else None
+        dw = torch.zeros(w_shape, **like) if need_w else None
+        db = torch.zeros(w_shape[0], **like) if need_b else None
         return dx, dw, db
-    gy, saved = _channels_inner(gy), _channels_inner(saved)  # once, for both launches
+    gz = activation_grad(gy, saved, act)
     if need_x:
-        dx = torch.empty_strided(x_shape, x_strides, dtype=gy.dtype, device=gy.device)
+        dx = torch.empty_strided(x_shape, x_strides, **like)
         if dx.numel() == 0:
             dx.zero_()
         else:
-            _conv2d_dgrad(gy, saved, w, dx, stride, padding, dilation, groups, act)
-    if need_w or need_b:
-        dw, db = _conv2d_wgrad(gy, saved, x if need_w else _stand_in(x_shape, gy), w_shape, stride, padding,
-                               dilation, groups, act, need_w, need_b)
+            _conv2d_dgrad(gz, w, dx, stride, padding, dilation, groups)
+    if need_w:
+        dw = _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups)
+    if need_b:
+        db = _bias_grad(gz)
     return dx, dw, db
-
-
-def _stand_in(x_shape, like):
-    """A tensor with x's shape that is never read (only the bias gradient is computed)."""
-    return like.new_empty((1, 1, 1, 1)).expand(x_shape)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -300,8 +316,9 @@ def _(grad_output, input, weight, saved, input_shape, input_strides, weight_shap
 
 
 def unsupported(input, weight, bias, stride, padding, dilation, groups, activation_name):
-    if groups > _MAX_GRID_Z:
-        return f"groups > {_MAX_GRID_Z} (the CUDA grid limit of the group axis)"
+    if groups * stride[0] * stride[1] > MAX_GRID_Z:
+        return (f"groups x stride_h x stride_w = {groups * stride[0] * stride[1]} > {MAX_GRID_Z} (the CUDA grid "
+                "limit of the axis holding the group and the input-gradient phase)")
     return None
 
 

@@ -10,9 +10,14 @@ import torch
 from gpudl.kernels._common import triton_dtype
 from gpudl.kernels.conv2d import _out_size, conv2d, unsupported
 from gpudl.kernels.conv2d_triton import (
-    _DGRAD_CONFIGS,
-    _FWD_CONFIGS,
-    _WGRAD_CONFIGS,
+    ACT_GRAD_BLOCK,
+    BIAS_GRAD_CHANNELS,
+    BIAS_GRAD_ROWS,
+    DGRAD_TILES,
+    FWD_TILES,
+    WGRAD_TILES,
+    _activation_grad_kernel,
+    _bias_grad_kernel,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
@@ -73,22 +78,52 @@ def _variant(kernel, label, config, dtype, constexprs, acc_ptrs=()):
     return CompileVariant(name, fn, signature, constexprs, config.num_warps, config.num_stages)
 
 
+def geometry(stride=1, dilation=1, kernel=3) -> dict:
+    """The geometry constexprs of a compile variant (square: a model's usual convolutions)."""
+    return {"STRIDE_H": stride, "STRIDE_W": stride, "DIL_H": dilation, "DIL_W": dilation, "KH": kernel,
+            "KW": kernel, "INDEX_64": False}
+
+
+def elementwise_variants(dtype) -> list[CompileVariant]:
+    """The activation-gradient pass and the bias-gradient reduction, in both of their layouts."""
+    label, ptr = str(dtype).split(".")[-1], triton_dtype(dtype)
+    variants = []
+    for same in (True, False):
+        fn = _activation_grad_kernel
+        constexprs = {"ACTIVATION": "gelu", "SAME_DENSE_LAYOUT": same, "BLOCK": ACT_GRAD_BLOCK}
+        signature = {a: "constexpr" if a in constexprs else ptr if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+        variants.append(CompileVariant(f"act_grad-{label}-{'flat' if same else 'strided'}", fn, signature,
+                                       constexprs, num_warps=4))
+    fn = _bias_grad_kernel
+    constexprs = {"BLOCK_M": BIAS_GRAD_ROWS, "BLOCK_C": BIAS_GRAD_CHANNELS}
+    signature = {a: "constexpr" if a in constexprs else ptr if a == "g_ptr" else "*fp32" if a == "db_ptr" else "i32"
+                 for a in fn.arg_names}
+    variants.append(CompileVariant(f"bias_grad-{label}", fn, signature, constexprs, num_warps=4))
+    return variants
+
+
 def _compile_variants():
     variants = []
     for dtype in (torch.float32, torch.bfloat16):
         precision = "tf32" if dtype == torch.float32 else "ieee"
         # fp32 variants compile the relu epilogue, bf16 ones the heaviest (gelu, storing z).
         act = "relu" if dtype == torch.float32 else "gelu"
-        common = {"KH": 3, "KW": 3, "ACTIVATION": act, "INPUT_PRECISION": precision}
-        for config in _FWD_CONFIGS:
-            variants.append(_variant(_conv2d_fwd_kernel, "fwd", config, dtype,
-                                     {**common, "HAS_BIAS": True, "STORE_Z": act == "gelu"}))
-        for config in _DGRAD_CONFIGS:
-            variants.append(_variant(_conv2d_dgrad_kernel, "dgrad", config, dtype,
-                                     {**common, "HAS_BIAS": False, "OUT_ACTIVATION": "none", "STORE_Z": False}))
-        for config in _WGRAD_CONFIGS:
-            variants.append(_variant(_conv2d_wgrad_kernel, "wgrad", config, dtype,
-                                     {**common, "COMPUTE_W": True, "COMPUTE_B": True}, acc_ptrs=("dw_ptr", "db_ptr")))
+        fwd = {"ACTIVATION": act, "INPUT_PRECISION": precision, "HAS_BIAS": True, "STORE_Z": act == "gelu"}
+        # Every tile at 3x3 stride 1; the first tile at stride 2 too (the downsampling layers).
+        for stride, tiles in ((1, FWD_TILES), (2, FWD_TILES[:1])):
+            for config in tiles:
+                variants.append(_variant(_conv2d_fwd_kernel, f"fwd-s{stride}", config, dtype,
+                                         {**fwd, **geometry(stride)}))
+        dgrad = {"INPUT_PRECISION": precision, "HAS_BIAS": False, "ACTIVATION": "none", "STORE_Z": False}
+        for stride, tiles in ((1, DGRAD_TILES), (2, DGRAD_TILES[:1])):
+            for config in tiles:
+                variants.append(_variant(_conv2d_dgrad_kernel, f"dgrad-s{stride}", config, dtype,
+                                         {**dgrad, **geometry(stride), "TAP_STEP_H": stride, "TAP_STEP_W": stride}))
+        for stride, tiles in ((1, WGRAD_TILES), (2, WGRAD_TILES[:1])):
+            for config in tiles:
+                variants.append(_variant(_conv2d_wgrad_kernel, f"wgrad-s{stride}", config, dtype,
+                                         {"INPUT_PRECISION": precision, **geometry(stride)}, acc_ptrs=("dw_ptr",)))
+        variants += elementwise_variants(dtype)
     return variants
 
 

@@ -9,15 +9,15 @@ Shapes (the normalized arguments of gpudl.reference.conv_transpose2d):
 
 A transposed convolution is the input gradient of the convolution whose weight is w read as
 [C_out_conv = C_in, C_in_g_conv = C_out / groups, kH, kW], with the same stride, padding, dilation
-and groups. So every launch here is one of the conv2d kernels (gpudl.kernels.conv2d):
+and groups. So every launch here is one of the convolution kernels (conv2d_triton.py; this op has none
+of its own):
     forward  y  = act(dgrad(x, w) + b)           the dgrad kernel with its bias/activation epilogue
     backward dz = dy * act'(saved)               one elementwise pass (skipped without activation)
              dx = conv2d_fwd(dz, w)              the convolution itself, output cut to x's size
              dw = wgrad(grad_out=x, input=dz)    conv2d's weight gradient, roles as in the forward
-             db = sum over (n, h, w) of dz       the wgrad kernel's bias-only mode, reading dy
+             db = sum over (n, h, w) of dz       the bias-gradient reduction
 No atomics: the reductions are per-program partials summed in a fixed order.
 """
-
 
 from __future__ import annotations
 
@@ -25,15 +25,12 @@ import math
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
-from torch.library import wrap_triton
 
 from gpudl.kernels import conv2d as _conv
 from gpudl.kernels._common import activation_constexpr
 from gpudl.kernels.conv2d_triton import (  # noqa: F401  (the autotuned kernels this op launches, found here by the tests)
-    _ACT_GRAD_BLOCK,
-    _activation_grad_kernel,
+    MAX_GRID_Z,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
@@ -68,23 +65,10 @@ def _forward(x, w, b, stride, padding, output_padding, groups, dilation, act, st
     z = torch.empty_like(y) if store_z else None
     if y.numel() == 0:
         return y, z
-    # The dgrad kernel reads x as the convolution's output gradient with no activation of its own
-    # (act 0): every output element is written, taps that miss x contribute zero.
-    _conv._conv2d_dgrad(x, None, w, y, stride, _pad4(padding), dilation, groups, "none", bias=b, out_act=act, z=z)
+    # The dgrad kernel reads x as the convolution's output gradient: every output element is
+    # written, taps that miss x contribute zero; bias and activation are its epilogue.
+    _conv._conv2d_dgrad(x, w, y, stride, _pad4(padding), dilation, groups, bias=b, act=act, z=z)
     return y, z
-
-
-def _activation_grad(gy, saved, act):
-    """dz = gy * act'(pre) with saved's (dense) strides."""
-    dz = torch.empty_like(saved)
-    numel = dz.numel()
-    grid = (triton.cdiv(numel, _ACT_GRAD_BLOCK),)
-    wrap_triton(_activation_grad_kernel)[grid](
-        gy, saved, dz, numel, dz.shape[1], dz.shape[2], dz.shape[3],
-        *gy.stride(), *saved.stride(), *dz.stride(),
-        ACTIVATION=act, BLOCK=_ACT_GRAD_BLOCK, num_warps=4,
-    )
-    return dz
 
 
 def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dilation, groups, act,
@@ -98,31 +82,23 @@ def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dil
         db = torch.zeros(gy.shape[1], **like) if need_b else None
         return dx, dw, db
     pad4 = _pad4(padding)
-    # On a GPU the launches read channels-innermost operands: repack dy (and the saved output) once.
-    gy, saved = _conv._channels_inner(gy), _conv._channels_inner(saved)
-    dz = None
-    if need_x or need_w:
-        dz = gy if act == "none" else _activation_grad(gy, saved, act)
+    gz = _conv.activation_grad(gy, saved, act)  # once per element, before the GEMMs
     if need_x:
         dx = torch.empty_strided(x_shape, x_strides, **like)
         if dx.numel() == 0:
             dx.zero_()
         else:
-            # The convolution of dz, its output cut to x's size (rows past it would need
+            # The convolution of gz, its output cut to x's size (rows past it would need
             # output_padding >= stride, which dilation allows; the kernel writes only dx's rows).
-            _conv._conv2d_fwd_launch(dz, w, None, dx, None, stride, pad4, dilation, groups, 0)
+            _conv._conv2d_fwd_launch(gz, w, None, dx, None, stride, pad4, dilation, groups, "none")
     if need_w:
         if math.prod(w_shape) == 0 or x.numel() == 0:
             dw = torch.zeros(w_shape, **like)
         else:
-            # conv2d's weight gradient with the roles of its forward: x is the output gradient, dz the input.
-            dw, _ = _conv._conv2d_wgrad(x, None, dz, w_shape, stride, pad4, dilation, groups, 0, True, False)
+            # conv2d's weight gradient with the roles of its forward: x is the output gradient, gz the input.
+            dw = _conv._conv2d_wgrad(x, gz, w_shape, stride, pad4, dilation, groups)
     if need_b:
-        # The wgrad kernel's bias-only mode sums dy * act'(saved) over (n, h, w), per group.
-        c_out = gy.shape[1]
-        stand_in = gy.new_empty((1, 1, 1, 1)).expand(gy.shape[0], groups, 1, 1)
-        _, db = _conv._conv2d_wgrad(gy, saved, stand_in, (c_out, 1, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), groups,
-                                    act, False, True)
+        db = _conv._bias_grad(gz)
     return dx, dw, db
 
 
@@ -187,8 +163,9 @@ def _(grad_output, input, weight, saved, input_shape, input_strides, weight_shap
 
 
 def unsupported(input, weight, bias, stride, padding, output_padding, groups, dilation, activation_name):
-    if groups > _conv._MAX_GRID_Z:
-        return f"groups > {_conv._MAX_GRID_Z} (the CUDA grid limit of the group axis)"
+    if groups * stride[0] * stride[1] > MAX_GRID_Z:
+        return (f"groups x stride_h x stride_w = {groups * stride[0] * stride[1]} > {MAX_GRID_Z} (the CUDA grid "
+                "limit of the axis holding the group and the forward's phase)")
     return None
 
 

@@ -8,19 +8,16 @@ import math
 import torch
 
 from gpudl.kernels import conv2d_spec as _conv_spec
-from gpudl.kernels._common import triton_dtype
 from gpudl.kernels.conv2d_triton import (
-    _ACT_GRAD_BLOCK,
-    _DGRAD_CONFIGS,
-    _FWD_CONFIGS,
-    _WGRAD_CONFIGS,
-    _activation_grad_kernel,
+    DGRAD_TILES,
+    FWD_TILES,
+    WGRAD_TILES,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
 )
 from gpudl.kernels.conv_transpose2d import _output_shape, conv_transpose2d, unsupported
-from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
+from gpudl.kernels.registry import Case, KernelSpec, register
 
 
 def _case(name, n, c_in, c_out, hw, k, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), dilation=(1, 1),
@@ -55,28 +52,19 @@ def _compile_variants():
     for dtype in (torch.float32, torch.bfloat16):
         precision = "tf32" if dtype == torch.float32 else "ieee"
         act = "relu" if dtype == torch.float32 else "gelu"
-        common = {"KH": 4, "KW": 4, "INPUT_PRECISION": precision}
-        # forward: the dgrad kernel with the full epilogue (bias, activation, z for gelu), every config
-        for config in _DGRAD_CONFIGS:
+        # The DCGAN layer: kernel 4, stride 2 (two taps per phase and axis).
+        geometry = {**_conv_spec.geometry(stride=2, kernel=4)}
+        # forward: the dgrad kernel with the full epilogue (bias, activation, z for gelu), every tile
+        for config in DGRAD_TILES:
             variants.append(_conv_spec._variant(_conv2d_dgrad_kernel, "fwd", config, dtype, {
-                **common, "ACTIVATION": "none", "HAS_BIAS": True, "OUT_ACTIVATION": act,
-                "STORE_Z": act == "gelu"}))
-        # dx, dw, db: conv2d's kernels, whose every config conv2d's spec compiles; here the first
-        # config, with this op's constexprs
-        for config in _FWD_CONFIGS[:1]:
-            variants.append(_conv_spec._variant(_conv2d_fwd_kernel, "dgrad", config, dtype, {
-                **common, "ACTIVATION": "none", "HAS_BIAS": False, "STORE_Z": False}))
-        # dw. (db is the wgrad kernel's bias-only mode, a reduction with no GEMM, which conv2d's
-        # spec leaves out of its variants too.)
-        for config in _WGRAD_CONFIGS[:1]:
-            variants.append(_conv_spec._variant(_conv2d_wgrad_kernel, "wgrad", config, dtype, {
-                **common, "ACTIVATION": "none", "COMPUTE_W": True, "COMPUTE_B": False}, acc_ptrs=("dw_ptr", "db_ptr")))
-        ptr = triton_dtype(dtype)
-        signature = {"g_ptr": ptr, "s_ptr": ptr, "out_ptr": ptr, **{a: "i32" for a in (
-            "NUMEL", "C", "H", "W", "sg_n", "sg_c", "sg_h", "sg_w", "ss_n", "ss_c", "ss_h", "ss_w",
-            "so_n", "so_c", "so_h", "so_w")}, "ACTIVATION": "constexpr", "BLOCK": "constexpr"}
-        variants.append(CompileVariant(f"act_grad-{str(dtype).split('.')[-1]}", _activation_grad_kernel, signature,
-                                       {"ACTIVATION": act, "BLOCK": _ACT_GRAD_BLOCK}, num_warps=4))
+                **geometry, "TAP_STEP_H": 2, "TAP_STEP_W": 2, "INPUT_PRECISION": precision, "HAS_BIAS": True,
+                "ACTIVATION": act, "STORE_Z": act == "gelu"}))
+        # dx and dw: conv2d's kernels, whose every tile conv2d's spec compiles; here the first tile,
+        # with this op's geometry. (dz and db are conv2d's elementwise kernels, compiled there.)
+        variants.append(_conv_spec._variant(_conv2d_fwd_kernel, "dgrad", FWD_TILES[0], dtype, {
+            **geometry, "INPUT_PRECISION": precision, "ACTIVATION": "none", "HAS_BIAS": False, "STORE_Z": False}))
+        variants.append(_conv_spec._variant(_conv2d_wgrad_kernel, "wgrad", WGRAD_TILES[0], dtype, {
+            **geometry, "INPUT_PRECISION": precision}, acc_ptrs=("dw_ptr",)))
     return variants
 
 
