@@ -64,6 +64,50 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and fp32_matmul_allows_tf32() else "ieee"
 
 
+# Programs of a persistent GEMM under the interpreter (no SMs to count): a few, so the tests walk
+# several tiles per program.
+INTERPRETER_PROGRAMS = 4
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """One program per SM: each walks output tiles grid-strided."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def _major(t: torch.Tensor) -> str | None:
+    """"row" when t [R, C]'s columns are contiguous, "column" when its rows are, else None."""
+    if t.stride(1) == 1 or t.shape[1] == 1:
+        return "row"
+    if t.stride(0) == 1 or t.shape[0] == 1:
+        return "column"
+    return None
+
+
+def _descriptor_ready(t: torch.Tensor, major: str | None) -> bool:
+    """Whether a tensor descriptor can address t: a unit stride, a 16-byte aligned base address and
+    a 16-byte multiple for the other stride (the TMA's rules, which the interpreter checks too)."""
+    if major is None:
+        return False
+    other = t.stride(0) if major == "row" else t.stride(1)
+    return t.data_ptr() % 16 == 0 and (other * t.element_size()) % 16 == 0
+
+
+def _descriptor_workspace(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for descriptors made on the device (tl.make_tensor_descriptor)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _install_descriptor_allocator() -> None:
+    """Device-side tensor descriptors need a workspace allocator (triton.set_allocator); set ours
+    unless the caller set one. A context variable: cheap to read at each launch."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_descriptor_workspace)
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: str = "none", dy=None):
     """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]), or, given dy [M, N] (c's strides),
     c = act'(a @ b + bias) * dy. a, b may be any strided views (transposes included)."""
@@ -71,6 +115,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
     N = b.shape[1]
     if c.numel() == 0:
         return c
+    a_major, b_major = _major(a), _major(b)
+    descriptors = K > 0 and _descriptor_ready(a, a_major) and _descriptor_ready(b, b_major)
     if K == 0:
         # Empty operands are never read (the K loop runs zero times); a null data pointer may be
         # refused by the launcher, so pass the output's instead.
@@ -78,7 +124,10 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         stride_a, stride_b = (0, 0), (0, 0)
     else:
         stride_a, stride_b = a.stride(), b.stride()
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    if descriptors and c.device.type == "cuda":
+        _install_descriptor_allocator()
+    programs = _persistent_programs(c.device)
+    grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     wrap_triton(matmul)[grid](
         a, b, c,
         bias.contiguous() if bias is not None else c,  # [N]: a copy only for a strided view, negligible
@@ -88,6 +137,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
         EPILOGUE="activation" if dy is None else "activation_grad",
+        LOADS="descriptor" if descriptors else "pointer",
+        A_MAJOR=a_major if descriptors else "row",
+        B_MAJOR=b_major if descriptors else "row",
         ACC_DTYPE=tl_acc(c.dtype),
         INPUT_PRECISION=_input_precision(c.dtype),
     )

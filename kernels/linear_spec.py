@@ -42,6 +42,8 @@ _CASES = [
     *[Case(f"ragged-3x5x37x23-{act}", _case((3, 5), 37, 23, True, act))
       for act in ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")],
     Case("ragged-3x5x37x23-nobias-gelu", _case((3, 5), 37, 23, False, "gelu")),
+    # Aligned rows (tensor-descriptor loads in all three GEMMs), several persistent programs.
+    Case("aligned-40x64x48-gelu-descriptors", _case((40,), 64, 48, True, "gelu")),
 ]
 
 _BENCH_CASES = [
@@ -62,13 +64,21 @@ def _bytes_moved(args) -> float:
     return float((x.numel() + w.numel() + (0 if b is None else b.numel()) + y) * x.element_size())
 
 
-# The GEMM's epilogues, each compiled on its own (a launch specializes them): the forward's with
-# bias and gelu (the heaviest activation); gelu's backward recompute (bias, gelu's gradient times
-# dy); the plain one of the grad-input and grad-weight GEMMs.
+# The GEMM's launches, each compiled on its own (a launch specializes them), with descriptor loads
+# in the layouts of the three products: the forward (x row-major, W^T column-major) with bias and
+# gelu (the heaviest activation); gelu's backward recompute (bias, gelu's gradient times dy) in the
+# same layout; grad input (dz and W row-major) and grad weight (dz^T column-major, x row-major)
+# plain; and the pointer loads of operands a descriptor cannot address, plain.
+_PLAIN = {"HAS_BIAS": False, "ACTIVATION": "none", "EPILOGUE": "activation"}
+_DESCRIPTORS = {"LOADS": "descriptor"}
 _GEMM_MODES = {
-    "fwd-bias-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation"},
-    "bwd-recompute-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation_grad"},
-    "plain": {"HAS_BIAS": False, "ACTIVATION": "none", "EPILOGUE": "activation"},
+    "fwd-bias-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation",
+                      **_DESCRIPTORS, "A_MAJOR": "row", "B_MAJOR": "column"},
+    "bwd-recompute-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation_grad",
+                           **_DESCRIPTORS, "A_MAJOR": "row", "B_MAJOR": "column"},
+    "dgrad": {**_PLAIN, **_DESCRIPTORS, "A_MAJOR": "row", "B_MAJOR": "row"},
+    "wgrad": {**_PLAIN, **_DESCRIPTORS, "A_MAJOR": "column", "B_MAJOR": "row"},
+    "pointer-plain": {**_PLAIN, "LOADS": "pointer", "A_MAJOR": "row", "B_MAJOR": "row"},
 }
 
 
@@ -124,11 +134,13 @@ SPEC = register(KernelSpec(
     # fp32 products are IEEE unless the user opts into TF32 (the cases need 6e-7).
     tolerances={torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)},
     compile_variants=_compile_variants,
-    # M = 1100 rows: more than GROUP_M (8) row blocks under every config, so the grouped program
-    # order has a full and a partial group; several column blocks and K steps in all three GEMMs;
-    # gelu's backward recomputes its pre-activation in the GEMM, and the bias gradient comes from
-    # the column-sum kernel.
-    tuning_cases=[Case("tuning-1100x72x260-gelu", _case((1100,), 72, 260, True, "gelu"))],
+    # M = 1100 rows: more than GROUP_M (8) row blocks under every config, so the grouped order has a
+    # full and a partial group, and more output tiles than the interpreter's persistent programs
+    # (each walks several); several K steps in all three GEMMs. 72 / 260 features: every operand
+    # goes through tensor descriptors; 37 / 131: none can (148-byte rows), the pointer loads run.
+    # gelu's backward recomputes its pre-activation in the GEMM; the bias gradient is a column sum.
+    tuning_cases=[Case("tuning-1100x72x260-gelu", _case((1100,), 72, 260, True, "gelu")),
+                  Case("tuning-1100x37x131-relu-pointer-loads", _case((1100,), 37, 131, True, "relu"))],
     bench_cases=_BENCH_CASES,
     flops=_flops,
     bytes_moved=_bytes_moved,

@@ -1,15 +1,13 @@
 """The linear family's Triton code: one tiled GEMM with a bias-and-activation epilogue, the
 elementwise activation-gradient kernel, and the column sum of the bias gradient.
 
-`_matmul_kernel` computes C [M, N] = epilogue(A [M, K] @ B [K, N]) for any strides, in the
-grouped program order of Triton's matmul tutorial (03): GROUP_M row blocks sweep the column
-blocks together, so the B tiles they share stay in L2. The three products of a linear layer
-are this one kernel with different strides (see kernels/linear.py).
+`_matmul_kernel` computes C [M, N] = epilogue(A [M, K] @ B [K, N]): persistent over output tiles
+in the grouped order of Triton's matmul tutorials (03, 09), its operand tiles loaded through
+tensor descriptors where the layout allows (pointers otherwise). The three products of a linear
+layer are this one kernel with different strides (see kernels/linear.py).
 
 The epilogue (bias, then the activation, or the activation's gradient times dy) runs once per
-output tile, after the K loop: the loop holds only the two tile loads and `tl.dot`. Transcendental epilogues
-(tanh, sigmoid, gelu) finish the tile in four column quarters: the whole 128x256 fp32 tile with
-erf/exp live spills registers on sm_80 (`python -m gpudl.kernels.audit --op linear`).
+output tile, after the K loop: the loop holds only the two tile loads and `tl.dot`.
 
 Accumulation in fp32, or fp64 for float64 inputs (the float64 gradcheck).
 """
@@ -91,6 +89,43 @@ def _prune_tiles(configs, named_args, **kwargs):
 
 # --------------------------------------------------------------------------- GEMM
 @triton.jit
+def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile `tile` in grouped order: GROUP_M row blocks sweep
+    the column blocks together, so the B tiles they share stay in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _operand_descriptor(ptr, rows, cols, stride_rows, stride_cols,
+                        BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, MAJOR: tl.constexpr):
+    """A tensor descriptor of the [rows, cols] operand: over it as it is when its columns are
+    contiguous (MAJOR == "row"), over its transpose when its rows are (MAJOR == "column")."""
+    if MAJOR == "row":
+        desc = tl.make_tensor_descriptor(ptr, shape=[rows, cols], strides=[stride_rows, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_COLS])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[cols, rows], strides=[stride_cols, 1],
+                                         block_shape=[BLOCK_COLS, BLOCK_ROWS])
+    return desc
+
+
+@triton.jit
+def _load_tile(desc, row, col, MAJOR: tl.constexpr):
+    """The [BLOCK_ROWS, BLOCK_COLS] tile at (row, col) of an operand described by _operand_descriptor;
+    out-of-bounds elements read as zero."""
+    if MAJOR == "row":
+        tile = desc.load([row, col])
+    else:
+        tile = desc.load([col, row]).T
+    return tile
+
+
+@triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, dy_ptr,
     M, N, K,
@@ -98,6 +133,9 @@ def _matmul_kernel(
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     EPILOGUE: tl.constexpr,
+    LOADS: tl.constexpr,
+    A_MAJOR: tl.constexpr,
+    B_MAJOR: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -105,40 +143,64 @@ def _matmul_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """With z = A [M, K] @ B [K, N] + bias [N], any strides:
+    """With z = A [M, K] @ B [K, N] + bias [N]:
     EPILOGUE == "activation":       C [M, N] = activation(z)
     EPILOGUE == "activation_grad":  C [M, N] = activation'(z) * dy [M, N] (dy with C's strides);
-    the second recomputes a pre-activation the forward did not keep and turns it straight into dz."""
+    the second recomputes a pre-activation the forward did not keep and turns it straight into dz.
+
+    Persistent: the grid is at most one program per SM, and program p computes output tiles
+    p, p + grid, p + 2 grid, ... in grouped order (Triton's persistent-matmul tutorial, 09): no
+    launch wave tails, and the tiles a wave computes together share their A and B blocks in L2.
+    LOADS == "descriptor": A and B tiles come through tensor descriptors (TMA on sm_90: one
+    instruction per tile, no per-element address arithmetic in the K loop; out-of-bounds rows,
+    columns and the K tail read as zero). A_MAJOR / B_MAJOR say which of the operand's two dims is
+    contiguous ("row": its second). LOADS == "pointer": masked pointer loads, for any strides.
+    The epilogue runs once per tile, after its K loop."""
     TRANSCENDENTAL: tl.constexpr = ACTIVATION == "tanh" or ACTIVATION == "sigmoid" or ACTIVATION == "gelu"
     EPILOGUE_QUARTERS: tl.constexpr = TRANSCENDENTAL and BLOCK_N >= 64
-    pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    # int64 row/column offsets: M * stride can pass 2**31 on large activations.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_steps = tl.cdiv(K, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    if LOADS == "descriptor":
+        a_desc = _operand_descriptor(a_ptr, M, K, stride_am, stride_ak, BLOCK_M, BLOCK_K, A_MAJOR)
+        b_desc = _operand_descriptor(b_ptr, K, N, stride_bk, stride_bn, BLOCK_K, BLOCK_N, B_MAJOR)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K  # the last block is partial when K is not a multiple of BLOCK_K
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        # int64 row/column offsets: M * stride can pass 2**31 on large activations.
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        if LOADS == "descriptor":
+            row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
+            for k in range(0, k_steps):
+                a = _load_tile(a_desc, row, k * BLOCK_K, A_MAJOR)
+                b = _load_tile(b_desc, k * BLOCK_K, col, B_MAJOR)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            mask_m = offs_m < M
+            mask_n = offs_n < N
+            a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+            b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+            for k in range(0, k_steps):
+                k_left = K - k * BLOCK_K  # the last block is partial when K is not a multiple of BLOCK_K
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+        _store_tile(acc, offs_m, pid_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                    HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE, BLOCK_M, BLOCK_N, EPILOGUE_QUARTERS)
 
+
+@triton.jit
+def _store_tile(acc, offs_m, pid_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+                HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EPILOGUE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_QUARTERS: tl.constexpr):
+    """The epilogue of one output tile: whole, or in four column quarters for transcendental
+    activations (the whole 128x256 fp32 tile with erf/exp live spills on sm_80, see the audit)."""
     if EPILOGUE_QUARTERS:
         # [m, a, b, j] = acc[m, a * BLOCK_N / 2 + b * BLOCK_N / 4 + j]; split b, then a.
         q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 1, 2))
@@ -155,6 +217,7 @@ def _matmul_kernel(
         _epilogue(q11, offs_m, offs_q + 3 * (BLOCK_N // 4), M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
                   HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
     else:
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
                   HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE)
 
@@ -180,7 +243,7 @@ matmul = triton.autotune(
     configs=tuning_configs(GEMM_TILES),
     # Strides are in the key: forward, grad-input and grad-weight of one layer share M, N, K
     # permutations but not layouts (dW reads dz transposed), and want their own tiles.
-    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "EPILOGUE"],
+    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "EPILOGUE", "LOADS"],
     prune_configs_by={"early_config_prune": _prune_tiles},
 )(_matmul_kernel)
 

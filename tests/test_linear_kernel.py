@@ -357,3 +357,43 @@ def test_config_pruning_keeps_what_fits():
     fp64 = LT.tiles_that_fit(configs, 8, 1)
     assert configs[0] in bf16 and configs[0] not in fp32 and fp32
     assert len(fp64) == 1
+
+
+# --------------------------------------------------------------------------- persistent GEMM, load paths
+@pytest.mark.parametrize("in_features,loads", [(32, "descriptor"), (37, "pointer")])
+def test_gemm_loads_through_descriptors_where_the_tma_can(in_features, loads, launches):
+    """Operands with a unit stride, 16-byte aligned base and other stride go through tensor
+    descriptors (all three GEMMs of a layer); a ragged in_features (37 fp32 = 148-byte rows) takes
+    the pointer loads. Both match PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(300, in_features, requires_grad=True)
+    w = torch.randn(48, in_features, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    _check_against_reference(x, w, b, "gelu")
+    gemms = launches.of("_matmul_kernel")
+    assert len(gemms) == 4  # forward, gelu's recompute, dx, dW
+    assert {g["LOADS"] for g in gemms} == {loads}
+    if loads == "descriptor":
+        assert [(g["A_MAJOR"], g["B_MAJOR"]) for g in gemms] == [
+            ("row", "column"), ("row", "column"), ("row", "row"), ("column", "row")]
+
+
+def test_persistent_programs_walk_several_tiles(launches):
+    """The grid is capped at the SM count (INTERPRETER_PROGRAMS here): with more output tiles than
+    programs, each program computes several, and the result still matches."""
+    torch.manual_seed(0)
+    x = torch.randn(1100, 64, requires_grad=True)
+    w = torch.randn(300, 64, requires_grad=True)
+    _check_against_reference(x, w, None, "relu")
+    forward = launches.of("_matmul_kernel")[0]
+    tiles = -(-1100 // forward["BLOCK_M"]) * -(-300 // forward["BLOCK_N"])
+    assert forward["grid"][0] == L.INTERPRETER_PROGRAMS < tiles
+    assert all(g["grid"][0] <= L.INTERPRETER_PROGRAMS for g in launches.of("_matmul_kernel"))
+
+
+def test_gemm_with_no_unit_stride_takes_pointer_loads(launches):
+    x = torch.randn(20, 64)[:, ::2].requires_grad_()  # [20, 32], strides (64, 2)
+    w = torch.randn(12, 32, requires_grad=True)
+    y = L.linear(x, w, None, "tanh")
+    assert launches.of("_matmul_kernel")[0]["LOADS"] == "pointer"
+    torch.testing.assert_close(y, reference.linear(x, w, None, "tanh"), atol=1e-5, rtol=1e-5)
