@@ -56,7 +56,8 @@ def _describe_composition_error(err: Exception) -> str:
         candidates = {str(k) for k in parent.keys()} - {"hydra"}
         if not prefix:  # a top-level key may be a misspelled config group
             candidates |= set(_config_groups())
-        return f"no key {full_key!r} in the config; " + _closest(key, sorted(candidates), prefix + "." if prefix else "")
+        closest = _closest(key, sorted(candidates), prefix + "." if prefix else "")
+        return f"no key {full_key!r} in the config; {closest}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))]
     return "; ".join(lines)
