@@ -132,7 +132,12 @@ class _Recorder:
         self._chunks: list[tuple[int, np.ndarray, int]] = []  # (kind, addresses, itemsize) of this program
         self._lo = np.array([s.lo for s in report.spans], dtype=np.uint64)
         self._hi = np.array([s.hi for s in report.spans], dtype=np.uint64)
-        self._by_lo = np.argsort(self._lo, kind="stable")
+        # for the binary search: the spans by start, an argument passed twice (a placeholder
+        # pointer) only once, as its first argument
+        first = {}
+        for i, span in enumerate(report.spans):
+            first.setdefault((span.lo, span.hi), i)
+        self._by_lo = np.array(sorted(first.values(), key=lambda i: (report.spans[i].lo, -i)), dtype=np.int64)
         self._lo_sorted = self._lo[self._by_lo]
         # the distinct accesses of every program: per kind, arrays of (address, itemsize, program)
         self._distinct: list[tuple[int, np.ndarray, int, int]] = []
