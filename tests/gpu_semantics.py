@@ -21,11 +21,12 @@ Per launch it then checks:
 - order dependence: the launch run again in reverse and in a shuffled grid order leaves the same
   bits in every tensor argument. Without a race and without atomics, no program can see another's
   writes, so the bits cannot depend on the order: the reruns are made only for launches that use
-  atomics or race, unless `all_orders=True` (env GPUDL_SEMANTICS_ALL_ORDERS=1) asks for every
-  launch of several programs.
+  atomics or race (and no out-of-bounds access, whose stores could not be undone), unless
+  `all_orders=True` (env GPUDL_SEMANTICS_ALL_ORDERS=1) asks for every launch of several programs.
 
 It also counts each launch's traffic: active elements x element size, per tensor argument,
-loaded and stored (an atomic counts as both), and the distinct bytes touched.
+loaded and stored (an atomic counts as both), and on request the bytes of the distinct elements
+loaded plus those of the distinct elements stored.
 
 Limits: the interpreter's memory model is sequential, not a GPU's (no caches, no weak ordering,
 no warps, no shared memory). What no program touches in this run is not checked (other shapes,
@@ -142,6 +143,7 @@ class _Recorder:
         # the distinct accesses of every program: per kind, arrays of (address, itemsize, program)
         self._distinct: list[tuple[int, np.ndarray, int, int]] = []
         self._oob: list[str] = []
+        self.out_of_bounds = False
 
     def add(self, kind: int, ptrs, mask) -> None:
         if not self.recording:
@@ -161,6 +163,7 @@ class _Recorder:
         for kind, addresses, itemsize in chunks:
             span = self._span_of(addresses, itemsize)
             outside = span < 0
+            self.out_of_bounds |= bool(outside.any())
             if outside.any() and len(self._oob) < MAX_REPORTED:
                 self._oob.append(self._describe_outside(kind, int(addresses[outside][0]), itemsize, int(outside.sum())))
             counts = np.bincount(span[~outside], minlength=len(self.report.spans))
@@ -471,7 +474,9 @@ def _run_programs(semantics: Semantics, report: LaunchReport, fn, args: dict, te
         try:
             run(range(report.programs))
             recorder.finish()
-            if before and (semantics.all_orders or report.uses_atomics or report.problems):
+            # (not after an out-of-bounds access: what it stored outside the arguments cannot be put back)
+            if before and not recorder.out_of_bounds and (semantics.all_orders or report.uses_atomics
+                                                          or report.problems):
                 recorder.recording = False
                 natural = [s.clone() for s in storages]
                 for name, order in _grid_orders(report.programs, seed=len(semantics.launches)).items():

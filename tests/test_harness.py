@@ -307,3 +307,12 @@ def test_the_checks_find_nothing_on_a_registry_case_and_count_its_traffic(device
     several = [launch for launch in semantics.launches if launch.programs > 1]
     assert several and all(launch.reordered == ("reversed", "shuffled") for launch in several)
     assert all(t.distinct <= t.loaded + t.stored for launch in semantics.launches for t in launch.traffic.values())
+
+
+@needs_interpreter
+def test_launches_can_be_listed_without_running_their_programs():
+    x, y = torch.randn(10), torch.zeros(10)
+    with checking_gpu_semantics(run_programs=False) as semantics:
+        _reads_one_past_the_end[(3,)](x, y, 10, BLOCK=4)
+    assert [(launch.kernel, launch.programs) for launch in semantics.launches] == [("_reads_one_past_the_end", 3)]
+    assert not semantics.problems() and not y.any()  # nothing ran
