@@ -46,6 +46,39 @@ def device():
 
 
 @pytest.fixture
+def on_test_device(device):
+    """Tensors made without a device land on the test device (see `device`) for the test's
+    duration. The per-kernel test files use it for every test:
+    `pytestmark = pytest.mark.usefixtures("on_test_device")`."""
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(None)
+
+
+@pytest.fixture
+def exact_fp32_convolutions(monkeypatch):
+    """cuDNN's fp32 convolutions in IEEE fp32, not TF32: the reference of the convolution kernels'
+    tests on a GPU must be exact. (Only cuDNN's switch: mixing torch's two matmul TF32 APIs in one
+    process makes later reads raise, see test_attention_kernel.py.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state (torch, numpy, random: seed 0), whichever
+    tests ran before it on its worker, so a failure reproduces alone and under any xdist
+    distribution. A test that wants another stream seeds its own generator."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
 def launches():
     """Every Triton kernel launch during the test (helpers.Launches)."""
     with recording_launches() as recorded:
