@@ -203,7 +203,7 @@ def test_backward_keeps_one_output_sized_tensor_at_most(act):
     rest = [t for t in saved if t.shape != y.shape]
     expected = [x, w, b] if act == "gelu" else [x, w]
     assert len(rest) == len(expected) and all(_same(t, e) for t, e in zip(rest, expected))
-    _check_against_reference(x, w, b, act)
+    check_against_reference(L.linear, reference.linear, x, w, b, act)
 
 
 def test_gelu_without_weight_grad_still_keeps_no_output_sized_tensor():
@@ -342,7 +342,7 @@ def test_gemm_loads_through_descriptors_where_the_tma_can(in_features, loads, la
     x = torch.randn(300, in_features, requires_grad=True)
     w = torch.randn(48, in_features, requires_grad=True)
     b = torch.randn(48, requires_grad=True)
-    _check_against_reference(x, w, b, "gelu")
+    check_against_reference(L.linear, reference.linear, x, w, b, "gelu")
     gemms = launches.of("_matmul_kernel")
     assert len(gemms) == 4  # forward, gelu's recompute, dx, dW
     assert {g["LOADS"] for g in gemms} == {loads}
@@ -357,7 +357,7 @@ def test_persistent_programs_walk_several_tiles(launches):
     torch.manual_seed(0)
     x = torch.randn(1100, 64, requires_grad=True)
     w = torch.randn(300, 64, requires_grad=True)
-    _check_against_reference(x, w, None, "relu")
+    check_against_reference(L.linear, reference.linear, x, w, None, "relu")
     forward = launches.of("_matmul_kernel")[0]
     tiles = -(-1100 // forward["BLOCK_M"]) * -(-300 // forward["BLOCK_N"])
     assert forward["grid"][0] == L.INTERPRETER_PROGRAMS < tiles
