@@ -26,11 +26,21 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 
+def _start_order(item) -> int:
+    if "compiles_for_sm80" in item.name:
+        return 0  # the GPU compile check (the kernel audit): the longest item
+    if "test_audit.py" in item.nodeid:
+        return 3  # the audit's rule tests read its report
+    return 1 if "slow" in item.keywords else 2
+
+
 def pytest_collection_modifyitems(config, items):
-    """Start the long GPU compile check (the kernel audit) first, so its worker finishes it while
-    the others test, and run the audit's rule tests last, when its report is there to read; skip
-    the `gpu` tests where there is no CUDA device."""
-    items.sort(key=lambda item: 0 if "compiles_for_sm80" in item.name else 2 if "test_audit.py" in item.nodeid else 1)
+    """Start the long GPU compile check (the kernel audit) first, then the other `slow` tests
+    (training runs of minutes), so that the run ends on short tests that the xdist workers share
+    (`--dist worksteal`: an idle worker takes half of another's queue) instead of one worker
+    finishing a long test alone; run the audit's rule tests last, when its report is there to
+    read. Skip the `gpu` tests where there is no CUDA device."""
+    items.sort(key=_start_order)
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
