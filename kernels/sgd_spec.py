@@ -25,8 +25,9 @@ def _make_case(shapes, momentum, dampening, weight_decay, nesterov, maximize, fi
     return make
 
 
-# Ragged sizes, a tiny bias, an empty tensor, exactly one block (no tail), and one tensor over
-# two chunks (16 full blocks, then 1 full block and a masked tail).
+# Ragged sizes, a tiny bias, an empty tensor, exactly one block (no tail), and one tensor of 18
+# blocks (17 whole, a masked tail). 23 blocks over the interpreter's 4 programs (5, 6, 6, 6): the
+# first program crosses six tensors (the empty one included), the others start inside the last.
 _SHAPES = [(33, 17), (5,), (1000,), (4, 3, 3, 3), (0, 3), (64, 64), (70000,)]
 
 
@@ -76,11 +77,11 @@ def _compile_variants():
                 variants.append(CompileVariant(
                     name=name,
                     kernel=_sgd_multi_tensor_kernel,
-                    signature={"table_ptr": "*i64", "chunk_ptr": "*i64", "hyper_ptr": "*fp64",
-                               "witness_ptr": triton_dtype(dtype), "num_tensors": "i32", "num_chunks": "i32",
-                               "chunk_size": "i32", "COMPUTE_DTYPE": "constexpr", "WEIGHT_DECAY": "constexpr",
-                               "MOMENTUM": "constexpr", "NESTEROV": "constexpr", "MAXIMIZE": "constexpr",
-                               "ALIGNED": "constexpr", "BLOCK": "constexpr"},
+                    signature={"table_ptr": "*i64", "block_start_ptr": "*i64", "first_tensor_ptr": "*i64",
+                               "hyper_ptr": "*fp64", "witness_ptr": triton_dtype(dtype), "num_tensors": "i32",
+                               "COMPUTE_DTYPE": "constexpr", "WEIGHT_DECAY": "constexpr", "MOMENTUM": "constexpr",
+                               "NESTEROV": "constexpr", "MAXIMIZE": "constexpr", "ALIGNED": "constexpr",
+                               "BLOCK": "constexpr"},
                     constexprs={"COMPUTE_DTYPE": tl.float32, "WEIGHT_DECAY": weight_decay, "MOMENTUM": momentum,
                                 "NESTEROV": nesterov, "MAXIMIZE": momentum and not nesterov, "ALIGNED": aligned,
                                 "BLOCK": BLOCK},
