@@ -138,8 +138,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         ACTIVATION=activation,
         EPILOGUE="activation" if dy is None else "activation_grad",
         LOADS="descriptor" if descriptors else "pointer",
-        A_MAJOR=a_major if descriptors else "row",
-        B_MAJOR=b_major if descriptors else "row",
+        # The layout also names the pointer-load compilations (one per layout, as the audit compiles them).
+        A_MAJOR=a_major or "neither",
+        B_MAJOR=b_major or "neither",
         ACC_DTYPE=tl_acc(c.dtype),
         INPUT_PRECISION=_input_precision(c.dtype),
     )
