@@ -87,11 +87,14 @@ def _major(t: torch.Tensor) -> str | None:
 
 def _descriptor_ready(t: torch.Tensor, major: str | None) -> bool:
     """Whether a tensor descriptor can address t: a unit stride, a 16-byte aligned base address and
-    a 16-byte multiple for the other stride (the TMA's rules, which the interpreter checks too)."""
+    a 16-byte multiple for the other stride (the TMA's rules, which the interpreter checks too).
+    The base is read as the storage offset (PyTorch's allocations are at least 16-byte aligned),
+    which fake tensors have too: torch.compile traces the same choice the eager launch makes."""
     if major is None:
         return False
     other = t.stride(0) if major == "row" else t.stride(1)
-    return t.data_ptr() % 16 == 0 and (other * t.element_size()) % 16 == 0
+    size = t.element_size()
+    return (t.storage_offset() * size) % 16 == 0 and (other * size) % 16 == 0
 
 
 def _descriptor_workspace(size: int, alignment: int, stream) -> torch.Tensor:
