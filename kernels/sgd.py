@@ -22,6 +22,7 @@ from torch.library import wrap_triton
 from gpudl.kernels._common import tl_acc
 from gpudl.kernels.registry import kernel_op
 from gpudl.kernels.sgd_triton import (
+    _ALIGNED,
     _B_IN,
     _B_OUT,
     _FIRST,
@@ -83,6 +84,8 @@ def _launch(p_in, grads, b_in, p_out, b_out, lr, momentum, dampening, weight_dec
         rows[_B_OUT].append(bo.data_ptr() if bo is not None else 0)
         rows[_NUMEL].append(n)
         rows[_FIRST].append(1 if bi is None else 0)
+        addresses = (rows[r][-1] for r in (_P_IN, _GRAD, _B_IN, _P_OUT, _B_OUT))
+        rows[_ALIGNED].append(int(all(a % 16 == 0 for a in addresses)))  # 128-bit accesses for this tensor
         block_start.append(block_start[-1] + -(-n // BLOCK))
     num_tensors, total_blocks = len(p_in), block_start[-1]
     if total_blocks == 0:
@@ -104,7 +107,7 @@ def _launch(p_in, grads, b_in, p_out, b_out, lr, momentum, dampening, weight_dec
         table, starts, first, hyper_t.view(torch.float64), witness, num_tensors,
         COMPUTE_DTYPE=tl_acc(dtype),
         WEIGHT_DECAY=weight_decay != 0, MOMENTUM=use_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-        ALIGNED=all(a % 16 == 0 for row in rows[:_NUMEL] for a in row), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 

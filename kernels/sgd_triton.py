@@ -20,8 +20,8 @@ BLOCK = 4096  # elements per loop step: 16 fp32 per thread at 8 warps, 4 x 128-b
 NUM_WARPS = 8
 
 # Rows of the per-tensor table (each row has one int64 per tensor).
-_P_IN, _GRAD, _B_IN, _P_OUT, _B_OUT, _NUMEL, _FIRST = range(7)
-_TENSOR_ROWS = 7
+_P_IN, _GRAD, _B_IN, _P_OUT, _B_OUT, _NUMEL, _FIRST, _ALIGNED = range(8)
+_TENSOR_ROWS = 8
 
 
 @triton.jit
@@ -53,8 +53,29 @@ def _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, mask, other, has_buffer,
 
 
 @triton.jit
+def _sgd_blocks(p_in, g_in, b_in, p_out, b_out, block, first, stop, numel, has_buffer, lr, weight_decay, momentum,
+                one_minus_dampening, COMPUTE_DTYPE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Blocks [block, stop) of one tensor whose first block is `first`: whole blocks unmasked (a
+    runtime bound in a mask blocks vector accesses), then its partial last block if in range. The
+    loop counts blocks from 0: a hint on a range() induction variable with a runtime start is lost."""
+    whole_stop = tl.minimum(stop, first + numel // BLOCK)
+    base = (block - first) * BLOCK
+    for i in range(0, whole_stop - block):
+        offsets = base + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, None, None, has_buffer, lr, weight_decay,
+                   momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE)
+    if whole_stop < stop:
+        offsets = (whole_stop - first) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, offsets < numel, 0.0, has_buffer, lr,
+                   weight_decay, momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM,
+                   NESTEROV, MAXIMIZE)
+
+
+@triton.jit
 def _sgd_multi_tensor_kernel(
-    table_ptr,  # int64 [7, T]: addresses of param, grad, buffer, param out, buffer out; numel; first-step flag
+    table_ptr,  # int64 [8, T]: addresses of param, grad, buffer, param out, buffer out; numel; first-step
+                # flag; all five addresses 16-byte aligned
     block_start_ptr,  # int64 [T + 1]: first block of each tensor in the blocks of the whole list; the total
     first_tensor_ptr,  # int64 [P]: the tensor holding each program's first block
     hyper_ptr,  # float64 [4]: lr, weight_decay, momentum, 1 - dampening
@@ -65,7 +86,6 @@ def _sgd_multi_tensor_kernel(
     MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
-    ALIGNED: tl.constexpr,  # every address 16-byte aligned: allow 128-bit accesses
     BLOCK: tl.constexpr,
 ):
     """One SGD step over a list of tensors, equal work per program.
@@ -75,8 +95,9 @@ def _sgd_multi_tensor_kernel(
     of P takes the blocks [p * B / P, (p + 1) * B / P) of the B in all, crossing from one tensor to
     the next as its range does, so every program streams the same number of blocks whatever the
     tensors' sizes (a 64-element bias costs one block, as in any per-tensor scheme). A block starts
-    at a multiple of BLOCK inside its tensor, so whole blocks are unmasked 128-bit accesses; only a
-    tensor's partial last block is masked."""
+    at a multiple of BLOCK inside its tensor, so the whole blocks of a tensor whose addresses are
+    16-byte aligned are unmasked 128-bit accesses; a tensor that is not (a view at an odd offset)
+    takes a scalar copy of the same loop, alone; only a tensor's partial last block is masked."""
     pid = tl.program_id(0).to(tl.int64)
     programs = tl.num_programs(0).to(tl.int64)
     elem = witness_ptr.dtype.element_ty
@@ -100,27 +121,16 @@ def _sgd_multi_tensor_kernel(
         p_out = tl.load(table_ptr + 3 * num_tensors + t).to(tl.pointer_type(elem))
         b_out = tl.load(table_ptr + 4 * num_tensors + t).to(tl.pointer_type(elem))
         has_buffer = tl.load(table_ptr + 6 * num_tensors + t) == 0
-        if ALIGNED:
+        if tl.load(table_ptr + 7 * num_tensors + t) != 0:
             # Pointers made from integers carry no alignment facts: without these hints every access
             # would be a scalar one.
-            p_in = tl.multiple_of(p_in, 16)
-            g_in = tl.multiple_of(g_in, 16)
-            p_out = tl.multiple_of(p_out, 16)
-            b_in = tl.multiple_of(b_in, 16)
-            b_out = tl.multiple_of(b_out, 16)
-        # Whole blocks unmasked (a runtime bound in a mask blocks vector accesses), then the tensor's
-        # partial last block if it falls in this program's range. The loop counts blocks from 0: a
-        # hint on a range() induction variable with a runtime start is lost.
-        whole_stop = tl.minimum(stop, first + numel // BLOCK)
-        base = (block - first) * BLOCK
-        for i in range(0, whole_stop - block):
-            offsets = base + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-            _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, None, None, has_buffer, lr, weight_decay,
-                       momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE)
-        if whole_stop < stop:
-            offsets = (whole_stop - first) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-            _sgd_block(p_in, g_in, b_in, p_out, b_out, offsets, offsets < numel, 0.0, has_buffer, lr,
-                       weight_decay, momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM,
-                       NESTEROV, MAXIMIZE)
+            _sgd_blocks(tl.multiple_of(p_in, 16), tl.multiple_of(g_in, 16), tl.multiple_of(b_in, 16),
+                        tl.multiple_of(p_out, 16), tl.multiple_of(b_out, 16), block, first, stop, numel,
+                        has_buffer, lr, weight_decay, momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY,
+                        MOMENTUM, NESTEROV, MAXIMIZE, BLOCK)
+        else:
+            _sgd_blocks(p_in, g_in, b_in, p_out, b_out, block, first, stop, numel, has_buffer, lr, weight_decay,
+                        momentum, one_minus_dampening, COMPUTE_DTYPE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE,
+                        BLOCK)
         block = stop
         t += 1
