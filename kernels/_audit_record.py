@@ -15,6 +15,7 @@ Autotuner and Heuristics wrappers are unwrapped to the function they run (`.fn`)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -35,6 +36,11 @@ def unwrap(kernel):
 
 
 _source_hashes: dict[int, str] = {}
+
+
+def forget() -> None:
+    """Drop the memoized source hashes (after a JIT function's source was changed in place)."""
+    _source_hashes.clear()
 
 
 class _Dependencies(DependenciesFinder):
@@ -61,6 +67,7 @@ def source_hash(kernel) -> str:
     return digest
 
 
+@functools.cache
 def _analysis_hash() -> str:
     """The audit code that turns a compilation into figures (a change re-derives every figure)."""
     from gpudl.kernels import _audit_sass, audit, compile_check

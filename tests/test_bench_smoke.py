@@ -21,7 +21,7 @@ def test_bench_smoke_runs_every_kernel(capsys, launches):
     for op in bench.REGISTRY:
         assert f"smoke {op}" in out
     assert "MISMATCH" not in out
-    # A family's kernels live in X_triton.py beside its entry's X.py.
+    # A family's kernels live in X_triton.py beside its entry in X.py (the three-file layout).
     launched = {r.module.removesuffix("_triton") for r in launches.records}
     assert launched >= {s.triton.__module__ for s in bench.REGISTRY.values()}
 
