@@ -321,15 +321,31 @@ def test_cross_entropy_all_ignored_mean_is_nan_with_zero_grads(device):
     assert torch.equal(g, r) and (g == 0).all()
 
 
-def test_cross_entropy_masked_logits_and_large_rows(device):
-    # -inf logits (masked actions) in whole leading chunks, rows longer than one chunk.
-    x = torch.randn(3, 9000, device=device)
-    x[:, :5000] = float("-inf")
-    y = torch.tensor([5000, 8999, 6000], device=device)
+@pytest.mark.parametrize("classes", [9000, 40000])
+def test_cross_entropy_masked_logits_and_large_rows(classes, device, launches):
+    """-inf logits (masked actions) over a leading part of the row: 9000 classes are one chunk
+    (the row read once), 40000 stream in chunks (whole leading chunks of -inf, online lse)."""
+    x = torch.randn(3, classes, device=device)
+    x[:, :classes // 2] = float("-inf")
+    y = torch.tensor([classes // 2, classes - 1, classes * 2 // 3], device=device)
     got, want, g, r = _ce_both(x, y)
     assert torch.isfinite(got)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g, r)
+    (call,) = launches.of("_ce_fwd_kernel")[:1]
+    assert call["SINGLE_CHUNK"] == (classes <= cross_entropy.block_sizes(classes)[1])
+
+
+def test_cross_entropy_chunked_rows_with_weight_and_smoothing(device):
+    """Rows wider than the widest chunk, with class weights, ignore_index and label smoothing."""
+    torch.manual_seed(0)
+    classes = 20000
+    x = torch.randn(4, classes, device=device) * 3
+    y = torch.tensor([3, 19999, -100, 17000], device=device)
+    w = torch.rand(classes, device=device) + 0.5
+    got, want, g, r = _ce_both(x, y, weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_cross_entropy_one_row_and_strided_input(device):
