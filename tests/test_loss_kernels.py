@@ -171,7 +171,33 @@ def test_bce_strided_weight_is_read_in_place(device, launches):
     got = bce.binary_cross_entropy_with_logits(x, t, w, "none", pw)
     torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(x, t, w, reduction="none", pos_weight=pw))
     (call,) = launches.of("_bce_fwd_kernel")
-    assert call["W_MODE"] == "strided" and call["PW_MODE"] == "strided"  # strided views, no copies
+    # a full-shape transposed weight: not per row or per class, so the flat kernel reads both
+    # operands through their strides (no copies)
+    assert call["W_MODE"] == "strided" and call["PW_MODE"] == "strided"
+
+
+@pytest.mark.parametrize("shape,w_shape,pw_shape,modes", [
+    ((6, 5), (6, 1), (5,), ("row", "col")),
+    ((2, 3, 4), (3, 1), (2, 3, 1), ("row", "row")),
+    ((9,), (), None, ("col", "absent")),
+])
+def test_bce_weights_per_row_or_class_take_the_tiled_kernel(shape, w_shape, pw_shape, modes, device, launches):
+    """Weights broadcast per row ([N, 1]) or per class ([C], a scalar) run the tiled kernel, which
+    loads each weight once per tile row or column (strided views included, no copies)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(shape, device=device, requires_grad=True), torch.rand(shape, device=device)
+    w = torch.rand(*w_shape, 2, device=device)[..., 0] + 0.5  # stride 2: read in place
+    pw = torch.rand(pw_shape, device=device) * 3 if pw_shape is not None else None
+    for reduction in ("none", "mean"):
+        got = bce.binary_cross_entropy_with_logits(x, t, w, reduction, pw)
+        want = F.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=pw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        grad_out = torch.randn_like(want)
+        torch.testing.assert_close(torch.autograd.grad(got, [x], grad_out)[0],
+                                   torch.autograd.grad(want, [x], grad_out)[0], rtol=1e-5, atol=1e-6)
+    calls = launches.of("_bce_tiled_kernel")
+    assert len(calls) == 2 and not launches.of("_bce_fwd_kernel")
+    assert (calls[0]["W_MODE"], calls[0]["PW_MODE"]) == modes
 
 
 def test_broadcast_errors_name_the_argument(device):
@@ -195,8 +221,9 @@ def test_bce_one_launch_and_backward_scales_saved_grad(reduction, device, launch
     x = torch.randn(4097, device=device, requires_grad=True)
     t = torch.rand(4097, device=device, requires_grad=True)
     loss = bce.binary_cross_entropy_with_logits(x, t, None, reduction, torch.tensor([2.0], device=device))
-    assert len(launches.of("_bce_fwd_kernel")) == 1
-    call = launches.of("_bce_fwd_kernel")[0]
+    calls = launches.of("_bce_fwd_kernel") + launches.of("_bce_tiled_kernel")  # pos_weight [1]: tiled
+    assert len(calls) == 1
+    call = calls[0]
     assert call["GRAD_X"] and call["GRAD_T"]
     before = len(launches)
     g1 = torch.autograd.grad(loss, [x, t], torch.ones_like(loss), retain_graph=True)
