@@ -522,11 +522,23 @@ def config_workload(override: str) -> Workload:
 
 
 def _optimizers(model):
-    optimizers = bench_models._optimizers(model)
+    """The model's optimizers as on CUDA: foreach where PyTorch would pick it for CUDA parameters;
+    a fused optimizer (which meta parameters refuse) built as fused, then stepped one tensor at a
+    time (the fused kernel allocates no temporaries; the per-tensor loop only one tensor's)."""
+    import torch.optim.optimizer as optimizer_module
+
+    supported = optimizer_module._get_fused_kernels_supported_devices
+    optimizer_module._get_fused_kernels_supported_devices = lambda: [*supported(), "meta"]
+    try:
+        optimizers = bench_models._optimizers(model)
+    finally:
+        optimizer_module._get_fused_kernels_supported_devices = supported
     for opt in optimizers:
         for group in opt.param_groups:
-            if "foreach" in group and group.get("fused") is not True:
-                group["foreach"] = True  # what PyTorch picks for CUDA parameters
+            if group.get("fused"):
+                group["fused"], group["foreach"] = False, False
+            elif "foreach" in group:
+                group["foreach"] = True
     return optimizers
 
 
