@@ -1,7 +1,7 @@
 """gpudl.kernels: our Triton kernels, one file per family, each registering a KernelSpec.
 
 Importing this package imports every kernel module in this folder, so dropping a new file here
-registers its kernel (see `registry.py` and the README's "Adding a kernel").
+registers its kernel (see `registry.py` and docs/adding-a-kernel.md).
 Set TRITON_INTERPRET=1 before importing it to run the kernels on the CPU.
 """
 

@@ -149,13 +149,10 @@ def test_conv2d_wgrad_split_reduction(monkeypatch):
     _assert_all_close(y, r, got, want)
 
 
-@pytest.mark.parametrize("repack", [True, False], ids=["repacked", "any-strides"])
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_conv2d_nchw_repacking_and_strided_kernels(monkeypatch, activation, repack):
-    """NCHW operands are repacked channels-innermost before the launches (so tiles load as vectors)
-    and outputs and gradients keep their NCHW layouts; without the repack the kernels read the
-    NCHW strides directly and give the same values."""
-    monkeypatch.setattr(conv_kernels, "_REPACK", repack)
+def test_conv2d_nchw_operands_are_read_in_place(activation):
+    """NCHW operands are read with their own strides (no repack): outputs and gradients keep
+    their NCHW layouts and match the reference."""
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 6, 7, 5), torch.randn(4, 3, 3, 2) / 5, torch.randn(4)
     y, r, got, want = _conv_pair(x, w, b, activation, stride=(2, 1), padding=1, groups=2)
@@ -199,10 +196,10 @@ def test_conv2d_double_backward_is_refused():
 
 
 def test_conv2d_groups_beyond_grid_limit_falls_back(monkeypatch):
-    monkeypatch.setattr(conv_kernels, "_MAX_GRID_Z", 2)  # the real limit is 65535 groups
+    monkeypatch.setattr(conv_kernels, "MAX_GRID_Z", 2)  # the real limit is 65535 groups
     torch.manual_seed(0)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 1, 3, 3)
-    match = r"conv2d: running the PyTorch reference.*groups > 2"
+    match = r"conv2d: running the PyTorch reference.*groups x stride_h x stride_w = 4 > 2"
     with gpudl.use_backend("triton"), pytest.warns(UserWarning, match=match):
         y = ops.conv2d(x, w, None, padding=1, groups=4, activation="relu")
     assert y.grad_fn is None or "gpudl_conv2d" not in type(y.grad_fn).__name__

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import gpudl
 from gpudl import nn, ops
 from gpudl.kernels import layer_norm as ln
+from gpudl.kernels import layer_norm_triton as ln_triton
 
 
 def _params(shape, device, dtype=torch.float32, requires_grad=True):
@@ -119,7 +120,7 @@ def test_parameter_grads_over_many_programs_are_reproducible(device, launches):
     sum in a fixed order, so two runs agree bit for bit, and they match torch."""
     torch.manual_seed(0)
     n = 24
-    block_n, rows, _ = ln.launch_config(n, 10**6)
+    block_n, rows, _ = ln_triton.launch_config(n, 10**6)
     m = rows * 9 + 5  # 10 tiles, the last one ragged
     x = torch.randn(m, n, device=device)
     w, b = _params((n,), device)
@@ -160,7 +161,7 @@ def test_long_rows_take_the_separate_dweight_dbias_kernel(wanted, monkeypatch, d
         return torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
 
     fused = grads()
-    monkeypatch.setattr(ln, "SPLIT_DWDB_BLOCK_N", 64)
+    monkeypatch.setattr(ln_triton, "SPLIT_DWDB_BLOCK_N", 64)
     launches.records.clear()
     split = grads()
     dwdb = launches.of("_ln_bwd_dwdb_kernel")

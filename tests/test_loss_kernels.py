@@ -171,7 +171,7 @@ def test_bce_strided_weight_is_read_in_place(device, launches):
     got = bce.binary_cross_entropy_with_logits(x, t, w, "none", pw)
     torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(x, t, w, reduction="none", pos_weight=pw))
     (call,) = launches.of("_bce_fwd_kernel")
-    assert call["W_MODE"] == 2 and call["PW_MODE"] == 2  # strided views, no copies
+    assert call["W_MODE"] == "strided" and call["PW_MODE"] == "strided"  # strided views, no copies
 
 
 def test_broadcast_errors_name_the_argument(device):

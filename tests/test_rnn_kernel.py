@@ -156,3 +156,44 @@ def test_double_backward_raises(device):
     (g,) = torch.autograd.grad(out.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+# --------------------------------------------------------------------------- memory of the backward
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, numel) of every tensor an aten op run inside it returns in new memory
+    (views of its inputs are left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.calls.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("length", [1, 5])
+def test_weight_hh_grad_uses_views_only(batch_first, length, device):
+    """grad W_hh = sum_t dz_t^T h_{t-1} (h_{-1} = h0) from views of dz and the output: the same
+    numbers as the concatenate-then-GEMM form, and no op inside makes a tensor the size of the
+    sequence (no torch.cat of h0 with the outputs, no reshape copy)."""
+    torch.manual_seed(0)
+    batch, hidden = 4, 6
+    shape = (batch, length, hidden) if batch_first else (length, batch, hidden)
+    dz, output = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    h0 = torch.randn(batch, hidden, device=device)
+    time_dim = 1 if batch_first else 0
+    h_prev = torch.cat([h0.unsqueeze(time_dim), output], time_dim).narrow(time_dim, 0, length)
+    want = dz.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
+    with _Allocations() as allocations:
+        got = rnn_kernel.weight_hh_grad(dz, output, h0, batch_first)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    full_size = [call for call in allocations.calls if call[1] >= dz.numel() and call[1] > hidden * hidden]
+    assert not full_size, f"sequence-sized results inside weight_hh_grad: {full_size}"
+    assert not any("cat" in name for name, _ in allocations.calls)
