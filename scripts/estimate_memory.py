@@ -58,6 +58,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -190,8 +191,37 @@ class HostCode:
         def clone(self, memory_format=torch.preserve_format):
             return torch.empty_like(self, memory_format=memory_format)
 
-        patched = [(torch.Tensor, name, in_place) for name in ("copy_", "zero_", "fill_")]
-        patched += [(torch.Tensor, "contiguous", contiguous), (torch.Tensor, "clone", clone)]
+        getitem = torch.Tensor.__getitem__
+
+        def basic_index(self, index):  # the view itself, through aten (the binding asks for a guard)
+            try:
+                return getitem(self, index)
+            except RuntimeError as err:
+                if "not linked with support for cuda" not in str(err):
+                    raise
+            items = index if isinstance(index, tuple) else (index,)
+            explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+            out, dim = self, 0
+            for item in items:
+                if item is Ellipsis:
+                    dim += self.dim() - explicit
+                elif item is None:
+                    out, dim = torch.ops.aten.unsqueeze(out, dim), dim + 1
+                elif isinstance(item, int):
+                    out = torch.ops.aten.select.int(out, dim, item)
+                elif isinstance(item, slice):
+                    out = torch.ops.aten.slice.Tensor(out, dim, item.start, item.stop, item.step or 1)
+                    dim += 1
+                else:
+                    raise TypeError(f"estimate_memory: advanced indexing with {type(item).__name__} in host code")
+            return out
+
+        in_place_methods = ("copy_", "zero_", "fill_", "add_", "sub_", "mul_", "div_", "clamp_", "addcmul_",
+                            "addcdiv_", "masked_fill_", "index_add_", "scatter_", "scatter_add_", "__iadd__",
+                            "__isub__", "__imul__", "__itruediv__", "__setitem__")
+        patched = [(torch.Tensor, name, in_place) for name in in_place_methods]
+        patched += [(torch.Tensor, "contiguous", contiguous), (torch.Tensor, "clone", clone),
+                    (torch.Tensor, "__getitem__", basic_index)]
         patched += [(torch.library, "wrap_triton", _NoLaunch),
                    (torch.cuda, "get_device_properties", lambda *a, **k: props),
                    (torch.cuda, "current_device", lambda: 0)]
@@ -226,7 +256,8 @@ class HostCode:
         fake_kwargs = {k: self._as_fake_cuda(v) for k, v in kwargs.items()}
         counter = _Counter()
         try:
-            with self._no_launches(), torch.no_grad(), self.fake_mode, counter:
+            with self._no_launches(), torch.no_grad(), self.fake_mode, counter, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
                 out = opdef._init_fn(*fake_args, **fake_kwargs)
         except Exception as err:  # noqa: BLE001 - counted by its fake instead, and said so
             if os.environ.get("GPUDL_ESTIMATE_DEBUG"):
