@@ -94,6 +94,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, host_code: "HostCode | None" = None):
         super().__init__()
         self.host_code = host_code
+        self.host_peaks: dict[str, int] = {}  # per gpudl op: the most its host code held at once
         self.live: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
         self.current = self.peak = 0
@@ -122,6 +123,8 @@ class LiveBytes(TorchDispatchMode):
             inner_peak = self.host_code.peak_bytes(func, args, kwargs or {})
             if inner_peak is not None:
                 self.peak = max(self.peak, self.current + inner_peak)
+                name = func._schema.name
+                self.host_peaks[name] = max(self.host_peaks.get(name, 0), inner_peak)
         out = func(*args, **(kwargs or {}))
         for t in _tensors(out):
             self.track(t)
@@ -599,6 +602,9 @@ def measure(work: Workload, variant: str, dtype: torch.dtype | None) -> dict[str
         work.step(model, optimizers, batch, autocast)
         full = tracker.peak
     row = {"saved_mib": sum(saved) / MiB, "fwd_bwd_mib": fwd_bwd / MiB, "step_mib": full / MiB}
+    if tracker.host_peaks:  # which op's launch needs the most at once (its outputs and scratch)
+        largest = sorted(tracker.host_peaks.items(), key=lambda kv: -kv[1])[:5]
+        row["largest_op_allocations_mib"] = {op: round(b / MiB, 3) for op, b in largest}
     if host_code.skipped:
         row["host_code_not_run"] = dict(host_code.skipped)
     return row
