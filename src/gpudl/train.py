@@ -45,6 +45,7 @@ from gpudl.config import (
     check_model_fits_data,
     instantiate,
     instantiate_group,
+    set_cpu_threads,
     set_kernel_backend,
     validate_config,
 )
@@ -127,6 +128,7 @@ def _build(cfg: DictConfig) -> _Run:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     resumed = _progress(load_checkpoint(ckpt)) if ckpt else None
     set_kernel_backend(cfg)
+    set_cpu_threads(cfg)
     if tracking.wandb_logger_names(cfg):
         log.info("W&B mode: %s", tracking.choose_wandb_mode())
     if cfg.get("seed") is not None:
@@ -294,6 +296,7 @@ def _evaluate(cfg: DictConfig) -> tuple[dict[str, float], str]:
                 f"run_config: {run_config} has no `{key}._target_`; is it a config.yaml written by train()?"
             )
     set_kernel_backend(cfg)
+    set_cpu_threads(cfg)
     if tracking.wandb_logger_names(cfg):
         log.info("W&B mode: %s", tracking.choose_wandb_mode())
     seed = cfg.get("seed") if cfg.get("seed") is not None else run_cfg.get("seed")
