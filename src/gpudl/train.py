@@ -166,6 +166,10 @@ def _build(cfg: DictConfig) -> _Run:
         OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
     if loggers:
         hparams = dict(resolved)
+        # The W&B entries as the run got them: in a multirun, group <experiment>-<sweep> and job_type.
+        for name, args in wandb_args.items():
+            shown = {k: args[k] for k in ("group", "job_type") if k in args}
+            hparams["logger"] = {**hparams["logger"], name: {**hparams["logger"][name], **shown}}
         hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
         hparams["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for logger in trainer.loggers:
