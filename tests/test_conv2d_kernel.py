@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_against_reference, leaf, on_backend
+from helpers import check_against_reference, innermost_function, leaf, on_backend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gpudl
 from gpudl import nn as gnn
@@ -290,3 +291,66 @@ def test_max_pool2d_float64():
     x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
     y, r, got, want = _pool_pair(x, 3, 2, 1)
     assert y.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------- memory
+class _Allocations(TorchDispatchMode):
+    """Every tensor an aten op returns fresh (allocations and copies), as (op, shape, channels_last)."""
+
+    COPIES = ("aten.clone", "aten._to_copy", "aten.copy_", "aten.contiguous")
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.copies = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(self.COPIES):
+            self.copies.append(name)
+        elif "empty" in name or "zeros" in name:
+            self.made.append((name, tuple(out.shape), out.dim() == 4 and out.is_contiguous(memory_format=CL)))
+        return out
+
+
+class _NoLaunch:
+    """Stands in for wrap_triton: records the kernels a launcher would run, runs none (the
+    interpreter's own host copies are not the op's)."""
+
+    def __init__(self):
+        self.kernels = []
+
+    def __call__(self, kernel):
+        def launch(grid):
+            return lambda *args, **kwargs: self.kernels.append(innermost_function(kernel).__name__)
+
+        return type("Launcher", (), {"__getitem__": lambda _, grid: launch(grid)})()
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_conv2d_channels_last_allocates_no_copies(monkeypatch, activation):
+    """A channels_last forward + backward allocates its outputs and gradients (channels_last where
+    they are images) and, with an activation, the one dz buffer the GEMMs read; it copies nothing."""
+    launcher = _NoLaunch()
+    monkeypatch.setattr(conv_kernels, "wrap_triton", launcher)
+    x = torch.randn(2, 8, 10, 10).to(memory_format=CL)
+    w = torch.randn(16, 8, 3, 3).to(memory_format=CL)
+    b = torch.randn(16)
+    act = "none" if activation is None else activation
+    conf = ((1, 1), (1, 1, 1, 1), (1, 1), 1, act)
+    with _Allocations() as forward:
+        y, z = conv_kernels._conv2d_forward(x, w, b, *conf, False)
+    gy = torch.randn_like(y)
+    saved = y if activation else None
+    with _Allocations() as backward:
+        dx, dw, db = conv_kernels._conv2d_backward(gy, x, w, saved, list(x.shape), list(x.stride()), list(w.shape),
+                                                   *conf, True, True, True)
+    assert forward.copies == [] and backward.copies == []
+    assert [shape for _, shape, _ in forward.made] == [(2, 16, 10, 10)] and forward.made[0][2]
+    images = [(shape, cl) for _, shape, cl in backward.made if len(shape) == 4 and shape[0] == 2]
+    expected = [((2, 16, 10, 10), True)] if activation else []  # dz = dy * act'(y)
+    assert images == expected + [((2, 8, 10, 10), True)]  # + dx
+    others = sorted(shape for _, shape, _ in backward.made if shape not in [s for s, _ in images])
+    assert others == [(16,), (16, 8, 3, 3)]  # db, dw: no partial buffers with one split
+    assert y.is_contiguous(memory_format=CL) and dx.is_contiguous(memory_format=CL)
+    assert "_conv2d_dgrad_kernel" in launcher.kernels and "_conv2d_wgrad_kernel" in launcher.kernels

@@ -348,11 +348,11 @@ def test_gan_needs_a_datamodule_for_its_judge(tmp_path):
 
 
 def test_gan_judge_rejects_non_digits():
-    from gpudl.models.gan import _split_arrays, judge_scores, train_judge
+    from gpudl.models.gan_quality import judge_scores, split_arrays, train_judge
 
     dm = _digits()
     dm.setup()
-    judge, acc = train_judge(*_split_arrays(dm, "train"), *_split_arrays(dm, "test"), hidden=64, epochs=10)
+    judge, acc = train_judge(*split_arrays(dm, "train"), *split_arrays(dm, "test"), hidden=64, epochs=10)
     assert acc > 0.85
     real = judge_scores(judge, dm.test_set.tensors[0])
     gray = judge_scores(judge, torch.full((50, 1, 8, 8), 0.5))
