@@ -149,8 +149,8 @@ GPT_FAST = ["data.batch_size=8", "data.context_length=32", "model.context_length
 NARROW = {
     "cnn_mnist": ["model.channels=[4,8]", "model.hidden=16"],
     "attention_digits": ["model.embed_dim=32", "model.num_heads=2", "model.mlp_dim=64", "model.num_layers=1"],
-    "gan_digits": ["model.hidden=32", "model.judge_hidden=32"],
-    "gan_mnist": ["model.hidden=32", "model.judge_hidden=32"],
+    "gan_digits": ["model.generator.hidden=32", "model.discriminator.hidden=32", "model.judge_hidden=32"],
+    "gan_mnist": ["model.generator.hidden=32", "model.discriminator.hidden=32", "model.judge_hidden=32"],
     "gpt_chars": ["model.d_model=48", "model.num_heads=2", "model.num_layers=1"],
 }
 EXPERIMENTS = ["linreg_diabetes", "linreg_toy", "logreg_cancer", "cnn_digits", "cnn_mnist", "rnn_digits",
