@@ -98,6 +98,8 @@ SPEC = register(KernelSpec(
         _pool_case("ceil_mode_dilation_channels_last", 2, 5, (10, 11), (3, 2), (2, 3), (1, 1), (2, 1), ceil_mode=True,
                    channels_last=True),
         _pool_case("rect_k3x1_s1", 1, 4, (6, 5), (3, 1), (1, 1), (1, 0)),
+        # 2304 outputs: several programs of the channels_last forward's first BLOCK (1024).
+        _pool_case("channels_last_k2_s2_several_programs", 2, 8, (24, 24), (2, 2), (2, 2), channels_last=True),
     ],
     gradcheck_case=_pool_case("gradcheck", 1, 2, (5, 6), (3, 3), (2, 2), (1, 1), ceil_mode=True),
     # Max pooling selects, it does not round: only the gradient sums of overlapping windows add error.
