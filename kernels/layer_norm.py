@@ -34,14 +34,20 @@ from gpudl.kernels.layer_norm_triton import (
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
-
 # --------------------------------------------------------------------------- host launchers
+# dweight/dbias partial rows per SM: about two backward programs per SM keep every SM busy while
+# the partials [P, N] stay few (their write and re-read are P / M of the backward's traffic).
+PARTIALS_PER_SM = 2
+# Partial rows under the interpreter (no SMs to count): a few, so the tests sum several.
+INTERPRETER_PARTIALS = 4
+
+
 def _backward_programs(num_tiles: int, device: torch.device) -> int:
-    """About two programs per SM keeps every SM busy while the partials stay few ([P, N])."""
+    """The backward's program count, one partial row each: PARTIALS_PER_SM per SM, at most one per tile."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = PARTIALS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = 4  # the interpreter: cost is the same however the tiles are split
+        target = INTERPRETER_PARTIALS
     return max(1, min(num_tiles, target))
 
 

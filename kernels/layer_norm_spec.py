@@ -117,6 +117,10 @@ SPEC = register(KernelSpec(
         _case((3, 5, 37), "none"),
         _case((7, 100), "weight", scale=3.0, shift=5.0),  # off-centre rows: the two-pass variance
         _case((6, 33), "bias"),
+        # Rows of BLOCK_N = SPLIT_DWDB_BLOCK_N: dweight/dbias from their own kernel, a [3, 17] grid
+        # (6 row tiles over the interpreter's 4 partial rows: 3 programs of 2 tiles); 6 forward
+        # programs, 65 column blocks of the partials' reduction.
+        _case((6, 8200)),
     ],
     gradcheck_case=_case((3, 7)),
     tolerances={torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)},

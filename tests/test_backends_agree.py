@@ -139,8 +139,8 @@ FAST = ["data.batch_size=4", "logger=none", "trainer.max_epochs=1", "trainer.lim
 GAN_FAST = ["model.judge_epochs=1", "model.num_eval_samples=50"]
 # The interpreter runs a convolution program by program: the DCGAN on 28x28 MNIST took 5 minutes
 # here (its transposed convolutions mostly). On the 8x8 digits, narrower, the same code paths run.
-DCGAN_FAST = ["data=digits", "model.image_shape=[1,8,8]", "model.channels=4", "data.batch_size=8",
-              "model.num_eval_samples=16"]
+DCGAN_FAST = ["data=digits", "model.image_shape=[1,8,8]", "model.generator.channels=4",
+              "model.discriminator.channels=4", "data.batch_size=8", "model.num_eval_samples=16"]
 GPT_FAST = ["data.batch_size=8", "data.context_length=32", "model.context_length=32"]
 EXPERIMENTS = ["linreg_diabetes", "linreg_toy", "logreg_cancer", "cnn_digits", "cnn_mnist", "rnn_digits",
                "attention_digits", "gan_digits", "gan_mnist", "dcgan_mnist", "gpt_chars"]
