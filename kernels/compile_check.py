@@ -238,41 +238,66 @@ def compile_variant(variant, arch: int, unit=(), inspect=None) -> dict:
     return record
 
 
+def compilation_id(op: str, variant: str, arch: int, unit) -> str:
+    """The name of one compilation: op, variant, arch and the unit strides it is specialized with."""
+    return f"{op}|{variant}|sm_{arch}|{','.join(unit) or '-'}"
+
+
 def _compile_job(job):
     op, index, arch, spec, audit = job
     from gpudl.kernels import REGISTRY
 
     inspect = None
     variant = REGISTRY[op].compile_variants()[index]
-    if audit:  # "sass": disassemble every compilation; "sass-gemm": the GEMM-like ones (and spills)
-        from gpudl.kernels.audit import inspect_compiled
+    if audit:  # "sass": disassemble every compilation; "sass-gemm": the GEMM-like ones, streams and spills
+        from gpudl.kernels.audit import STREAM_OPS, inspect_compiled
 
-        inspect = functools.partial(inspect_compiled, sass=audit == "sass" or is_gemm_like(variant.kernel))
+        sass = audit == "sass" or is_gemm_like(variant.kernel) or op in STREAM_OPS
+        inspect = functools.partial(inspect_compiled, sass=sass)
     record = compile_variant(variant, arch, spec["unit"], inspect)
-    return {"op": op, **record, "layouts": spec["layouts"], "gemm_like": is_gemm_like(variant.kernel),
+    return {"op": op, "id": compilation_id(op, variant.name, arch, spec["unit"]), **record,
+            "kernel": _kernel_key(variant.kernel).rsplit(".", 1)[-1], "role": variant.role,
+            "layouts": spec["layouts"], "gemm_like": is_gemm_like(variant.kernel),
             "half": is_half(variant), "dtype": data_dtype(variant),
             "constexprs": {k: str(v) for k, v in variant.constexprs.items()}}
 
 
-def run(ops, archs, jobs: int, audit: str | None = None, emit=None):
-    """Compile every variant of `ops` for `archs` (in `jobs` processes); returns (records,
-    failures). `emit(record)` sees each record as it arrives."""
+def plan(ops, archs) -> list[dict]:
+    """Every compilation of `ops` for `archs`, in order: {"id", "op", "index", "arch", "spec"}
+    (spec: the unit strides and the layouts that launch so); ops without variants get
+    {"op", "error"}."""
     from gpudl.kernels import REGISTRY
 
     captured = captured_launches(ops)
-    records, work = [], []
+    work = []
     for op in ops:
         variants = REGISTRY[op].compile_variants()
         if not variants:
-            records.append({"op": op, "ok": False, "error": "the spec lists no compile variants"})
+            work.append({"op": op, "error": "the spec lists no compile variants"})
         for i, variant in enumerate(variants):
-            work += [(op, i, arch, spec, audit) for spec in specializations(variant, captured) for arch in archs]
+            for spec in specializations(variant, captured):
+                for arch in archs:
+                    work.append({"id": compilation_id(op, variant.name, arch, spec["unit"]), "op": op, "index": i,
+                                 "arch": arch, "spec": spec})
+    return work
+
+
+def execute(work, jobs: int, audit: str | None = None, emit=None) -> list[dict]:
+    """Compile the `plan` entries in `work` (in `jobs` processes); one record each, in order."""
+    records = [{"op": w["op"], "ok": False, "error": w["error"]} for w in work if "error" in w]
+    todo = [(w["op"], w["index"], w["arch"], w["spec"], audit) for w in work if "error" not in w]
     with ProcessPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for record in pool.map(_compile_job, work):
+        for record in pool.map(_compile_job, todo):
             records.append(record)
             if emit:
                 emit(record)
     return records
+
+
+def run(ops, archs, jobs: int, audit: str | None = None, emit=None):
+    """Compile every variant of `ops` for `archs` (in `jobs` processes); returns the records
+    (failures are records with ok False). `emit(record)` sees each record as it arrives."""
+    return execute(plan(ops, archs), jobs, audit, emit)
 
 
 def summary(records) -> str:

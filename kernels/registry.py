@@ -57,6 +57,10 @@ class CompileVariant:
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
+    # What the audit's hot-loop model compares the variant with: "gemm" (the plain GEMM at its
+    # tile), "attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq" (the textbook flash
+    # attention kernel of that role), or "" to let the audit infer it from the kernel's name.
+    role: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from gpu_semantics import checking_gpu_semantics
 from helpers import (
     HAS_CUDA,
     assert_close,
@@ -28,6 +29,7 @@ from helpers import (
     recording_launches,
     tolerance,
 )
+from traffic import MEMORY_BOUND, RATIO_LIMIT, format_table, traffic_rows
 
 from gpudl.kernels import REGISTRY
 from gpudl.kernels._common import forced_config, tuning_candidates
@@ -41,10 +43,24 @@ CASES = [(spec, case) for spec in REGISTRY.values() for case in spec.cases]
 @pytest.mark.parametrize("spec,case", CASES, ids=[f"{s.op}-{c.name}" for s, c in CASES])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kernel_matches_reference(spec, case, dtype, device, launches):
-    with warnings.catch_warnings():
+    """Outputs and gradients against the reference; under the interpreter, in the same pass, the
+    GPU-semantics checks of every launch (tests/gpu_semantics.py: no out-of-bounds access, no race
+    between programs, no dependence on the programs' order)."""
+    with warnings.catch_warnings(), _semantics_checked(f"{spec.op} {case.name}"):
         if case.expect_fallback:  # its one-time warning, if it gives one, is expected
             warnings.filterwarnings("ignore", category=FallbackWarning)
         compare_with_reference(spec, case, dtype, device, launches)
+
+
+@contextlib.contextmanager
+def _semantics_checked(what: str):
+    """The block's interpreted launches checked for GPU semantics (nothing to hook when compiled)."""
+    if not INTERPRET:
+        yield
+        return
+    with checking_gpu_semantics() as semantics:
+        yield
+    semantics.assert_ok(what)
 
 
 PARTIAL_GRAD_SPECS = [s for s in REGISTRY.values()
@@ -112,14 +128,15 @@ def _kernel_module(spec):
 def test_every_autotune_config_matches_reference(spec, case, device):
     """Each autotune config of each of the spec's kernels, forced in turn (config i of every kernel
     together, wrapping around shorter lists), on a shape that spans several programs under every
-    config: outputs and gradients against the reference, and every autotuned kernel of the spec's
-    file launched on more than one program."""
+    config: outputs and gradients against the reference, the GPU-semantics checks of every launch,
+    and every autotuned kernel of the spec's file launched on more than one program."""
     tuned = autotuned_kernels(_kernel_module(spec))
     rounds = max((len(tuning_candidates(k)) for k in tuned.values()), default=1)
     for index in range(rounds):
         with recording_launches() as launches, _forcing(tuned, index) as configs:
             try:
-                compare_with_reference(spec, case, torch.float32, device, launches)
+                with _semantics_checked(f"{spec.op} {case.name}"):
+                    compare_with_reference(spec, case, torch.float32, device, launches)
             except AssertionError as error:
                 raise AssertionError(f"with configs {configs}: {error}") from None
         for name, kernel in tuned.items():
@@ -164,3 +181,66 @@ def test_every_spec_is_complete():
         assert spec.bench_cases, f"{spec.op}: no benchmark cases"
         assert spec.bytes_moved is not None, f"{spec.op}: no byte model for the benchmark"
         assert hasattr(gpudl.ops, spec.op), f"{spec.op}: no gpudl.ops function of that name"
+
+
+# --------------------------------------------------------------------------- several programs per kernel
+# Kernels that run one program by design (a fixed-order sum of partials, deterministic where
+# atomics would not be): nothing runs beside them, so there is no race or order to check.
+ONE_PROGRAM_BY_DESIGN = {
+    "_sum_partials_kernel": "adds the per-program partials in a fixed order (gpudl.kernels._common)",
+    "_ce_finalize_kernel": "adds cross_entropy's per-program partial losses in a fixed order",
+}
+
+
+def spec_kernels(spec) -> set[str]:
+    """The names of the @triton.jit kernels a spec compiles (its compile variants)."""
+    return {innermost_function(variant.kernel).fn.__name__ for variant in spec.compile_variants()}
+
+
+def most_programs_per_kernel(spec, device) -> dict[str, int]:
+    """{kernel: the most programs one launch of it ran} over the spec's cases, forward and backward,
+    for every kernel the spec compiles (0: never launched). The launches are recorded without
+    running their programs (tests/gpu_semantics.py, run_programs=False): only the grids count."""
+    most = dict.fromkeys(spec_kernels(spec), 0)
+    for case in spec.cases:
+        torch.manual_seed(0)
+        args = case.make(torch.float32, device)
+        with warnings.catch_warnings(), checking_gpu_semantics(run_programs=False) as semantics:
+            warnings.simplefilter("ignore", FallbackWarning)
+            outs = [o for o in flatten(spec.triton(*args)) if o.requires_grad]
+            wanted = [args[i] for i in grad_inputs(args)]
+            if spec.differentiable and outs and wanted:
+                torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True)
+        for launch in semantics.launches:
+            most[launch.kernel] = max(most.get(launch.kernel, 0), launch.programs)
+    return most
+
+
+@pytest.mark.skipif(not INTERPRET, reason="reads the grids of interpreted launches")
+def test_every_kernel_runs_several_programs_in_some_case(device):
+    """The GPU-semantics checks (races, order) need a launch of several programs: every kernel of
+    every spec gets one from at least one of the spec's cases (not only from a test's monkeypatch)."""
+    single, by_design = [], []
+    for spec in REGISTRY.values():
+        for kernel, programs in sorted(most_programs_per_kernel(spec, device).items()):
+            if kernel in ONE_PROGRAM_BY_DESIGN:
+                by_design.append(f"{spec.op}/{kernel} ({programs})")
+            elif programs < 2:
+                single.append(f"{spec.op}/{kernel} ({'never launched' if programs == 0 else 'one program'})")
+    print("\none program by design:", ", ".join(by_design) or "none")
+    assert not single, "kernels no registry case launches with several programs (add a case to the spec):\n  " \
+                       + "\n  ".join(single)
+
+
+# --------------------------------------------------------------------------- traffic
+@pytest.mark.skipif(not INTERPRET, reason="counts the bytes of interpreted launches")
+def test_memory_bound_kernels_move_at_most_their_byte_model(device):
+    """Every case of the memory-bound ops (tests/traffic.py): the bytes the forward's launches
+    load and store, counted under the interpreter, at most 1.10x the spec's bytes_moved. The
+    table is printed (pytest -s) for the docs (docs/gpu-semantics.md)."""
+    rows = traffic_rows(device=device)
+    print("\nforward traffic, counted under the Triton interpreter:\n" + format_table(rows))
+    assert {r.op for r in rows} == set(MEMORY_BOUND), "a memory-bound op has no case its byte model applies to"
+    over = [f"{r.op} {r.case}: {r.ratio:.2f}x ({r.counted:,} bytes counted, {r.model:,.0f} modelled; "
+            f"loaded+stored: {r.breakdown()})" for r in rows if r.ratio > RATIO_LIMIT]
+    assert not over, f"counted traffic above {RATIO_LIMIT}x the byte model:\n  " + "\n  ".join(over)

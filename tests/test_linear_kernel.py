@@ -10,44 +10,18 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, leaves
+from helpers import assert_close, check_against_reference, leaves
 
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import linear as L
+from gpudl.kernels import linear_triton as LT
 
 ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 
 
-@pytest.fixture(autouse=True)
-def _on_test_device(device):
-    """Tensors made in these tests land on the test device: CUDA (compiled kernels) when there is
-    one, else the CPU (the Triton interpreter)."""
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
-
-
-def _check_against_reference(x, w, b, act, grad=None, atol=1e-5, rtol=1e-5):
-    """Kernel vs reference on copies of (x, w, b): output and every requested gradient, element
-    by element (helpers.assert_close: atol scaled by each tensor's RMS)."""
-    kx, kw, kb = leaves(x, w, b)
-    rx, rw, rb = leaves(x, w, b)
-    y = L.linear(kx, kw, kb, act)
-    y_ref = reference.linear(rx, rw, rb, act)
-    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
-    assert_close("output", y, y_ref, atol, rtol)
-    wants = [t for t in (kx, kw, kb) if t is not None and t.requires_grad]
-    if not wants:
-        return y
-    grad = torch.randn_like(y_ref) if grad is None else grad
-    got = torch.autograd.grad(y, wants, grad)
-    want = torch.autograd.grad(y_ref, [t for t in (rx, rw, rb) if t is not None and t.requires_grad], grad)
-    assert len(got) == len(want)
-    for i, (g, r) in enumerate(zip(got, want)):
-        assert_close(f"gradient {i}", g, r, atol, rtol)
-    return y
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 @pytest.fixture
@@ -110,12 +84,12 @@ def test_every_activation_output_and_grads(act):
     x = torch.randn(7, 19, requires_grad=True)
     w = torch.randn(21, 19, requires_grad=True)
     b = torch.randn(21, requires_grad=True)
-    _check_against_reference(x, w, b, act)
+    check_against_reference(L.linear, reference.linear, x, w, b, act)
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_gradcheck_float64_every_activation(act):
-    """float64 gradcheck of each gradient path (from the output, or from the saved pre-activation)."""
+    """float64 gradcheck of each gradient path (from the saved output, or from the recomputed pre-activation)."""
     torch.manual_seed(2)
     x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
@@ -131,7 +105,7 @@ def test_relu_grad_at_zero_follows_torch():
     x = torch.zeros(3, 16, requires_grad=True)
     w = torch.ones(16, 16, requires_grad=True)
     for act in ("relu", "leaky_relu"):
-        _check_against_reference(x, w, None, act)
+        check_against_reference(L.linear, reference.linear, x, w, None, act)
 
 
 # --------------------------------------------------------------------------- shapes and layouts
@@ -141,7 +115,7 @@ def test_leading_batch_dims(lead):
     x = torch.randn(*lead, 18, requires_grad=True)
     w = torch.randn(20, 18, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
-    y = _check_against_reference(x, w, b, "tanh")
+    y = check_against_reference(L.linear, reference.linear, x, w, b, "tanh").out
     assert y.shape == (*lead, 20)
 
 
@@ -155,9 +129,9 @@ def test_non_contiguous_input_and_weight():
     assert not x2.is_contiguous() and not x3.is_contiguous() and not w.is_contiguous()
     assert x3.reshape(12, 17).data_ptr() != x3.data_ptr()  # really the copying path
     w_in = torch.randn(25, 33, requires_grad=True)
-    _check_against_reference(x2, w_in, None, "sigmoid")
-    _check_against_reference(x3, w, b, "gelu")
-    _check_against_reference(x3, w, b, None)
+    check_against_reference(L.linear, reference.linear, x2, w_in, None, "sigmoid")
+    check_against_reference(L.linear, reference.linear, x3, w, b, "gelu")
+    check_against_reference(L.linear, reference.linear, x3, w, b, None)
 
 
 def test_expanded_grad_output():
@@ -168,7 +142,7 @@ def test_expanded_grad_output():
         w = torch.randn(19, 21, requires_grad=True)
         b = torch.randn(19, requires_grad=True)
         grad = torch.ones(()).expand(4, 6, 19)
-        _check_against_reference(x, w, b, act, grad=grad)
+        check_against_reference(L.linear, reference.linear, x, w, b, act, grad=grad)
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
@@ -187,15 +161,57 @@ def test_zero_in_features_gives_activation_of_bias():
     x = torch.randn(3, 0, requires_grad=True)
     w = torch.randn(5, 0, requires_grad=True)
     b = torch.randn(5, requires_grad=True)
-    _check_against_reference(x, w, b, "sigmoid")
+    check_against_reference(L.linear, reference.linear, x, w, b, "sigmoid")
 
 
-def test_inference_writes_no_pre_activation(gemm_calls):
+def test_inference_runs_one_gemm(gemm_calls):
     x, w, b = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8)
     y = L.linear(x, w, b, "gelu")
     assert y.grad_fn is None
-    assert [c[2].get("pre") for c in gemm_calls] == [None]
+    assert [c[:2] for c in gemm_calls] == [("gemm", (4, 8))]
     torch.testing.assert_close(y, reference.linear(x, w, b, "gelu"), atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- what backward keeps
+def _saved_by_forward(*args):
+    """(output, [tensors autograd saved while the forward ran]) via saved-tensor hooks."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = L.linear(*args)
+    return y, saved
+
+
+def _same(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_backward_keeps_one_output_sized_tensor_at_most(act):
+    """Besides x and W (what dW and dx read, and b where gelu recomputes), backward keeps the OUTPUT
+    y for relu, leaky_relu, tanh and sigmoid (the tensor the next layer keeps anyway) and no
+    [M, N] tensor for gelu (recomputed) or no activation; gradients still match PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    y, saved = _saved_by_forward(x, w, b, act)
+    output_sized = [t for t in saved if t.shape == y.shape]
+    if act in ("relu", "leaky_relu", "tanh", "sigmoid"):
+        assert len(output_sized) == 1 and _same(output_sized[0], y)
+    else:
+        assert output_sized == []
+    rest = [t for t in saved if t.shape != y.shape]
+    expected = [x, w, b] if act == "gelu" else [x, w]
+    assert len(rest) == len(expected) and all(_same(t, e) for t, e in zip(rest, expected))
+    check_against_reference(L.linear, reference.linear, x, w, b, act)
+
+
+def test_gelu_without_weight_grad_still_keeps_no_output_sized_tensor():
+    x = torch.randn(4, 16, requires_grad=True)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    y, saved = _saved_by_forward(x, w, b, "gelu")
+    assert not [t for t in saved if t.shape == y.shape]
+    assert len(saved) == 3  # x, W, b: the recompute reads all three
 
 
 # --------------------------------------------------------------------------- which grads run
@@ -209,7 +225,8 @@ def test_only_input_grad_runs_only_the_grad_input_gemm(gemm_calls):
     y = L.linear(x, w, b, "gelu")
     forward = len(gemm_calls)
     (gx,) = torch.autograd.grad(y.sum(), (x,))
-    assert _backward_launches(gemm_calls, forward) == [("gemm", (6, 16))]
+    # gelu: the recompute of dz (a [6, 8] GEMM), then dx.
+    assert _backward_launches(gemm_calls, forward) == [("gemm", (6, 8)), ("gemm", (6, 16))]
     (want,) = torch.autograd.grad(reference.linear(x, w, b, "gelu").sum(), (x,))
     torch.testing.assert_close(gx, want, atol=1e-5, rtol=1e-4)
 
@@ -306,10 +323,68 @@ print(",".join(got))
 
 
 def test_config_pruning_keeps_what_fits():
-    configs = L._GEMM_CONFIGS
+    configs = LT.GEMM_TILES
     # sm_80's 163 KiB: the 128x256x64 bf16 tile fits, not in fp32; fp64 always keeps one config.
-    bf16 = L._configs_that_fit(configs, 2, 166912)
-    fp32 = L._configs_that_fit(configs, 4, 166912)
-    fp64 = L._configs_that_fit(configs, 8, 1)
+    bf16 = LT.tiles_that_fit(configs, 2, 166912)
+    fp32 = LT.tiles_that_fit(configs, 4, 166912)
+    fp64 = LT.tiles_that_fit(configs, 8, 1)
     assert configs[0] in bf16 and configs[0] not in fp32 and fp32
     assert len(fp64) == 1
+
+
+# --------------------------------------------------------------------------- persistent GEMM, load paths
+@pytest.mark.parametrize("in_features,loads", [(32, "descriptor"), (37, "pointer")])
+def test_gemm_loads_through_descriptors_where_the_tma_can(in_features, loads, launches):
+    """Operands with a unit stride, 16-byte aligned base and other stride go through tensor
+    descriptors (all three GEMMs of a layer); a ragged in_features (37 fp32 = 148-byte rows) takes
+    the pointer loads. Both match PyTorch."""
+    torch.manual_seed(0)
+    x = torch.randn(300, in_features, requires_grad=True)
+    w = torch.randn(48, in_features, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    check_against_reference(L.linear, reference.linear, x, w, b, "gelu")
+    gemms = launches.of("_matmul_kernel")
+    assert len(gemms) == 4  # forward, gelu's recompute, dx, dW
+    assert {g["LOADS"] for g in gemms} == {loads}
+    if loads == "descriptor":
+        assert [(g["A_MAJOR"], g["B_MAJOR"]) for g in gemms] == [
+            ("row", "column"), ("row", "column"), ("row", "row"), ("column", "row")]
+
+
+def test_persistent_programs_walk_several_tiles(launches):
+    """The grid is capped at the SM count (INTERPRETER_PROGRAMS here): with more output tiles than
+    programs, each program computes several, and the result still matches."""
+    torch.manual_seed(0)
+    x = torch.randn(1100, 64, requires_grad=True)
+    w = torch.randn(300, 64, requires_grad=True)
+    check_against_reference(L.linear, reference.linear, x, w, None, "relu")
+    forward = launches.of("_matmul_kernel")[0]
+    tiles = -(-1100 // forward["BLOCK_M"]) * -(-300 // forward["BLOCK_N"])
+    assert forward["grid"][0] == L.INTERPRETER_PROGRAMS < tiles
+    assert all(g["grid"][0] <= L.INTERPRETER_PROGRAMS for g in launches.of("_matmul_kernel"))
+
+
+def test_gemm_with_no_unit_stride_takes_pointer_loads(launches):
+    x = torch.randn(20, 64)[:, ::2].requires_grad_()  # [20, 32], strides (64, 2)
+    w = torch.randn(12, 32, requires_grad=True)
+    y = L.linear(x, w, None, "tanh")
+    assert launches.of("_matmul_kernel")[0]["LOADS"] == "pointer"
+    torch.testing.assert_close(y, reference.linear(x, w, None, "tanh"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_torch_compile_traces_the_custom_op(act):
+    """One graph (fullgraph) through the custom op and its backward, gelu's recompute included;
+    the same numbers as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    compiled = torch.compile(lambda *t: L.linear(*t, act), backend="aot_eager", fullgraph=True)
+    y = compiled(x, w, b)
+    got = torch.autograd.grad(y.square().sum(), (x, w, b))
+    eager = L.linear(x, w, b, act)
+    want = torch.autograd.grad(eager.square().sum(), (x, w, b))
+    torch.testing.assert_close(y, eager)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)

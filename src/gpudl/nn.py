@@ -138,7 +138,21 @@ class MultiheadAttention(nn.MultiheadAttention):
     need_weights defaults to False (fused attention never forms the weights); with need_weights=True
     the weights are computed explicitly, averaged over heads unless average_attn_weights=False.
     query [L, N, E] ([N, L, E] if batch_first); returns (output, weights or None).
+
+    Self-attention (query, key and value the same tensor) runs ONE projection GEMM with the packed
+    in_proj_weight [3E, E], so its input is read (and, under autocast, cast to half precision and
+    saved) once; q, k and v are views of its [N, L, 3E] output, and the attention output, stored
+    as [N, L, H, Dh] by the kernel, reaches out_proj as a view too. key is value (cross-attention
+    over a memory) packs the k and v projections the same way.
+
+    State dicts with the projections under other names load through a pre-hook: separate
+    q_proj_weight / k_proj_weight / v_proj_weight (torch's form when kdim or vdim differ), and
+    qkv.* / proj.* (a packed nn.Linear pair, as gpudl's GPT attention stored them).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(_packed_projection_keys)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -150,18 +164,30 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise ValueError(
                 f"query must be 3-D ([L, N, E], or [N, L, E] with batch_first), got shape {tuple(query.shape)}"
             )
+        self_attention, shared_kv = query is key and key is value, key is value
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         batch, lq, embed = query.shape
         lk = key.shape[1]
         heads, head_dim = self.num_heads, self.head_dim
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        weight, bias = self.in_proj_weight, self.in_proj_bias
 
-        def split_heads(x, w, b, length):
-            return ops.linear(x, w, b).view(batch, length, heads, head_dim).transpose(1, 2)
+        def split_heads(projected, count, length):
+            """[N, L, count * E] -> `count` views [N, H, L, Dh] (no copy)."""
+            return [t.view(batch, length, heads, head_dim).transpose(1, 2) for t in projected.split(embed, -1)]
 
-        q, k, v = split_heads(query, w_q, b_q, lq), split_heads(key, w_k, b_k, lk), split_heads(value, w_v, b_v, lk)
+        def rows(start, stop):
+            return weight[start * embed:stop * embed], (bias[start * embed:stop * embed] if bias is not None else None)
+
+        if self_attention:
+            q, k, v = split_heads(ops.linear(query, weight, bias), 3, lq)
+        else:
+            (q,) = split_heads(ops.linear(query, *rows(0, 1)), 1, lq)
+            if shared_kv:
+                k, v = split_heads(ops.linear(key, *rows(1, 3)), 2, lk)
+            else:
+                (k,) = split_heads(ops.linear(key, *rows(1, 2)), 1, lk)
+                (v,) = split_heads(ops.linear(value, *rows(2, 3)), 1, lk)
         mask = _combine_masks(attn_mask, key_padding_mask, batch, heads, lq, lk, q.dtype)
         if is_causal and mask is not None:
             causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
@@ -169,6 +195,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             is_causal = False
         dropout = self.dropout if self.training else 0.0
         out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        # [N, H, Lq, Dh] stored as [N, Lq, H, Dh] by gpudl's kernel (and torch's flash backend): a view.
         out = ops.linear(out.transpose(1, 2).reshape(batch, lq, embed), self.out_proj.weight, self.out_proj.bias)
         weights = None
         if need_weights:
@@ -183,6 +210,19 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+
+def _packed_projection_keys(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook of MultiheadAttention: rename or pack projection keys stored in
+    another form into in_proj_weight / in_proj_bias / out_proj.* (see the class docstring)."""
+    separate = [prefix + f"{name}_proj_weight" for name in "qkv"]
+    if prefix + "in_proj_weight" not in state_dict and all(k in state_dict for k in separate):
+        state_dict[prefix + "in_proj_weight"] = torch.cat([state_dict.pop(k) for k in separate])
+    renames = {"qkv.weight": "in_proj_weight", "qkv.bias": "in_proj_bias",
+               "proj.weight": "out_proj.weight", "proj.bias": "out_proj.bias"}
+    for old, new in renames.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def _additive(mask, dtype):

@@ -73,18 +73,41 @@ def _check_reduction(reduction) -> None:
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
+_CANDIDATES: dict[str, dict] = {}
+
+
+def _candidates(op: str) -> dict:
+    """Both sides of `op`, for the `auto` backend to time: the Triton entry and the reference."""
+    if op not in _CANDIDATES:
+
+        def triton(*args):
+            from gpudl.kernels import registry
+
+            return registry.REGISTRY[op].triton(*args)
+
+        _CANDIDATES[op] = {"triton": triton, "torch": getattr(reference, op)}
+    return _CANDIDATES[op]
+
+
 def _dispatch(op: str, tensors: list, args: tuple):
     """Run the Triton kernel registered for `op`, or `gpudl.reference.<op>`, with the same
-    normalized args. Arguments the kernel's spec declares unsupported run on the reference, with
-    a one-time warning pointing at the caller."""
-    if backend.resolve(op, tensors) == "triton":
+    normalized args, as `gpudl.backend.resolve` decides (under `auto` on a GPU: the measured
+    winner for this call's key). Arguments the kernel's spec declares unsupported run on the
+    reference, with a one-time warning pointing at the caller."""
+    side = backend.resolve(op, tensors, args, _candidates(op))
+    if side == "triton":
         from gpudl.kernels import registry
 
         spec = registry.REGISTRY[op]
         reason = spec.unsupported(*args) if spec.unsupported is not None else None
         if reason is None:
+            if not torch.compiler.is_compiling():
+                backend.note_call(op, "triton")
             return spec.triton(*args)
         registry.fall_back(op, reason)
+        side = "torch (unsupported: " + reason + ")"
+    if not torch.compiler.is_compiling():
+        backend.note_call(op, side)
     return getattr(reference, op)(*args)
 
 

@@ -109,6 +109,16 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def log_backend_summary(loggers: list[Any], report: dict[str, Any]) -> None:
+    """Put the kernel backend each op ran on into the W&B run's summary: `kernels/backend` (the
+    setting) and `kernels/<op>` (triton, torch or mixed), next to the metrics."""
+    summary = {"kernels/backend": report.get("setting")}
+    summary.update({f"kernels/{op}": side for op, side in report.get("ops", {}).items()})
+    for logger in loggers or []:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update(summary)
+
+
 # --------------------------------------------------------------------------- the job's record
 def hydra_job() -> dict[str, Any]:
     """What Hydra knows about this job: multirun or not, the job's command-line overrides. Empty

@@ -128,6 +128,7 @@ def _build(cfg: DictConfig) -> _Run:
     ckpt = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     resumed = _progress(load_checkpoint(ckpt)) if ckpt else None
     set_kernel_backend(cfg)
+    _reset_backend_record()
     set_cpu_threads(cfg)
     if tracking.wandb_logger_names(cfg):
         log.info("W&B mode: %s", tracking.choose_wandb_mode())
@@ -266,6 +267,8 @@ def _report(cfg: DictConfig, run: _Run, metrics: dict[str, float], checkpoints: 
     if not _is_global_zero(run.trainer):
         return metrics, ""
     best, last, tested = checkpoints
+    kernels = _backend_report()
+    tracking.log_backend_summary(run.trainer.loggers, kernels)
     tracking.write_record(run.output_dir / "metrics.json", {
         "status": "ok",
         "task_name": cfg.get("task_name"),
@@ -281,6 +284,7 @@ def _report(cfg: DictConfig, run: _Run, metrics: dict[str, float], checkpoints: 
         "wall_time_s": round(wall, 3),
         "fit_time_s": round(run.fit_time_s, 3),
         "global_step": int(getattr(run.trainer, "global_step", 0)),
+        "kernel_backend": kernels,
     })
     extra = f" | {name}={value:.4f}" if value is not None else ""
     return metrics, _summary(cfg.get("task_name", "train"), metrics, f"{extra} | {wall:.1f}s | {run.output_dir}")
@@ -349,6 +353,21 @@ def _eval_inputs(cfg: DictConfig) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------- small helpers
+def _reset_backend_record() -> None:
+    """Start this job's record of which kernel backend ran each op (a sweep runs many jobs per process)."""
+    from gpudl import backend
+
+    backend.reset_record()
+
+
+def _backend_report() -> dict[str, Any]:
+    """Which backend ran each op in this process (with ddp_spawn: the process that tests), and
+    under `auto` on a GPU each measured key with its times; see docs/backends.md."""
+    from gpudl import backend
+
+    return backend.report()
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     import torch
 

@@ -23,38 +23,22 @@ from gpudl.checks import check_float, check_int
 from gpudl.models._base import SupervisedModule
 
 
-class CausalSelfAttention(torch.nn.Module):
-    """x [N, T, d_model] -> [N, T, d_model]; every position attends to itself and earlier ones."""
-
-    def __init__(self, d_model: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.num_heads, self.dropout = num_heads, dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model)  # q, k and v of every head in one GEMM
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x):
-        n, t, c = x.shape
-        # [N, T, 3, H, Dh] -> three [N, H, T, Dh] views (the kernel takes any strides)
-        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        y = ops.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                             dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(n, t, c))
-
-
 class Block(torch.nn.Module):
     """Pre-norm decoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, d_model: int, num_heads: int, mlp_dim: int, dropout: float):
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, num_heads, dropout)
+        # One packed q/k/v GEMM; flash attention with is_causal=True (position t sees t' <= t).
+        self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.ln_2 = nn.LayerNorm(d_model)
         self.fc = nn.Linear(d_model, mlp_dim, activation="gelu")  # GELU in the GEMM's epilogue
         self.proj = nn.Linear(mlp_dim, d_model)
         self.drop = torch.nn.Dropout(dropout)
 
     def forward(self, x):
-        x = x + self.drop(self.attn(self.ln_1(x)))
+        h = self.ln_1(x)
+        x = x + self.drop(self.attn(h, h, h, is_causal=True)[0])
         return x + self.drop(self.proj(self.fc(self.ln_2(x))))
 
 

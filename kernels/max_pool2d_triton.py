@@ -1,0 +1,125 @@
+"""The Triton kernels of max pooling with a saved argmax: forward keeps the index of each window's maximum, backward
+gives each input element the gradients of the windows whose maximum it is (a gather in a fixed
+order: deterministic, no atomics).
+
+Shapes (the normalized arguments of gpudl.reference.max_pool2d):
+    input  x [N, C, H, W]               any strides (NCHW, channels_last or a view)
+    output y [N, C, H_out, W_out]       channels_last when x is (as F.max_pool2d does)
+    index    [N, C, H_out, W_out] int32, flat ih * W + iw within the H x W plane (as
+             F.max_pool2d's return_indices), -1 for a window that lies wholly in the padding
+    H_out = (H + 2 pH - dH (kH - 1) - 1 + (sH - 1 if ceil_mode)) // sH + 1, minus one when
+            ceil_mode makes the last window start in the bottom padding (torch's rule).
+Ties keep the first maximum in (kh, kw) order and NaN wins, as torch does, so gradients land on
+the same element as the reference's.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from gpudl.kernels._common import tuning_configs
+
+# Elementwise over outputs: one output per lane, kH * kW unrolled loads each. The first config is
+# the interpreter's: one big block, so the test shapes take a program or two.
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK": 1024}, num_warps=4),
+    triton.Config({"BLOCK": 512}, num_warps=4),
+]
+# The backward: elementwise over the input, one fixed config.
+_BWD_BLOCK, _BWD_WARPS = 1024, 8  # 4 warps spilled (int64 window coordinates, 8 elements a thread)
+
+
+@triton.jit
+def _output_coords(offs, C, H_OUT, W_OUT, CHANNELS_LAST: tl.constexpr):
+    """(n, c, oh, ow) of flat output offsets in the output's memory order (NHWC or NCHW)."""
+    if CHANNELS_LAST:
+        c = offs % C
+        ow = (offs // C) % W_OUT
+        oh = (offs // (C * W_OUT)) % H_OUT
+        n = offs // (C * W_OUT * H_OUT)
+    else:
+        ow = offs % W_OUT
+        oh = (offs // W_OUT) % H_OUT
+        c = (offs // (W_OUT * H_OUT)) % C
+        n = offs // (W_OUT * H_OUT * C)
+    return n, c, oh, ow
+
+
+@triton.autotune(configs=tuning_configs(_FWD_CONFIGS), key=["TOTAL", "C", "H", "W"])
+@triton.jit
+def _max_pool2d_fwd_kernel(
+    x_ptr, y_ptr, idx_ptr,
+    C, H, W, H_OUT, W_OUT, TOTAL,
+    sx_n, sx_c, sx_h, sx_w,
+    sy_n, sy_c, sy_h, sy_w,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, CHANNELS_LAST: tl.constexpr, STORE_INDEX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """BLOCK outputs of y (and their argmax, when STORE_INDEX); TOTAL = N * C * H_out * W_out.
+    The index tensor has y's shape and strides."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    n, c, oh, ow = _output_coords(offs, C, H_OUT, W_OUT, CHANNELS_LAST)
+    x_base = x_ptr + n * sx_n + c * sx_c
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    best = tl.full((BLOCK,), float("-inf"), ACC)
+    best_idx = tl.full((BLOCK,), -1, tl.int32)
+    for kh in tl.static_range(KH):
+        ih = ih0 + kh * DIL_H
+        row_ok = mask & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = iw0 + kw * DIL_W
+            ok = row_ok & (iw >= 0) & (iw < W)
+            v = tl.load(x_base + ih * sx_h + iw * sx_w, mask=ok, other=float("-inf")).to(ACC)
+            # strict > keeps the first maximum; a NaN always wins (torch's rule).
+            take = ok & ((v > best) | (v != v))
+            best = tl.where(take, v, best)
+            best_idx = tl.where(take, (ih * W + iw).to(tl.int32), best_idx)
+    y_offs = n * sy_n + c * sy_c + oh * sy_h + ow * sy_w
+    tl.store(y_ptr + y_offs, best.to(y_ptr.dtype.element_ty), mask=mask)
+    if STORE_INDEX:
+        tl.store(idx_ptr + y_offs, best_idx, mask=mask)
+
+
+@triton.jit
+def _max_pool2d_bwd_kernel(
+    gy_ptr, idx_ptr, dx_ptr,
+    C, H, W, H_OUT, W_OUT, TOTAL,
+    sg_n, sg_c, sg_h, sg_w,
+    si_n, si_c, si_h, si_w,
+    sd_n, sd_c, sd_h, sd_w,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    KH: tl.constexpr, KW: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """BLOCK elements of dx; TOTAL = N * C * H * W. Each input element gathers the gradients of
+    the windows whose argmax it is: for every tap (kh, kw) the one window that could hold it at
+    that tap, in a fixed order. No atomics, no zeroed buffer: deterministic, and written once in
+    dx's dtype."""
+    ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < TOTAL
+    n, c, ih, iw = _output_coords(offs, C, H, W, CHANNELS_LAST)  # coordinates in x's plane
+    me = (ih * W + iw).to(tl.int32)
+    g_base = gy_ptr + n * sg_n + c * sg_c
+    i_base = idx_ptr + n * si_n + c * si_c
+    acc = tl.zeros((BLOCK,), ACC)
+    # Taps in reverse, so the windows come in ascending (oh, ow) order: the order in which a
+    # scatter over the outputs (PyTorch's CPU kernel) adds them, hence bit-identical sums.
+    for tap_h in tl.static_range(KH):
+        kh = KH - 1 - tap_h
+        oh_s = ih + PAD_H - kh * DIL_H  # = oh * STRIDE_H for the window holding ih at tap kh
+        oh = oh_s // STRIDE_H
+        row_ok = mask & (oh_s >= 0) & (oh_s % STRIDE_H == 0) & (oh < H_OUT)
+        for tap_w in tl.static_range(KW):
+            kw = KW - 1 - tap_w
+            ow_s = iw + PAD_W - kw * DIL_W
+            ow = ow_s // STRIDE_W
+            ok = row_ok & (ow_s >= 0) & (ow_s % STRIDE_W == 0) & (ow < W_OUT)
+            argmax = tl.load(i_base + oh * si_h + ow * si_w, mask=ok, other=-1)
+            hit = ok & (argmax == me)
+            acc += tl.load(g_base + oh * sg_h + ow * sg_w, mask=hit, other=0.0).to(ACC)
+    tl.store(dx_ptr + n * sd_n + c * sd_c + ih * sd_h + iw * sd_w, acc.to(dx_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,100 @@
+"""scripts/estimate_memory.py: the smoke run of every bench_models experiment, and the estimator's
+arithmetic on a step whose bytes are known by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "estimate_memory.py"
+
+
+def test_smoke_run_covers_every_experiment_variant_and_precision(tmp_path):
+    # As a user runs it: without the interpreter (the custom ops as compiled for a GPU; nothing launches).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_models
+
+    assert {(r["model"], r["variant"], r["precision"]) for r in rows} == {
+        (m, v, p) for m in bench_models.EXPERIMENTS for v in ("triton", "torch", "eager") for p in ("bf16", "fp32")}
+    for r in rows:
+        assert 0 < r["saved_mib"] < r["fwd_bwd_mib"] <= r["step_mib"], r
+    table = (tmp_path / "memory.md").read_text()
+    assert "| gpt |" in table and "saved activations" in table
+
+
+def test_known_bytes_of_one_linear_step():
+    """x [1024, 256] fp32 through a bias-free 256->128 linear, loss = mean of the output: autograd
+    saves x (1 MiB; the weight is a parameter). The output (0.5 MiB) dies after the mean; backward
+    holds the weight (0.125), x (1), the output's gradient (0.5), dx (1) and dw (0.125): 2.75 MiB
+    plus two 512-byte scalars. The steady step adds Adam's two moments and x.grad of the step before."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import estimate_memory as em
+
+    from gpudl import ops
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(128, 256))
+
+        def forward(self, x):
+            return ops.linear(x, self.weight)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters())
+
+    def step(model, optimizers, batch, autocast):
+        (opt,) = optimizers
+        (x,) = batch
+        loss = model(x).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def build():
+        with torch.device(em.DEVICE):
+            return Model()
+
+    work = em.Workload("linear", "x [1024, 256]", build, lambda: (torch.empty(1024, 256, device=em.DEVICE,
+                                                                                 requires_grad=True),), step)
+    row = em.measure(work, "eager", None)
+    assert row["saved_mib"] == 1.0
+    # weight 0.125 + x 1 + output 0.5 + grad of output 0.5 + dx 1 + dw 0.125 (+ 512-byte scalars)
+    assert row["fwd_bwd_mib"] == 2.75 + 2 * 512 / 2**20
+    assert row["step_mib"] >= row["fwd_bwd_mib"] + 1 + 0.25
+
+
+@pytest.mark.parametrize("variant", ["torch", "eager"])
+def test_attention_runs_the_gpu_kernels_not_the_math_fallback(variant):
+    """Saved bytes of causal attention at L = 1024 stay O(L): the math path would save the [L, L] scores."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import estimate_memory as em
+
+    from gpudl import ops
+
+    class Model(torch.nn.Module):
+        def forward(self, q):
+            return ops.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([torch.nn.Parameter(torch.empty(1, device=em.DEVICE))], lr=0.1)
+
+    def step(model, optimizers, batch, autocast):
+        model(batch[0]).float().sum().backward()
+
+    q = lambda: (torch.empty(1, 4, 1024, 64, device=em.DEVICE, requires_grad=True),)  # noqa: E731
+    row = em.measure(em.Workload("sdpa", "", Model, q, step), variant, torch.bfloat16)
+    scores = 4 * 1024 * 1024 * 2 / 2**20  # the [H, L, L] bf16 matrix: 8 MiB
+    assert row["saved_mib"] < scores / 2
