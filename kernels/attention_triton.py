@@ -37,21 +37,39 @@ MASK_KINDS = ("none", "bool", "float")
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
+def _load_tile(ptrs, rows, n_rows, d_ok, EDGE: tl.constexpr, PAD_D: tl.constexpr):
+    """A [rows, BLOCK_D] tile of q, k, v or dO: masked against the sequence end only in EDGE blocks
+    (full blocks load without a predicate), against the head dim only when it is padded."""
+    if EDGE:
+        if PAD_D:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & d_ok[None, :], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    elif PAD_D:
+        tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _mask_scores(s, mask_ptr, qi, kj, stride_mask_q, stride_mask_k, Lq, Lk,
-                 MASK_KIND: tl.constexpr, CHECK: tl.constexpr, IS_CAUSAL: tl.constexpr):
+                 MASK_KIND: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """Apply the user mask, the key bounds and the causal mask to base-2 scores `s`.
 
     qi, kj: query and key indices broadcastable to s's shape ([M, 1] x [1, N] in the forward
-    and dQ passes, [1, M] x [N, 1] in the transposed dK/dV pass). CHECK switches on the bounds
+    and dQ passes, [1, M] x [N, 1] in the transposed dK/dV pass). EDGE switches on the bounds
     and causal tests; blocks that need neither skip them.
     """
+    if MASK_KIND != "none":  # int64: a mask's Lq * Lk elements may pass 2**31
+        qi, kj = qi.to(tl.int64), kj.to(tl.int64)
     if MASK_KIND == "bool":
         keep = tl.load(mask_ptr + qi * stride_mask_q + kj * stride_mask_k, mask=(qi < Lq) & (kj < Lk), other=0)
         s = tl.where(keep != 0, s, float("-inf"))
     elif MASK_KIND == "float":
         bias = tl.load(mask_ptr + qi * stride_mask_q + kj * stride_mask_k, mask=(qi < Lq) & (kj < Lk), other=0.0)
         s = s + bias.to(s.dtype) * 1.4426950408889634  # natural-log units -> base 2 (LOG2E)
-    if CHECK:
+    if EDGE:
         ok = kj < Lk
         if IS_CAUSAL:
             ok = ok & (kj <= qi)  # top-left alignment, as torch's is_causal
@@ -60,30 +78,35 @@ def _mask_scores(s, mask_ptr, qi, kj, stride_mask_q, stride_mask_k, Lq, Lk,
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok,
-               stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_q, stride_mask_k,
-               Lq, Lk, qk_scale, lo, hi,
-               MASK_KIND: tl.constexpr, CHECK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok,
+               stride_kn, stride_vn, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, lo, hi,
+               MASK_KIND: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over the key blocks [lo, hi): acc [M, D] unnormalized output, l_i [M] row
-    sums, m_i [M] running row maxima (base 2)."""
+    sums, m_i [M] running row maxima (base 2). k_ptrs, v_ptrs point at key/value rows lo .. lo +
+    BLOCK_N - 1 and advance one block per step (a scalar increment: no per-element index
+    arithmetic in the loop); returned advanced, for the next loop."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs, offs_n, Lk, d_ok, EDGE, PAD_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _mask_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mask_q, stride_mask_k, Lq, Lk,
-                         MASK_KIND, CHECK, IS_CAUSAL)
+                         MASK_KIND, EDGE, IS_CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no visible key yet has m_new = -inf; subtract 0 there so exp2 gives 0, not NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if EDGE or MASK_KIND != "none":
+            # A row with no visible key yet has m_new = -inf; subtract 0 there so exp2 gives 0, not NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new  # every key of a full block is visible: m_new is finite
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        v = _load_tile(v_ptrs, offs_n, Lk, d_ok, EDGE, PAD_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION, out_dtype=acc.dtype)
         m_i = m_new
-    return acc, l_i, m_i
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i, k_ptrs, v_ptrs
 
 
 @triton.jit
@@ -100,41 +123,45 @@ def _attn_fwd(Q, K, V, Mask, O, LSE,  # noqa: E741 - the math's names
     (+inf for a row with no visible key). Grid: (batch*heads * query blocks,), query blocks
     fastest so neighbouring programs share K/V in L2 (and no 65535 limit on grid axis 1)."""
     ACC = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D  # the head dim is padded to a power of two >= 16
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // n_mblocks
     start_m = pid % n_mblocks
     b = bh // H
     h = bh % H
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    mask_base = Mask + b * stride_mask_b + h * stride_mask_h
-
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM  # the head dim is padded to a power of two >= 16
+    d_ok = offs_d < HEAD_DIM
     q_mask = (offs_m < Lq)[:, None] & d_ok[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    mask_base = Mask + b * stride_mask_b + h * stride_mask_h
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    # Key blocks [0, full_end) need no bounds or causal test; [full_end, hi) do. Causal rows of this
-    # block see no key past m0 + BLOCK_M - 1, so later key blocks are skipped altogether.
+    # Key blocks [0, full_end) are whole and wholly visible: no mask, no test. [full_end, hi) are
+    # EDGE blocks (the ragged end, the causal diagonal). Causal rows of this block see no key past
+    # m0 + BLOCK_M - 1, so later key blocks are skipped altogether.
     if IS_CAUSAL:
         hi = tl.minimum(Lk, m0 + BLOCK_M)
         full_end = tl.minimum((Lk // BLOCK_N) * BLOCK_N, ((m0 + 1) // BLOCK_N) * BLOCK_N)
     else:
         hi = Lk
         full_end = (Lk // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_q, stride_mask_k,
-                               Lq, Lk, qk_scale, 0, full_end, MASK_KIND, False, IS_CAUSAL, PRECISION, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_d, d_ok,
-                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_q, stride_mask_k,
-                               Lq, Lk, qk_scale, full_end, hi, MASK_KIND, True, IS_CAUSAL, PRECISION, BLOCK_N)
+    acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok, stride_kn, stride_vn,
+        stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, 0, full_end, MASK_KIND, False, IS_CAUSAL, PAD_D, PRECISION,
+        BLOCK_N)
+    acc, l_i, m_i, k_ptrs, v_ptrs = _fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok, stride_kn, stride_vn,
+        stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, full_end, hi, MASK_KIND, True, IS_CAUSAL, PAD_D, PRECISION,
+        BLOCK_N)
 
     # Rows that saw no key (all masked, or Lk == 0) have acc = 0 and l_i = 0: output 0, like torch.
     seen = l_i > 0.0
@@ -173,36 +200,40 @@ def _attn_bwd_preprocess(O, DO, Delta,  # noqa: E741 - the math's names
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, offs_d, d_ok,
-                stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_q, stride_mask_k,
-                Lq, Lk, qk_scale, lo, hi,
-                MASK_KIND: tl.constexpr, CHECK: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, mask_base, lse_base, delta_base, offs_n, offs_m0, d_ok,
+                stride_qm, stride_dom, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, lo, hi,
+                MASK_KIND: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+                PRECISION: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate dK, dV [N, D] of one key block over the query blocks [lo, hi), transposed:
-    Pᵀ [N, M] = exp2(K Qᵀ · qk_scale - LSE), dV += Pᵀ dO, dSᵀ = Pᵀ (V dOᵀ - Delta), dK += dSᵀ Q."""
-    n_ok = offs_n < Lk
+    Pᵀ [N, M] = exp2(K Qᵀ · qk_scale - LSE), dV += Pᵀ dO, dSᵀ = Pᵀ (V dOᵀ - Delta), dK += dSᵀ Q.
+    q_ptrs, do_ptrs point at query rows lo .. lo + BLOCK_M - 1 and advance one block per step;
+    returned advanced. Key rows past Lk were loaded as zeros; their rows of dK/dV are never
+    stored, so their scores need no test."""
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
-        m_ok = offs_m < Lq
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        # Padding rows get LSE = +inf, so their probabilities are exactly 0.
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        offs_m = start_m + offs_m0
+        q = _load_tile(q_ptrs, offs_m, Lq, d_ok, EDGE, PAD_D)
+        if EDGE:  # padding rows get LSE = +inf, so their probabilities are exactly 0
+            lse = tl.load(lse_base + offs_m, mask=offs_m < Lq, other=float("inf"))
+        else:
+            lse = tl.load(lse_base + offs_m)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         s_t = _mask_scores(s_t, mask_base, offs_m[None, :], offs_n[:, None], stride_mask_q, stride_mask_k, Lq, Lk,
-                           MASK_KIND, CHECK, IS_CAUSAL)
-        # Padding keys: their rows of dK/dV are never stored, but keep them finite anyway.
-        s_t = tl.where(n_ok[:, None], s_t, float("-inf"))
+                           MASK_KIND, EDGE, IS_CAUSAL)
         p_t = tl.exp2(s_t - lse[None, :])
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+        do = _load_tile(do_ptrs, offs_m, Lq, d_ok, EDGE, PAD_D)
         if COMPUTE_DV:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION, out_dtype=dv.dtype)
         if COMPUTE_DK:
-            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            if EDGE:
+                delta = tl.load(delta_base + offs_m, mask=offs_m < Lq, other=0.0)
+            else:
+                delta = tl.load(delta_base + offs_m)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION, out_dtype=dk.dtype)
-    return dk, dv
+        q_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+    return dk, dv, q_ptrs, do_ptrs
 
 
 @triton.jit
@@ -217,8 +248,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                    PRECISION: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK, dV [B, H, Lk, D] (by their strides). One program per (key block, batch*head), key blocks fastest."""
+    """dK, dV [B, H, Lk, D] (by their strides, unit stride along D). One program per (key block,
+    batch*head), key blocks fastest."""
     ACC = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // n_nblocks
@@ -227,6 +260,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
     h = bh % H
     n0 = start_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
@@ -234,29 +268,36 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
     mask_base = Mask + b * stride_mask_b + h * stride_mask_h
     lse_base = LSE + bh * Lq
     delta_base = Delta + bh * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    # Query blocks: [lo, diag_end) straddle the causal diagonal (EDGE), [diag_end, full_end) are whole
+    # and see every key of this block (no mask, no test), [full_end, Lq) is the ragged end (EDGE).
     if IS_CAUSAL:
-        # Queries before n0 see none of these keys: start at the query block holding row n0. Query
-        # blocks starting before the block's last key straddle the diagonal and need the causal test.
+        # Queries before n0 see none of these keys: start at the query block holding row n0.
         lo = (n0 // BLOCK_M) * BLOCK_M
-        diag_end = lo + tl.cdiv(n0 + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, offs_d, d_ok,
-                             stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_q, stride_mask_k,
-                             Lq, Lk, qk_scale, lo, tl.minimum(diag_end, Lq),
-                             MASK_KIND, True, IS_CAUSAL, PRECISION, COMPUTE_DK, COMPUTE_DV, BLOCK_M)
+        diag_end = tl.minimum(lo + tl.cdiv(n0 + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, Lq)
+        q_ptrs += lo * stride_qm
+        do_ptrs += lo * stride_dom
+        dk, dv, q_ptrs, do_ptrs = _dkdv_inner(
+            dk, dv, k, v, q_ptrs, do_ptrs, mask_base, lse_base, delta_base, offs_n, offs_m0, d_ok, stride_qm,
+            stride_dom, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, lo, diag_end, MASK_KIND, True, IS_CAUSAL,
+            PAD_D, PRECISION, COMPUTE_DK, COMPUTE_DV, BLOCK_M)
     else:
         diag_end = 0
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, offs_n, offs_d, d_ok,
-                         stride_qm, stride_qd, stride_dom, stride_dod, stride_mask_q, stride_mask_k,
-                         Lq, Lk, qk_scale, diag_end, Lq,
-                         MASK_KIND, False, IS_CAUSAL, PRECISION, COMPUTE_DK, COMPUTE_DV, BLOCK_M)
-    # dK and dV have unit stride along D (the launcher allocates them so).
+    full_end = diag_end + ((Lq - diag_end) // BLOCK_M) * BLOCK_M
+    dk, dv, q_ptrs, do_ptrs = _dkdv_inner(
+        dk, dv, k, v, q_ptrs, do_ptrs, mask_base, lse_base, delta_base, offs_n, offs_m0, d_ok, stride_qm,
+        stride_dom, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, diag_end, full_end, MASK_KIND, False, IS_CAUSAL,
+        PAD_D, PRECISION, COMPUTE_DK, COMPUTE_DV, BLOCK_M)
+    dk, dv, q_ptrs, do_ptrs = _dkdv_inner(
+        dk, dv, k, v, q_ptrs, do_ptrs, mask_base, lse_base, delta_base, offs_n, offs_m0, d_ok, stride_qm,
+        stride_dom, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, full_end, Lq, MASK_KIND, True, IS_CAUSAL,
+        PAD_D, PRECISION, COMPUTE_DK, COMPUTE_DV, BLOCK_M)
     if COMPUTE_DK:
         dk_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
         tl.store(DK + dk_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -266,26 +307,27 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, d_ok,
-              stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_q, stride_mask_k,
-              Lq, Lk, qk_scale, lo, hi,
-              MASK_KIND: tl.constexpr, CHECK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok,
+              stride_kn, stride_vn, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, lo, hi,
+              MASK_KIND: tl.constexpr, EDGE: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate dQ [M, D] of one query block over the key blocks [lo, hi):
-    P = exp2(Q Kᵀ · qk_scale - LSE), dS = P (dO Vᵀ - Delta), dQ += dS K."""
+    P = exp2(Q Kᵀ · qk_scale - LSE), dS = P (dO Vᵀ - Delta), dQ += dS K. k_ptrs, v_ptrs point at
+    key/value rows lo .. lo + BLOCK_N - 1 and advance one block per step; returned advanced."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
-        kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        offs_n = start_n + offs_n0
+        k = _load_tile(k_ptrs, offs_n, Lk, d_ok, EDGE, PAD_D)
+        v = _load_tile(v_ptrs, offs_n, Lk, d_ok, EDGE, PAD_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = _mask_scores(s, mask_base, offs_m[:, None], offs_n[None, :], stride_mask_q, stride_mask_k, Lq, Lk,
-                         MASK_KIND, CHECK, IS_CAUSAL)
+                         MASK_KIND, EDGE, IS_CAUSAL)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION, out_dtype=dq.dtype)
-    return dq
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return dq, k_ptrs, v_ptrs
 
 
 @triton.jit
@@ -299,8 +341,10 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE, Delta, DQ,
                  H, Lq, Lk, qk_scale, sm_scale, TUNE_LQ, TUNE_LK,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ [B, H, Lq, D] (by its strides). One program per (query block, batch*head), query blocks fastest."""
+    """dQ [B, H, Lq, D] (by its strides, unit stride along D). One program per (query block,
+    batch*head), query blocks fastest."""
     ACC = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // n_mblocks
@@ -309,6 +353,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE, Delta, DQ,
     h = bh % H
     m0 = start_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < Lq
@@ -319,24 +364,23 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE, Delta, DQ,
                  mask=qd_mask, other=0.0)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     mask_base = Mask + b * stride_mask_b + h * stride_mask_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    # Same key-block split as the forward pass.
+    # The forward's key-block split: whole, wholly visible blocks first, then the EDGE blocks.
     if IS_CAUSAL:
         hi = tl.minimum(Lk, m0 + BLOCK_M)
         full_end = tl.minimum((Lk // BLOCK_N) * BLOCK_N, ((m0 + 1) // BLOCK_N) * BLOCK_N)
     else:
         hi = Lk
         full_end = (Lk // BLOCK_N) * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, d_ok,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_q, stride_mask_k,
-                   Lq, Lk, qk_scale, 0, full_end, MASK_KIND, False, IS_CAUSAL, PRECISION, BLOCK_N)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, mask_base, offs_m, offs_d, d_ok,
-                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_q, stride_mask_k,
-                   Lq, Lk, qk_scale, full_end, hi, MASK_KIND, True, IS_CAUSAL, PRECISION, BLOCK_N)
-    # dQ has unit stride along D (the launcher allocates it so).
+    dq, k_ptrs, v_ptrs = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok,
+                                   stride_kn, stride_vn, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, 0, full_end,
+                                   MASK_KIND, False, IS_CAUSAL, PAD_D, PRECISION, BLOCK_N)
+    dq, k_ptrs, v_ptrs = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok,
+                                   stride_kn, stride_vn, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, full_end, hi,
+                                   MASK_KIND, True, IS_CAUSAL, PAD_D, PRECISION, BLOCK_N)
     dq_offs = b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(DQ + dq_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 

@@ -31,7 +31,14 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from gpudl.kernels._common import INT32_LIMIT, acc_dtype, empty_reduction, sum_partials, tl_acc
-from gpudl.kernels.bce_triton import BLOCK, NUM_WARPS, _bce_fwd_kernel, _softplus_means_kernel
+from gpudl.kernels.bce_triton import (
+    BLOCK,
+    NUM_WARPS,
+    TILED_MAX_BLOCK_C,
+    _bce_fwd_kernel,
+    _bce_tiled_kernel,
+    _softplus_means_kernel,
+)
 from gpudl.kernels.registry import kernel_op, no_tensor
 
 
@@ -60,6 +67,55 @@ def _broadcast_view(t: torch.Tensor | None, shape: torch.Size):
     return "strided", t, (dims[1][0], dims[2][0]), tuple(d[1] for d in dims)
 
 
+def _tiled_view(t: torch.Tensor | None, shape: torch.Size):
+    """How the tiled kernel reads `t` broadcast to the contiguous `shape` seen as [rows, last dim]:
+    (mode, tensor, (size1, s0, s1, s_col)), or None when t varies with both the row and the last
+    dim other than in the input's own layout (the flat kernel reads it per element then)."""
+    if t is None:
+        return "absent", None, (1, 0, 0, 0)
+    expanded = t.expand(shape)
+    s_col = expanded.stride(-1) if shape[-1] > 1 else 0
+    lead = []  # the leading dims, coalesced
+    for size, stride in zip(shape[:-1], expanded.stride()[:-1]):
+        if size == 1:
+            continue
+        if lead and lead[-1][1] == stride * size:
+            lead[-1] = (lead[-1][0] * size, stride)
+        else:
+            lead.append((size, stride))
+    if all(stride == 0 for _, stride in lead):
+        return "col", t, (1, 0, 0, s_col)
+    if s_col == 0 and len(lead) <= 2:
+        (_, s0), (size1, s1) = [(1, 0)] * (2 - len(lead)) + lead
+        return "row", t, (size1, s0, s1, 0)
+    if expanded.is_contiguous():
+        return "same", t, (1, 0, 0, 0)
+    return None
+
+
+def _bce_tiled(x, t, weight, pos_weight, reduction, gx, gt, grad_x, grad_t):
+    """The tiled launch for weights broadcast per row or per class; None when it does not apply."""
+    if x.dim() == 0:
+        return None
+    w_view, pw_view = _tiled_view(weight, x.shape), _tiled_view(pos_weight, x.shape)
+    if w_view is None or pw_view is None or {w_view[0], pw_view[0]}.isdisjoint({"row", "col"}):
+        return None
+    (w_mode, w, w_args), (pw_mode, pw, pw_args) = w_view, pw_view
+    n, n_cols = x.numel(), x.shape[-1]
+    block_c = min(triton.next_power_of_2(n_cols), TILED_MAX_BLOCK_C)
+    block_r = max(1, BLOCK // block_c)
+    programs = triton.cdiv(n // n_cols, block_r) * triton.cdiv(n_cols, block_c)
+    out = torch.empty_like(x) if reduction == "none" else torch.empty(programs, dtype=acc_dtype(x.dtype),
+                                                                      device=x.device)
+    wrap_triton(_bce_tiled_kernel)[(programs,)](
+        x, t, w if w is not None else x, pw if pw is not None else x, out,
+        gx if gx is not None else x, gt if gt is not None else x, n // n_cols, n_cols, n, *w_args, *pw_args,
+        W_MODE=w_mode, PW_MODE=pw_mode, REDUCTION=reduction, GRAD_X=grad_x, GRAD_T=grad_t, ACC=tl_acc(x.dtype),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+    )
+    return out
+
+
 def bce_forward(x, t, weight, pos_weight, reduction: str, grad_x: bool, grad_t: bool):
     """Launch the fused kernel. x, t contiguous [n...]; returns (loss, saved grad_x or None,
     saved grad_t or None), the saved gradients already scaled by 1/n for 'mean'."""
@@ -68,6 +124,11 @@ def bce_forward(x, t, weight, pos_weight, reduction: str, grad_x: bool, grad_t: 
     gt = torch.empty_like(t) if grad_t else None
     if n == 0:  # PyTorch: none -> empty, mean -> nan, sum -> 0; nothing to launch
         loss = torch.empty_like(x) if reduction == "none" else empty_reduction(reduction, x)
+        return loss, gx, gt
+    # Weights broadcast per row or per class: the tiled kernel loads each once per tile row/column.
+    out = _bce_tiled(x, t, weight, pos_weight, reduction, gx, gt, grad_x, grad_t)
+    if out is not None:
+        loss = out if reduction == "none" else sum_partials(out, x.dtype, n if reduction == "mean" else None)
         return loss, gx, gt
     w_mode, w, w_sizes, w_strides = _broadcast_view(weight, x.shape)
     pw_mode, pw, pw_sizes, pw_strides = _broadcast_view(pos_weight, x.shape)

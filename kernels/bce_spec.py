@@ -8,7 +8,14 @@ import triton.language as tl
 
 from gpudl.kernels._common import sum_partials_variants, triton_dtype
 from gpudl.kernels.bce import binary_cross_entropy_with_logits, gan_discriminator_loss, gan_generator_loss
-from gpudl.kernels.bce_triton import BLOCK, NUM_WARPS, _bce_fwd_kernel, _softplus_means_kernel
+from gpudl.kernels.bce_triton import (
+    BLOCK,
+    NUM_WARPS,
+    TILED_MAX_BLOCK_C,
+    _bce_fwd_kernel,
+    _bce_tiled_kernel,
+    _softplus_means_kernel,
+)
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
 
 
@@ -57,6 +64,23 @@ def _bce_variants():
                  "GRAD_T": "constexpr", "ACC": "constexpr", "INDEX_64": "constexpr", "BLOCK": "constexpr"},
                 {"W_MODE": w_mode, "PW_MODE": pw_mode, "REDUCTION": reduction, "GRAD_X": True, "GRAD_T": True,
                  "ACC": tl.float32, "INDEX_64": index_64, "BLOCK": BLOCK},
+                num_warps=NUM_WARPS,
+            ))
+    # The tiled kernel (weights per row or per class), at a narrow, a middle and the widest tile.
+    for dtype in (torch.float32, torch.bfloat16):
+        ptr = triton_dtype(dtype)
+        for w_mode, pw_mode, reduction, block_c in (("col", "col", "mean", 8), ("row", "col", "none", 64),
+                                                    ("same", "row", "sum", TILED_MAX_BLOCK_C)):
+            variants.append(CompileVariant(
+                f"bce_tiled-{str(dtype)[6:]}-w_{w_mode}-pw_{pw_mode}-{reduction}-C{block_c}", _bce_tiled_kernel,
+                {"x_ptr": ptr, "t_ptr": ptr, "w_ptr": ptr, "pw_ptr": ptr,
+                 "out_ptr": ptr if reduction == "none" else "*fp32", "gx_ptr": ptr, "gt_ptr": ptr,
+                 "n_rows": "i32", "n_cols": "i32", "n": "i64",
+                 **{f"{p}_{k}": "i64" for p in ("w", "pw") for k in ("size1", "s0", "s1", "s_col")},
+                 "W_MODE": "constexpr", "PW_MODE": "constexpr", "REDUCTION": "constexpr", "GRAD_X": "constexpr",
+                 "GRAD_T": "constexpr", "ACC": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+                {"W_MODE": w_mode, "PW_MODE": pw_mode, "REDUCTION": reduction, "GRAD_X": True, "GRAD_T": True,
+                 "ACC": tl.float32, "BLOCK_R": BLOCK // block_c, "BLOCK_C": block_c},
                 num_warps=NUM_WARPS,
             ))
     return variants + sum_partials_variants()
@@ -108,6 +132,9 @@ SPEC = register(KernelSpec(
         _bce_case("[37,5] none weight[5] pos_weight[5]", (37, 5), "none", (5,), (5,), target_grad=True),
         _bce_case("[37,5] mean weight[37,1] pos_weight[5] extreme", (37, 5), "mean", (37, 1), (5,), extreme=True),
         _bce_case("[3,7,11] sum weight[7,1] pos_weight[11]", (3, 7, 11), "sum", (7, 1), (11,), target_grad=True),
+        # the tiled kernel over several programs: row blocks, then column blocks
+        _bce_case("[600,7] mean weight[7] pos_weight[600,1]", (600, 7), "mean", (7,), (600, 1)),
+        _bce_case("[3,1500] sum weight[1500]", (3, 1500), "sum", (1500,), target_grad=True),
     ],
     gradcheck_case=_bce_case("[6,5] mean weight pos_weight", (6, 5), "mean", (5,), (5,), target_grad=True),
     tolerances=TOLERANCES,

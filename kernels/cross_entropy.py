@@ -45,7 +45,7 @@ def cross_entropy_forward(x, y, weight, ignore_index: int, reduction: str, smoot
         x, y, weight if weight is not None else x, out, g if g is not None else x,
         n_rows, n_classes, x.stride(0), ignore_index, smoothing,
         HAS_WEIGHT=weight is not None, SMOOTHING=smoothing > 0.0, REDUCTION=reduction, GRAD=grad,
-        ACC=tl_acc(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
+        ACC=tl_acc(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, SINGLE_CHUNK=n_classes <= block_c, num_warps=num_warps,
     )
     if reduction == "none":
         return out, g, None

@@ -41,18 +41,20 @@ def _bytes(args):
 
 def _variants():
     variants = []
-    for block_c in BLOCK_C_CHOICES:
+    # Rows that fit one chunk (SINGLE_CHUNK: every width), and rows wider than the widest chunk.
+    shapes = [(block_c, True) for block_c in BLOCK_C_CHOICES] + [(BLOCK_C_CHOICES[-1], False)]
+    for block_c, single in shapes:
         block_n, _, num_warps = block_sizes(block_c)
         for dtype in (torch.float32, torch.bfloat16):
             ptr = triton_dtype(dtype)
             variants.append(CompileVariant(
-                f"ce-{str(dtype)[6:]}-BN{block_n}-BC{block_c}", _ce_fwd_kernel,
+                f"ce-{str(dtype)[6:]}-BN{block_n}-BC{block_c}-{'single' if single else 'chunked'}", _ce_fwd_kernel,
                 {"x_ptr": ptr, "y_ptr": "*i64", "w_ptr": ptr, "out_ptr": "*fp32", "g_ptr": ptr, "n_rows": "i32",
                  "n_classes": "i32", "stride_xn": "i64", "ignore_index": "i64", "smoothing": "fp32",
                  "HAS_WEIGHT": "constexpr", "SMOOTHING": "constexpr", "REDUCTION": "constexpr", "GRAD": "constexpr",
-                 "ACC": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"},
+                 "ACC": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr", "SINGLE_CHUNK": "constexpr"},
                 {"HAS_WEIGHT": True, "SMOOTHING": True, "REDUCTION": "mean", "GRAD": True, "ACC": tl.float32,
-                 "BLOCK_N": block_n, "BLOCK_C": block_c},
+                 "BLOCK_N": block_n, "BLOCK_C": block_c, "SINGLE_CHUNK": single},
                 num_warps=num_warps,
             ))
     for out in ("fp32", "bf16"):

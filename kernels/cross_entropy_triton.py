@@ -35,6 +35,7 @@ def _ce_fwd_kernel(
     GRAD: tl.constexpr,
     ACC: tl.constexpr,  # fp32, or fp64 for float64 logits
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,  # n_classes <= BLOCK_C: each row is read once and kept for pass 2
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,7 +47,6 @@ def _ce_fwd_kernel(
     bad = active & (in_range == 0)  # out-of-range target: NaN, never a silently wrong number
     y_safe = tl.where(ok, y, 0).to(tl.int32)  # in [0, C): int32 keeps pass 2's compare narrow
     x_rows = x_ptr + rows * stride_xn
-    x_y = tl.load(x_rows + y_safe, mask=ok, other=0.0).to(ACC)
     if HAS_WEIGHT:
         w_y = tl.load(w_ptr + y_safe, mask=ok, other=0.0).to(ACC)
     else:
@@ -58,16 +58,30 @@ def _ce_fwd_kernel(
     m = tl.full([BLOCK_N], -1e30, ACC)
     s = tl.zeros([BLOCK_N], ACC)
     w_total = tl.zeros([BLOCK_C], ACC)  # sum of class weights, needed by the smoothing gradient
-    for c0 in range(0, n_classes, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+    if SINGLE_CHUNK:
+        # The whole row in one tile: read once (x_y picked from it, no gather), kept for pass 2.
+        cols = tl.arange(0, BLOCK_C)
         col_mask = cols < n_classes
-        xb = tl.load(x_rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                     other=float("-inf")).to(ACC)
-        m_new = tl.maximum(m, tl.max(xb, axis=1))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xb - m_new[:, None]), axis=1)
-        m = m_new
+        x_row = tl.load(x_rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                        other=float("-inf")).to(ACC)
+        x_y = tl.where(ok, tl.sum(tl.where(cols[None, :] == y_safe[:, None], x_row, 0.0), axis=1), 0.0)
+        m = tl.maximum(m, tl.max(x_row, axis=1))
+        s = tl.sum(tl.exp(x_row - m[:, None]), axis=1)
         if SMOOTHING and HAS_WEIGHT:
-            w_total += tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            w_row = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
+            w_total = w_row
+    else:
+        x_y = tl.load(x_rows + y_safe, mask=ok, other=0.0).to(ACC)
+        for c0 in range(0, n_classes, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < n_classes
+            xb = tl.load(x_rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                         other=float("-inf")).to(ACC)
+            m_new = tl.maximum(m, tl.max(xb, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(xb - m_new[:, None]), axis=1)
+            m = m_new
+            if SMOOTHING and HAS_WEIGHT:
+                w_total += tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
     # Rows past N: no log(0), no exp(inf). m and log(s) stay apart for the gradient: rounding their
     # sum to fp32 costs up to half an ulp of |lse| (3e-5 at logits of 500), a relative error of
     # softmax - 1 that grows as the target's probability nears 1.
@@ -90,9 +104,14 @@ def _ce_fwd_kernel(
             cols = c0 + tl.arange(0, BLOCK_C)
             col_mask = cols < n_classes
             mask2 = row_mask[:, None] & col_mask[None, :]
-            xb = tl.load(x_rows[:, None] + cols[None, :], mask=mask2, other=0.0).to(ACC)
+            if SINGLE_CHUNK:
+                xb = x_row  # -inf past the row's end: exp gives 0 there, and the sums below mask it
+            else:
+                xb = tl.load(x_rows[:, None] + cols[None, :], mask=mask2, other=0.0).to(ACC)
             if SMOOTHING:
-                if HAS_WEIGHT:
+                if HAS_WEIGHT and SINGLE_CHUNK:
+                    wc = w_row
+                elif HAS_WEIGHT:
                     wc = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
                 else:
                     wc = tl.where(col_mask, 1.0, 0.0).to(ACC)
@@ -139,11 +158,13 @@ def _ce_finalize_kernel(partial_ptr, out_ptr, scale_ptr, num_partials, MEAN: tl.
 
 # --------------------------------------------------------------------------- launch shapes
 # Chunk widths along C: powers of 4, so few variants need compiling; whole small rows, many per
-# program (BLOCK_N = TILE // BLOCK_C), and big rows one per program in chunks of 4096.
-BLOCK_C_CHOICES = (16, 64, 256, 1024, 4096)
+# program (BLOCK_N = TILE // BLOCK_C), and big rows one per program.
+BLOCK_C_CHOICES = (16, 64, 256, 1024, 4096, 16384)
+WIDE_ROW_WARPS = 16  # a 16384-wide row kept in registers for pass 2: 32 values per thread on 16 warps
 
 
 def block_sizes(n_classes: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) for rows of n_classes logits."""
+    """(BLOCK_N, BLOCK_C, num_warps) for rows of n_classes logits: rows up to 16384 classes are one
+    chunk (read once); wider rows stream in 16384-wide chunks, read twice (the second pass from L2)."""
     block_c = next((b for b in BLOCK_C_CHOICES if b >= n_classes), BLOCK_C_CHOICES[-1])
-    return max(1, TILE // block_c), block_c, 4
+    return max(1, TILE // block_c), block_c, 4 if block_c <= 4096 else WIDE_ROW_WARPS

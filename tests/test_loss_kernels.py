@@ -171,7 +171,33 @@ def test_bce_strided_weight_is_read_in_place(device, launches):
     got = bce.binary_cross_entropy_with_logits(x, t, w, "none", pw)
     torch.testing.assert_close(got, F.binary_cross_entropy_with_logits(x, t, w, reduction="none", pos_weight=pw))
     (call,) = launches.of("_bce_fwd_kernel")
-    assert call["W_MODE"] == "strided" and call["PW_MODE"] == "strided"  # strided views, no copies
+    # a full-shape transposed weight: not per row or per class, so the flat kernel reads both
+    # operands through their strides (no copies)
+    assert call["W_MODE"] == "strided" and call["PW_MODE"] == "strided"
+
+
+@pytest.mark.parametrize("shape,w_shape,pw_shape,modes", [
+    ((6, 5), (6, 1), (5,), ("row", "col")),
+    ((2, 3, 4), (3, 1), (2, 3, 1), ("row", "row")),
+    ((9,), (), None, ("col", "absent")),
+])
+def test_bce_weights_per_row_or_class_take_the_tiled_kernel(shape, w_shape, pw_shape, modes, device, launches):
+    """Weights broadcast per row ([N, 1]) or per class ([C], a scalar) run the tiled kernel, which
+    loads each weight once per tile row or column (strided views included, no copies)."""
+    torch.manual_seed(0)
+    x, t = torch.randn(shape, device=device, requires_grad=True), torch.rand(shape, device=device)
+    w = torch.rand(*w_shape, 2, device=device)[..., 0] + 0.5  # stride 2: read in place
+    pw = torch.rand(pw_shape, device=device) * 3 if pw_shape is not None else None
+    for reduction in ("none", "mean"):
+        got = bce.binary_cross_entropy_with_logits(x, t, w, reduction, pw)
+        want = F.binary_cross_entropy_with_logits(x, t, w, reduction=reduction, pos_weight=pw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        grad_out = torch.randn_like(want)
+        torch.testing.assert_close(torch.autograd.grad(got, [x], grad_out)[0],
+                                   torch.autograd.grad(want, [x], grad_out)[0], rtol=1e-5, atol=1e-6)
+    calls = launches.of("_bce_tiled_kernel")
+    assert len(calls) == 2 and not launches.of("_bce_fwd_kernel")
+    assert (calls[0]["W_MODE"], calls[0]["PW_MODE"]) == modes
 
 
 def test_broadcast_errors_name_the_argument(device):
@@ -195,8 +221,9 @@ def test_bce_one_launch_and_backward_scales_saved_grad(reduction, device, launch
     x = torch.randn(4097, device=device, requires_grad=True)
     t = torch.rand(4097, device=device, requires_grad=True)
     loss = bce.binary_cross_entropy_with_logits(x, t, None, reduction, torch.tensor([2.0], device=device))
-    assert len(launches.of("_bce_fwd_kernel")) == 1
-    call = launches.of("_bce_fwd_kernel")[0]
+    calls = launches.of("_bce_fwd_kernel") + launches.of("_bce_tiled_kernel")  # pos_weight [1]: tiled
+    assert len(calls) == 1
+    call = calls[0]
     assert call["GRAD_X"] and call["GRAD_T"]
     before = len(launches)
     g1 = torch.autograd.grad(loss, [x, t], torch.ones_like(loss), retain_graph=True)
@@ -321,15 +348,31 @@ def test_cross_entropy_all_ignored_mean_is_nan_with_zero_grads(device):
     assert torch.equal(g, r) and (g == 0).all()
 
 
-def test_cross_entropy_masked_logits_and_large_rows(device):
-    # -inf logits (masked actions) in whole leading chunks, rows longer than one chunk.
-    x = torch.randn(3, 9000, device=device)
-    x[:, :5000] = float("-inf")
-    y = torch.tensor([5000, 8999, 6000], device=device)
+@pytest.mark.parametrize("classes", [9000, 40000])
+def test_cross_entropy_masked_logits_and_large_rows(classes, device, launches):
+    """-inf logits (masked actions) over a leading part of the row: 9000 classes are one chunk
+    (the row read once), 40000 stream in chunks (whole leading chunks of -inf, online lse)."""
+    x = torch.randn(3, classes, device=device)
+    x[:, :classes // 2] = float("-inf")
+    y = torch.tensor([classes // 2, classes - 1, classes * 2 // 3], device=device)
     got, want, g, r = _ce_both(x, y)
     assert torch.isfinite(got)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(g, r)
+    (call,) = launches.of("_ce_fwd_kernel")[:1]
+    assert call["SINGLE_CHUNK"] == (classes <= cross_entropy.block_sizes(classes)[1])
+
+
+def test_cross_entropy_chunked_rows_with_weight_and_smoothing(device):
+    """Rows wider than the widest chunk, with class weights, ignore_index and label smoothing."""
+    torch.manual_seed(0)
+    classes = 20000
+    x = torch.randn(4, classes, device=device) * 3
+    y = torch.tensor([3, 19999, -100, 17000], device=device)
+    w = torch.rand(classes, device=device) + 0.5
+    got, want, g, r = _ce_both(x, y, weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 
 def test_cross_entropy_one_row_and_strided_input(device):
