@@ -225,7 +225,8 @@ def stream_verdict(record: dict) -> str:
     """"ok" | "FAIL: why" | "" where no rule applies: a memory-bound kernel compiled for a
     contiguous launch (16-byte aligned pointers) loads and stores its streams 128 bits at a
     time. Applies to STREAM_OPS' records launched contiguous (or channels_last, max_pool2d's
-    stream layout); a kernel with global stores must have a 128-bit one."""
+    stream layout: NCHW pooling gathers windows); a kernel with vector or several global stores
+    must have a 128-bit one."""
     if record.get("op") not in STREAM_OPS or not record.get("ok") or record.get("global_widths") is None:
         return ""
     layouts = set(record.get("layouts", []))
@@ -237,7 +238,8 @@ def stream_verdict(record: dict) -> str:
     problems = []
     if loads and 128 not in loads:
         problems.append(f"no 128-bit load (widths {sorted(loads)})")
-    if stores and 128 not in stores and max(stores) >= 32 and sum(stores.values()) > 1:
+    # One scalar store (a reduction's result) is no stream; a narrower vector store is.
+    if stores and 128 not in stores and (max(stores) >= 64 or sum(stores.values()) > 1):
         problems.append(f"no 128-bit store (widths {sorted(stores)})")
     return "FAIL: " + "; ".join(problems) if problems else "ok"
 
@@ -264,11 +266,12 @@ def _sample_ids(work, variants) -> set[str]:
 
 
 def audit(ops, archs, jobs: int, emit=None, sass: str = "all", record: dict | None = None,
-          check_sample: bool = False, variant_filter: str | None = None) -> dict:
+          check_sample: bool = False, variant_filter: str | None = None, reuse_variants: bool = True) -> dict:
     """Compile (or take from `record` where its key still matches) every variant of `ops` for
     `archs`, set each beside its baselines, and return the report. sass "all" disassembles every
     compilation; "gemm" only the GEMM-like ones, the streams and those that spill (what the rules
-    read). check_sample: recompile SAMPLE even where recorded, and compare."""
+    read). check_sample: recompile SAMPLE even where recorded, and compare. reuse_variants False:
+    take only the baselines from `record`."""
     start = time.perf_counter()
     variants = _variants(ops)
     work = compile_check.plan(ops, archs)
@@ -277,7 +280,7 @@ def audit(ops, archs, jobs: int, emit=None, sass: str = "all", record: dict | No
     for w in work:
         if "id" in w:
             w["key"] = _audit_record.compilation_key(variants[w["op"]][w["index"]], w["arch"], w["spec"]["unit"])
-    kept = {r["id"]: r for r in (record or {}).get("records", []) if "id" in r and "key" in r}
+    kept = {r["id"]: r for r in (record or {}).get("records", []) if "id" in r and "key" in r and reuse_variants}
     sample = _sample_ids(work, variants) if check_sample else set()
     todo = [w for w in work if "id" not in w or w["id"] in sample or kept.get(w["id"], {}).get("key") != w["key"]]
     mode = "sass" if sass == "all" else "sass-gemm"
@@ -348,10 +351,44 @@ def _dash(v):
     return "-" if v is None or v == "" else v
 
 
+def _span(values) -> str:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return "-"
+    return f"{values[0]}" if values[0] == values[-1] else f"{values[0]}-{values[-1]}"
+
+
+def kernel_summary(report: dict) -> list[str]:
+    """Markdown rows: per GEMM-family kernel, arch and half-precision dtype, the spans over its
+    compilations of the hot loop's instructions, the bound, the baseline's bound and the ratio,
+    and how many compilations fail the rule."""
+    by_id = {b["id"]: b for b in report["baselines"]}
+    groups: dict = {}
+    for r in report["records"]:
+        if r.get("op") in GEMM_FAMILY and r.get("half") and r.get("hot_loop"):
+            groups.setdefault((r["op"], r.get("kernel", ""), r["arch"], r["dtype"]), []).append(r)
+    rows = ["| op | kernel | arch | dtype | compilations | loop instructions | tensor | bound | baseline bound "
+            "| vs baseline | rule fails |", "|" + "---|" * 11]
+    for (op, kernel, arch, dtype), rs in sorted(groups.items()):
+        base = [(by_id.get(r.get("textbook") or r.get("baseline") or "") or {}).get("hot_loop") or {} for r in rs]
+        fails = sum(str(r.get("hot_loop_rule", "")).startswith("FAIL") for r in rs)
+        ruled = sum(bool(r.get("hot_loop_rule")) for r in rs)
+        loop = lambda field: _span(r["hot_loop"][field] for r in rs)  # noqa: E731
+        verdict = f"{fails}/{ruled}" if ruled else "no rule"
+        rows.append(f"| {op} | {kernel} | {arch} | {dtype} | {len(rs)} | {loop('instructions')} | {loop('tensor')} "
+                    f"| {loop('bound')} | {_span(b.get('bound') for b in base)} "
+                    f"| {_span(r.get('bound_vs_baseline') for r in rs)} | {verdict} |")
+    return rows
+
+
 def markdown(report: dict) -> str:
     by_id = {b["id"]: b for b in report["baselines"]}
     out = ["# Compiled-code audit (static: sm_80/sm_90 cubins read without a GPU)", "",
            f"triton {report['triton']}. Hot-loop bounds are a {report['model']}.", "",
+           "## Hot-loop model per GEMM-family kernel (half precision)", "",
+           "Spans over each kernel's compilations (configs, launch layouts); the baseline is the plain GEMM, or for "
+           "attention the textbook flash-attention kernel, at the same tile, warps and stages.", "",
+           *kernel_summary(report), "",
            "## Hot loops of the GEMM-family kernels", "",
            "Per iteration of the loop holding the tensor-core instructions: instructions by class, multiply-adds "
            "(MACs), tensor-core / issue / MUFU cycles, and the modeled bound on tensor-core use (which of the three "
@@ -450,14 +487,17 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--out", type=Path, help="output folder (default bench_results/audit/<UTC date>)")
     parser.add_argument("--variant", help="only compilations whose id (op|variant|arch|unit) contains this")
-    parser.add_argument("--sass", choices=["all", "gemm"], default="all",
-                        help="disassemble every compilation, or only GEMM-like, stream and spilling ones")
+    parser.add_argument("--sass", choices=["all", "gemm"],
+                        help="disassemble every compilation, or only GEMM-like, stream and spilling ones (what "
+                             "the rules read; the default of --record and --check), default all")
     parser.add_argument("--record", type=Path, metavar="DIR",
                         help="refresh the record in DIR: recompile what changed (every op, or --op's)")
     parser.add_argument("--check", type=Path, metavar="DIR",
                         help="CI: compare the code with the record in DIR (recompiling what changed and a "
                              "fixed sample); exit 1 with one line when the record is stale")
-    parser.add_argument("--full", action="store_true", help="with --record: recompile everything")
+    parser.add_argument("--full", action="store_true",
+                        help="recompile everything (by default --record and --check reuse the record's figures "
+                             "where keys match, and a plain run reuses the committed record's baselines)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("audit: unset TRITON_INTERPRET; the interpreter replaces the kernels it compiles", file=sys.stderr)
@@ -468,12 +508,15 @@ def main(argv=None) -> int:
     if ops is None:
         return 2
     base = args.record or args.check
-    record = _audit_record.load(base) if base and not args.full else None
+    # A plain run reuses the committed record's baselines (the checkout's, wherever it runs from).
+    committed = Path(__file__).resolve().parent.parent / _audit_record.REFRESH_DIR
+    record = None if args.full else _audit_record.load(base or committed)
     if args.check and record is None:
         print(f"audit: no record in {args.check}; write one with `{_audit_record.REFRESH_COMMAND}`", file=sys.stderr)
         return 2
-    report = audit(ops, args.arch, args.jobs, sass=args.sass, record=record, check_sample=bool(args.check),
-                   variant_filter=args.variant)
+    sass = args.sass or ("gemm" if base else "all")
+    report = audit(ops, args.arch, args.jobs, sass=sass, record=record, check_sample=bool(args.check),
+                   variant_filter=args.variant, reuse_variants=bool(base))
     out = args.out or args.record or (
         Path("bench_results/audit") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     if args.record and args.op and record is not None:  # refresh only these ops: keep the others' entries

@@ -64,11 +64,15 @@ DGRAD_TILES = [
     gemm_tile(256, 64, 32, warps=8, stages=3),
 ]
 # wgrad: BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per K step.
+# Its rows cost more per K step than a GEMM's (coordinates, masks and two offsets per row), so its
+# tiles are the wide ones, whose modeled tensor-core bound matches a plain GEMM's; 64-wide tiles
+# model at 0.5-0.7x of it (hot-loop counts in docs/kernels/convolution.md).
 WGRAD_TILES = [
-    gemm_tile(64, 64, 64, warps=4, stages=3),
-    gemm_tile(128, 64, 32, warps=4, stages=3),
     gemm_tile(128, 128, 32, warps=8, stages=3),
-    gemm_tile(128, 64, 64, warps=8, stages=3),
+    gemm_tile(128, 128, 32, warps=4, stages=3),
+    gemm_tile(128, 128, 64, warps=8, stages=2),
+    gemm_tile(256, 128, 32, warps=8, stages=3),
+    gemm_tile(128, 256, 32, warps=8, stages=3),
 ]
 # The elementwise activation-gradient pass and the bias-gradient reduction (memory-bound, one config).
 ACT_GRAD_BLOCK = 1024
@@ -315,25 +319,34 @@ def _conv2d_wgrad_kernel(
     h_off = kh * DIL_H - PAD_TOP  # ih = oh * sH + h_off
     w_off = kw * DIL_W - PAD_LEFT
 
+    # This tap reads x at ih = oh * sH + h_off, iw = ow * sW + w_off: inside x exactly for oh in
+    # [lo_h, lo_h + count_h) and ow in [lo_w, lo_w + count_w) (scalars, once per program).
+    lo_h = (tl.maximum(-h_off, 0) + STRIDE_H - 1) // STRIDE_H
+    lo_w = (tl.maximum(-w_off, 0) + STRIDE_W - 1) // STRIDE_W
+    count_h = tl.maximum(tl.where(H - 1 - h_off >= 0, (H - 1 - h_off) // STRIDE_H + 1, 0) - lo_h, 0)
+    count_w = tl.maximum(tl.where(W - 1 - w_off >= 0, (W - 1 - w_off) // STRIDE_W + 1, 0) - lo_w, 0)
+    x_chan += h_off * sx_h + w_off * sx_w  # the tap's offset: x at output row (0, 0), maybe before x
+    xs_h = STRIDE_H * sx_h
+    xs_w = STRIDE_W * sx_w
+
     m_start = split * M_PER_SPLIT
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
     offs_m = m_start + tl.arange(0, BLOCK_K)
     n, oh, ow = _split_rows(m_start, BLOCK_K, H_OUT, W_OUT)
-    # BLOCK_K rows = STEP_N images + STEP_H rows + STEP_W columns of the output grid.
+    # BLOCK_K rows = step_n images + step_h rows + step_w columns of the output grid.
     step_w = BLOCK_K % W_OUT
     step_h = (BLOCK_K // W_OUT) % H_OUT
     step_n = BLOCK_K // (W_OUT * H_OUT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for _ in range(0, tl.cdiv(M_PER_SPLIT, BLOCK_K)):
+        # Both tiles are loaded [channels, rows], so the rows' offsets and masks serve both.
         m_ok = offs_m < m_end
         g_rows = n.to(IDX) * sg_n + oh.to(IDX) * sg_h + ow.to(IDX) * sg_w
         g = tl.load(g_chan[:, None] + g_rows[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0.0)
-        ih = oh * STRIDE_H + h_off
-        iw = ow * STRIDE_W + w_off
-        row_ok = m_ok & _in_range(ih, H) & _in_range(iw, W)
-        x_rows = n.to(IDX) * sx_n + ih.to(IDX) * sx_h + iw.to(IDX) * sx_w
-        a = tl.load(x_chan[None, :] + x_rows[:, None], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
+        row_ok = m_ok & _in_range(oh - lo_h, count_h) & _in_range(ow - lo_w, count_w)
+        x_rows = n.to(IDX) * sx_n + oh.to(IDX) * xs_h + ow.to(IDX) * xs_w
+        xt = tl.load(x_chan[:, None] + x_rows[None, :], mask=c_ok[:, None] & row_ok[None, :], other=0.0)
+        acc = tl.dot(g, tl.trans(xt), acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
         offs_m += BLOCK_K
         ow += step_w
         carry_w = ow >= W_OUT

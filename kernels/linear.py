@@ -87,11 +87,14 @@ def _major(t: torch.Tensor) -> str | None:
 
 def _descriptor_ready(t: torch.Tensor, major: str | None) -> bool:
     """Whether a tensor descriptor can address t: a unit stride, a 16-byte aligned base address and
-    a 16-byte multiple for the other stride (the TMA's rules, which the interpreter checks too)."""
+    a 16-byte multiple for the other stride (the TMA's rules, which the interpreter checks too).
+    The base is read as the storage offset (PyTorch's allocations are at least 16-byte aligned),
+    which fake tensors have too: torch.compile traces the same choice the eager launch makes."""
     if major is None:
         return False
     other = t.stride(0) if major == "row" else t.stride(1)
-    return t.data_ptr() % 16 == 0 and (other * t.element_size()) % 16 == 0
+    size = t.element_size()
+    return (t.storage_offset() * size) % 16 == 0 and (other * size) % 16 == 0
 
 
 def _descriptor_workspace(size: int, alignment: int, stream) -> torch.Tensor:
@@ -138,8 +141,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         ACTIVATION=activation,
         EPILOGUE="activation" if dy is None else "activation_grad",
         LOADS="descriptor" if descriptors else "pointer",
-        A_MAJOR=a_major if descriptors else "row",
-        B_MAJOR=b_major if descriptors else "row",
+        # The layout also names the pointer-load compilations (one per layout, as the audit compiles them).
+        A_MAJOR=a_major or "neither",
+        B_MAJOR=b_major or "neither",
         ACC_DTYPE=tl_acc(c.dtype),
         INPUT_PRECISION=_input_precision(c.dtype),
     )

@@ -42,8 +42,10 @@ _CASES = [
     *[Case(f"ragged-3x5x37x23-{act}", _case((3, 5), 37, 23, True, act))
       for act in ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")],
     Case("ragged-3x5x37x23-nobias-gelu", _case((3, 5), 37, 23, False, "gelu")),
-    # Aligned rows (tensor-descriptor loads in all three GEMMs), several persistent programs.
-    Case("aligned-40x64x48-gelu-descriptors", _case((40,), 64, 48, True, "gelu")),
+    # Aligned rows (tensor-descriptor loads in all three GEMMs) and several programs of every kernel:
+    # 6 output tiles of 128x256 over 4 persistent programs, a [10, 3] grid of the dz kernel (relu),
+    # 3 column blocks of the bias gradient.
+    Case("aligned-300x64x260-relu-descriptors", _case((300,), 64, 260, True, "relu")),
 ]
 
 _BENCH_CASES = [
@@ -68,7 +70,7 @@ def _bytes_moved(args) -> float:
 # in the layouts of the three products: the forward (x row-major, W^T column-major) with bias and
 # gelu (the heaviest activation); gelu's backward recompute (bias, gelu's gradient times dy) in the
 # same layout; grad input (dz and W row-major) and grad weight (dz^T column-major, x row-major)
-# plain; and the pointer loads of operands a descriptor cannot address, plain.
+# plain; and the pointer loads of operands a descriptor cannot address (ragged features), forward.
 _PLAIN = {"HAS_BIAS": False, "ACTIVATION": "none", "EPILOGUE": "activation"}
 _DESCRIPTORS = {"LOADS": "descriptor"}
 _GEMM_MODES = {
@@ -78,7 +80,8 @@ _GEMM_MODES = {
                            **_DESCRIPTORS, "A_MAJOR": "row", "B_MAJOR": "column"},
     "dgrad": {**_PLAIN, **_DESCRIPTORS, "A_MAJOR": "row", "B_MAJOR": "row"},
     "wgrad": {**_PLAIN, **_DESCRIPTORS, "A_MAJOR": "column", "B_MAJOR": "row"},
-    "pointer-plain": {**_PLAIN, "LOADS": "pointer", "A_MAJOR": "row", "B_MAJOR": "row"},
+    "pointer-fwd-bias-gelu": {"HAS_BIAS": True, "ACTIVATION": "gelu", "EPILOGUE": "activation",
+                              "LOADS": "pointer", "A_MAJOR": "row", "B_MAJOR": "column"},
 }
 
 

@@ -2,14 +2,17 @@
 launch (the kernel and the update's formula are in sgd_triton.py, registration data in sgd_spec.py).
 
 How one launch covers many tensors: the host writes a table of int64 addresses (param, grad,
-momentum buffer, their outputs), sizes and first-step flags, plus one row per chunk saying which
-tensor it belongs to and where it starts. Program i reads its chunk's row, turns the addresses
-into typed pointers and streams the chunk. The table is one small host->device copy per step;
-nothing is flattened or copied on the device.
+momentum buffer, their outputs), sizes and first-step flags, the first block of each tensor in
+the BLOCK-element blocks of the whole list, and the tensor where each program's share of blocks
+begins. Every program takes an equal share of the blocks (the classic multi-tensor design: a
+program's share may span several tensors), turns the addresses into typed pointers and streams
+them. The table is one small host->device copy per step; nothing is flattened or copied on the
+device.
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
 
 import torch
@@ -19,6 +22,7 @@ from torch.library import wrap_triton
 from gpudl.kernels._common import tl_acc
 from gpudl.kernels.registry import kernel_op
 from gpudl.kernels.sgd_triton import (
+    _ALIGNED,
     _B_IN,
     _B_OUT,
     _FIRST,
@@ -28,7 +32,6 @@ from gpudl.kernels.sgd_triton import (
     _P_OUT,
     _TENSOR_ROWS,
     BLOCK,
-    CHUNK,
     NUM_WARPS,
     _sgd_multi_tensor_kernel,
 )
@@ -49,13 +52,27 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+# Programs per SM: 8-warp programs, several resident per SM to hide memory latency.
+PROGRAMS_PER_SM = 4
+# Programs under the interpreter (no SMs to count): a few, so the tests cross tensor boundaries.
+INTERPRETER_PROGRAMS = 4
+
+
+def _programs(device: torch.device, total_blocks: int) -> int:
+    if device.type == "cuda":
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = INTERPRETER_PROGRAMS
+    return max(1, min(target, total_blocks))
+
+
 def _launch(p_in, grads, b_in, p_out, b_out, lr, momentum, dampening, weight_decay, nesterov, maximize):
     """One launch over tensors of one device and dtype. b_in entries may be None (first step);
     with momentum == 0 the buffer lists are ignored."""
     device, dtype = p_in[0].device, p_in[0].dtype
     use_momentum = momentum != 0
     rows = [[] for _ in range(_TENSOR_ROWS)]
-    chunk_tensor, chunk_start = [], []
+    block_start = [0]
     for i, (p, g, pout) in enumerate(zip(p_in, grads, p_out)):
         n = p.numel()
         bi = b_in[i] if use_momentum else None
@@ -67,28 +84,30 @@ def _launch(p_in, grads, b_in, p_out, b_out, lr, momentum, dampening, weight_dec
         rows[_B_OUT].append(bo.data_ptr() if bo is not None else 0)
         rows[_NUMEL].append(n)
         rows[_FIRST].append(1 if bi is None else 0)
-        for start in range(0, n, CHUNK):
-            chunk_tensor.append(i)
-            chunk_start.append(start)
-    num_tensors, num_chunks = len(p_in), len(chunk_tensor)
-    if num_chunks == 0:
+        addresses = (rows[r][-1] for r in (_P_IN, _GRAD, _B_IN, _P_OUT, _B_OUT))
+        rows[_ALIGNED].append(int(all(a % 16 == 0 for a in addresses)))  # 128-bit accesses for this tensor
+        block_start.append(block_start[-1] + -(-n // BLOCK))
+    num_tensors, total_blocks = len(p_in), block_start[-1]
+    if total_blocks == 0:
         return
+    programs = _programs(device, total_blocks)
+    # The tensor holding each program's first block (the kernel's share formula, p * B // P).
+    first_tensor = [bisect.bisect_right(block_start, p * total_blocks // programs) - 1 for p in range(programs)]
     # Hyperparameters travel as float64 bit patterns in the same int64 buffer: one copy per step,
     # full precision for float64 parameters, and a tensor lr needs no separate argument.
     hyper = struct.unpack("<4q", struct.pack("<4d", lr, weight_decay, momentum, 1.0 - dampening))
-    host = torch.tensor([v for row in rows for v in row] + chunk_tensor + chunk_start + list(hyper), dtype=torch.int64)
+    host = torch.tensor([v for row in rows for v in row] + block_start + first_tensor + list(hyper), dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
     meta = host.to(device, non_blocking=True)
-    table = meta[: _TENSOR_ROWS * num_tensors]
-    chunks = meta[_TENSOR_ROWS * num_tensors : _TENSOR_ROWS * num_tensors + 2 * num_chunks]
-    hyper_t = meta[-4:].view(torch.float64)
+    table, rest = meta[: _TENSOR_ROWS * num_tensors], meta[_TENSOR_ROWS * num_tensors:]
+    starts, first, hyper_t = rest[: num_tensors + 1], rest[num_tensors + 1: num_tensors + 1 + programs], rest[-4:]
     witness = next(p for p in p_in if p.numel() > 0)  # an empty tensor may have address 0
-    wrap_triton(_sgd_multi_tensor_kernel)[(num_chunks,)](
-        table, chunks, hyper_t, witness, num_tensors, num_chunks, CHUNK,
+    wrap_triton(_sgd_multi_tensor_kernel)[(programs,)](
+        table, starts, first, hyper_t.view(torch.float64), witness, num_tensors,
         COMPUTE_DTYPE=tl_acc(dtype),
         WEIGHT_DECAY=weight_decay != 0, MOMENTUM=use_momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-        ALIGNED=all(a % 16 == 0 for row in rows[:_NUMEL] for a in row), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton.language as tl
 from torch.optim.sgd import sgd as _functional_sgd
@@ -25,9 +23,22 @@ def _make_case(shapes, momentum, dampening, weight_decay, nesterov, maximize, fi
     return make
 
 
-# Ragged sizes, a tiny bias, an empty tensor, exactly one block (no tail), and one tensor over
-# two chunks (16 full blocks, then 1 full block and a masked tail).
+# Ragged sizes, a tiny bias, an empty tensor, exactly one block (no tail), and one tensor of 18
+# blocks (17 whole, a masked tail). 23 blocks over the interpreter's 4 programs (5, 6, 6, 6): the
+# first program crosses six tensors (the empty one included), the others start inside the last.
 _SHAPES = [(33, 17), (5,), (1000,), (4, 3, 3, 3), (0, 3), (64, 64), (70000,)]
+
+
+def _misaligned_case(dtype, device):
+    """The ragged list with one parameter (and its grad and buffer) a view one element into its
+    storage: that tensor takes the scalar path, the others the 128-bit one, in one launch."""
+    params, grads, buffers, *rest = _make_case(_SHAPES, 0.9, 0.0, 1e-2, False, False, False)(dtype, device)
+
+    def shifted(t):
+        return torch.randn(t.numel() + 1, dtype=dtype, device=device)[1:].view(t.shape)
+
+    params[-1], grads[-1], buffers[-1] = shifted(params[-1]), shifted(grads[-1]), shifted(buffers[-1])
+    return (params, grads, buffers, *rest)
 
 
 def _bench(total, num_tensors, momentum=0.9, first_step=False):
@@ -67,23 +78,21 @@ def _torch_sgd(fused: bool):
 
 
 def _compile_variants():
+    """Every switch combination in fp32 and bf16 (each kernel holds the aligned, 128-bit path and the
+    scalar one of misaligned tensors)."""
     variants = []
     for dtype in (torch.float32, torch.bfloat16):
         for momentum, nesterov in ((False, False), (True, False), (True, True)):
-            for weight_decay, aligned in itertools.product((False, True), (True, False)):
-                name = (f"sgd-{str(dtype)[6:]}-mom{int(momentum)}-nest{int(nesterov)}-wd{int(weight_decay)}"
-                        f"{'' if aligned else '-unaligned'}")
+            for weight_decay in (False, True):
                 variants.append(CompileVariant(
-                    name=name,
+                    name=f"sgd-{str(dtype)[6:]}-mom{int(momentum)}-nest{int(nesterov)}-wd{int(weight_decay)}",
                     kernel=_sgd_multi_tensor_kernel,
-                    signature={"table_ptr": "*i64", "chunk_ptr": "*i64", "hyper_ptr": "*fp64",
-                               "witness_ptr": triton_dtype(dtype), "num_tensors": "i32", "num_chunks": "i32",
-                               "chunk_size": "i32", "COMPUTE_DTYPE": "constexpr", "WEIGHT_DECAY": "constexpr",
-                               "MOMENTUM": "constexpr", "NESTEROV": "constexpr", "MAXIMIZE": "constexpr",
-                               "ALIGNED": "constexpr", "BLOCK": "constexpr"},
+                    signature={"table_ptr": "*i64", "block_start_ptr": "*i64", "first_tensor_ptr": "*i64",
+                               "hyper_ptr": "*fp64", "witness_ptr": triton_dtype(dtype), "num_tensors": "i32",
+                               "COMPUTE_DTYPE": "constexpr", "WEIGHT_DECAY": "constexpr", "MOMENTUM": "constexpr",
+                               "NESTEROV": "constexpr", "MAXIMIZE": "constexpr", "BLOCK": "constexpr"},
                     constexprs={"COMPUTE_DTYPE": tl.float32, "WEIGHT_DECAY": weight_decay, "MOMENTUM": momentum,
-                                "NESTEROV": nesterov, "MAXIMIZE": momentum and not nesterov, "ALIGNED": aligned,
-                                "BLOCK": BLOCK},
+                                "NESTEROV": nesterov, "MAXIMIZE": momentum and not nesterov, "BLOCK": BLOCK},
                     num_warps=NUM_WARPS,
                 ))
     return variants
@@ -98,6 +107,7 @@ SPEC = register(KernelSpec(
         Case("momentum-first-step-wd", _make_case(_SHAPES, 0.9, 0.1, 1e-2, False, False, True)),
         Case("momentum-dampening-maximize", _make_case(_SHAPES, 0.9, 0.25, 0.0, False, True, False)),
         Case("nesterov-wd", _make_case(_SHAPES, 0.8, 0.0, 5e-2, True, False, False)),
+        Case("misaligned-view-momentum-wd", _misaligned_case),
     ],
     gradcheck_case=None,
     # The kernel computes in fp32 and rounds once to the parameter's dtype; the harness's reference

@@ -7,7 +7,8 @@ On a GPU, for each KernelSpec's bench cases it times (median of triton.testing.d
 gpudl kernel, the eager PyTorch reference (cuDNN / cuBLAS / SDPA ...), every extra baseline the
 spec names and `torch.compile` of the reference, forward and forward+backward; it reports
 TFLOP/s or GB/s, the fraction of the device's peak, speedup over the best baseline and peak
-memory, and writes results.json, results.md and speedup.png under --out.
+memory of a forward call after a warm-up call (so not the autotuner's), and writes results.json,
+results.md and speedup.png under --out.
 
 Without a GPU it runs a smoke mode: every spec's first test case, forward and backward, through
 the interpreter, checked against the reference. It claims no timings (the interpreter's speed
@@ -69,18 +70,29 @@ def _peak(device_name: str):
     return None
 
 
+def peak_memory_mib(fn, args, memory=None) -> float:
+    """Peak memory of one forward call fn(*args) above what was allocated before it, in MiB,
+    read on a call AFTER a warm-up call: the first call of an autotuned kernel benchmarks its
+    configs (Triton's do_bench allocates a 256 MiB L2-flush buffer for it) and compiles, which
+    would add 256 MiB to every autotuned op. `memory` is torch.cuda unless a test passes a stand-in
+    (synchronize, memory_allocated, reset_peak_memory_stats, max_memory_allocated)."""
+    memory = torch.cuda if memory is None else memory
+    fn(*args)  # warm-up: autotuning, compilation, lazy allocations; its outputs are freed here
+    memory.synchronize()
+    base = memory.memory_allocated()
+    memory.reset_peak_memory_stats()
+    fn(*args)
+    memory.synchronize()
+    return (memory.max_memory_allocated() - base) / 2**20
+
+
 def _measure(fn, args, quick: bool) -> dict:
     from triton.testing import do_bench
 
     warmup, rep = (10, 40) if quick else (25, 200)
     result = {}
     try:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(*args)
-        torch.cuda.synchronize()
-        result["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        result["peak_mem_mb"] = peak_memory_mib(fn, args)
         result["fwd_ms"] = do_bench(lambda: fn(*args), warmup=warmup, rep=rep, return_mode="median")
         fwd_bwd = _forward_backward(fn, args)
         if fwd_bwd is not None:

@@ -13,7 +13,8 @@ model from the same seed and the same batches:
 
 On a GPU: the GPU-sized configs below, forward and loss under bf16 autocast (precision=bf16-mixed;
 fp16 on GPUs without bf16); median ms/step over --iters after --warmup steps, tokens or images per
-second, peak allocated memory, and each variant's speed relative to `torch` (> 1: faster).
+second, peak allocated memory of the timed steps (after the warm-up, so autotuning and compilation
+are not in it), and each variant's speed relative to `torch` (> 1: faster).
 --smoke on a CPU: the tiny configs, fp32, the interpreter, compile through aot_eager; its
 timings say nothing about a GPU, it checks that every experiment's step runs in every variant
 and that the first step's loss agrees across variants.
@@ -179,9 +180,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+class CudaPeakMemory:
+    """Peak allocated CUDA memory since start(), in MiB (torch.cuda's allocator statistics)."""
+
+    def start(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak_mib(self) -> float:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+
+
 def run_variant(name: str, variant: str, device: torch.device, smoke: bool, warmup: int, iters: int,
-                compile_backend: str) -> dict:
+                compile_backend: str, memory=None) -> dict:
+    """One experiment in one variant: the first step (its loss reported), `warmup` untimed steps,
+    then `iters` timed steps. Peak memory (`memory`: CudaPeakMemory on a GPU, none on the CPU) is
+    the peak of the timed steps: the first steps autotune (Triton's benchmarking allocates a
+    256 MiB L2-flush buffer) and compile, which a training run does once."""
     exp = EXPERIMENTS[name]
+    if memory is None and device.type == "cuda":
+        memory = CudaPeakMemory()
     row = {"experiment": name, "variant": variant, "config": exp.config(smoke), "unit": exp.unit}
     try:
         torch.manual_seed(0)
@@ -197,11 +216,12 @@ def run_variant(name: str, variant: str, device: torch.device, smoke: bool, warm
         autocast = _autocast(device, smoke)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         times = []
         with gpudl.use_backend("triton" if variant == "triton" else "torch"):
             first_loss = float(exp.step(model, optimizers, batches[0], autocast))
             for i in range(warmup + iters):
+                if i == warmup and memory is not None:
+                    memory.start()  # after the warm-up: the peak of the timed steps only
                 _sync(device)
                 start = time.perf_counter()
                 exp.step(model, optimizers, batches[i % 2], autocast)
@@ -210,7 +230,7 @@ def run_variant(name: str, variant: str, device: torch.device, smoke: bool, warm
                     times.append(time.perf_counter() - start)
         ms = statistics.median(times) * 1e3
         row.update(ms_per_step=ms, throughput=exp.items(batches[0]) / (ms / 1e3), first_loss=first_loss,
-                   peak_mem_mib=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None)
+                   peak_mem_mib=memory.peak_mib() if memory is not None else None)
         if not math.isfinite(first_loss):
             row["error"] = f"non-finite loss {first_loss}"
     except Exception as err:  # one variant failing (e.g. out of memory) must not lose the others

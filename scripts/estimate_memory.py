@@ -58,6 +58,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -93,6 +94,7 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self, host_code: "HostCode | None" = None):
         super().__init__()
         self.host_code = host_code
+        self.host_peaks: dict[str, int] = {}  # per gpudl op: the most its host code held at once
         self.live: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
         self.current = self.peak = 0
@@ -121,6 +123,8 @@ class LiveBytes(TorchDispatchMode):
             inner_peak = self.host_code.peak_bytes(func, args, kwargs or {})
             if inner_peak is not None:
                 self.peak = max(self.peak, self.current + inner_peak)
+                name = func._schema.name
+                self.host_peaks[name] = max(self.host_peaks.get(name, 0), inner_peak)
         out = func(*args, **(kwargs or {}))
         for t in _tensors(out):
             self.track(t)
@@ -190,8 +194,37 @@ class HostCode:
         def clone(self, memory_format=torch.preserve_format):
             return torch.empty_like(self, memory_format=memory_format)
 
-        patched = [(torch.Tensor, name, in_place) for name in ("copy_", "zero_", "fill_")]
-        patched += [(torch.Tensor, "contiguous", contiguous), (torch.Tensor, "clone", clone)]
+        getitem = torch.Tensor.__getitem__
+
+        def basic_index(self, index):  # the view itself, through aten (the binding asks for a guard)
+            try:
+                return getitem(self, index)
+            except RuntimeError as err:
+                if "not linked with support for cuda" not in str(err):
+                    raise
+            items = index if isinstance(index, tuple) else (index,)
+            explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+            out, dim = self, 0
+            for item in items:
+                if item is Ellipsis:
+                    dim += self.dim() - explicit
+                elif item is None:
+                    out, dim = torch.ops.aten.unsqueeze(out, dim), dim + 1
+                elif isinstance(item, int):
+                    out = torch.ops.aten.select.int(out, dim, item)
+                elif isinstance(item, slice):
+                    out = torch.ops.aten.slice.Tensor(out, dim, item.start, item.stop, item.step or 1)
+                    dim += 1
+                else:
+                    raise TypeError(f"estimate_memory: advanced indexing with {type(item).__name__} in host code")
+            return out
+
+        in_place_methods = ("copy_", "zero_", "fill_", "add_", "sub_", "mul_", "div_", "clamp_", "addcmul_",
+                            "addcdiv_", "masked_fill_", "index_add_", "scatter_", "scatter_add_", "__iadd__",
+                            "__isub__", "__imul__", "__itruediv__", "__setitem__")
+        patched = [(torch.Tensor, name, in_place) for name in in_place_methods]
+        patched += [(torch.Tensor, "contiguous", contiguous), (torch.Tensor, "clone", clone),
+                    (torch.Tensor, "__getitem__", basic_index)]
         patched += [(torch.library, "wrap_triton", _NoLaunch),
                    (torch.cuda, "get_device_properties", lambda *a, **k: props),
                    (torch.cuda, "current_device", lambda: 0)]
@@ -226,7 +259,8 @@ class HostCode:
         fake_kwargs = {k: self._as_fake_cuda(v) for k, v in kwargs.items()}
         counter = _Counter()
         try:
-            with self._no_launches(), torch.no_grad(), self.fake_mode, counter:
+            with self._no_launches(), torch.no_grad(), self.fake_mode, counter, warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
                 out = opdef._init_fn(*fake_args, **fake_kwargs)
         except Exception as err:  # noqa: BLE001 - counted by its fake instead, and said so
             if os.environ.get("GPUDL_ESTIMATE_DEBUG"):
@@ -522,11 +556,23 @@ def config_workload(override: str) -> Workload:
 
 
 def _optimizers(model):
-    optimizers = bench_models._optimizers(model)
+    """The model's optimizers as on CUDA: foreach where PyTorch would pick it for CUDA parameters;
+    a fused optimizer (which meta parameters refuse) built as fused, then stepped one tensor at a
+    time (the fused kernel allocates no temporaries; the per-tensor loop only one tensor's)."""
+    import torch.optim.optimizer as optimizer_module
+
+    supported = optimizer_module._get_fused_kernels_supported_devices
+    optimizer_module._get_fused_kernels_supported_devices = lambda: [*supported(), "meta"]
+    try:
+        optimizers = bench_models._optimizers(model)
+    finally:
+        optimizer_module._get_fused_kernels_supported_devices = supported
     for opt in optimizers:
         for group in opt.param_groups:
-            if "foreach" in group and group.get("fused") is not True:
-                group["foreach"] = True  # what PyTorch picks for CUDA parameters
+            if group.get("fused"):
+                group["fused"], group["foreach"] = False, False
+            elif "foreach" in group:
+                group["foreach"] = True
     return optimizers
 
 
@@ -556,6 +602,9 @@ def measure(work: Workload, variant: str, dtype: torch.dtype | None) -> dict[str
         work.step(model, optimizers, batch, autocast)
         full = tracker.peak
     row = {"saved_mib": sum(saved) / MiB, "fwd_bwd_mib": fwd_bwd / MiB, "step_mib": full / MiB}
+    if tracker.host_peaks:  # which op's launch needs the most at once (its outputs and scratch)
+        largest = sorted(tracker.host_peaks.items(), key=lambda kv: -kv[1])[:5]
+        row["largest_op_allocations_mib"] = {op: round(b / MiB, 3) for op, b in largest}
     if host_code.skipped:
         row["host_code_not_run"] = dict(host_code.skipped)
     return row

@@ -26,11 +26,21 @@ import pytest  # noqa: E402
 torch.set_num_threads(1)
 
 
+def _start_order(item) -> int:
+    if "compiles_for_sm80" in item.name:
+        return 0  # the GPU compile check (the kernel audit): the longest item
+    if "test_audit.py" in item.nodeid:
+        return 3  # the audit's rule tests read its report
+    return 1 if "slow" in item.keywords else 2
+
+
 def pytest_collection_modifyitems(config, items):
-    """Start the long GPU compile check (the kernel audit) first, so its worker finishes it while
-    the others test, and run the audit's rule tests last, when its report is there to read; skip
-    the `gpu` tests where there is no CUDA device."""
-    items.sort(key=lambda item: 0 if "compiles_for_sm80" in item.name else 2 if "test_audit.py" in item.nodeid else 1)
+    """Start the long GPU compile check (the kernel audit) first, then the other `slow` tests
+    (training runs of minutes), so that the run ends on short tests that the xdist workers share
+    (`--dist worksteal`: an idle worker takes half of another's queue) instead of one worker
+    finishing a long test alone; run the audit's rule tests last, when its report is there to
+    read. Skip the `gpu` tests where there is no CUDA device."""
+    items.sort(key=_start_order)
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:
@@ -43,6 +53,39 @@ def device():
     """Where the test's tensors live: CUDA (compiled kernels) when there is one, else the CPU
     (kernels through the Triton interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def on_test_device(device):
+    """Tensors made without a device land on the test device (see `device`) for the test's
+    duration. The per-kernel test files use it for every test:
+    `pytestmark = pytest.mark.usefixtures("on_test_device")`."""
+    torch.set_default_device(device)
+    yield device
+    torch.set_default_device(None)
+
+
+@pytest.fixture
+def exact_fp32_convolutions(monkeypatch):
+    """cuDNN's fp32 convolutions in IEEE fp32, not TF32: the reference of the convolution kernels'
+    tests on a GPU must be exact. (Only cuDNN's switch: mixing torch's two matmul TF32 APIs in one
+    process makes later reads raise, see test_attention_kernel.py.)"""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state (torch, numpy, random: seed 0), whichever
+    tests ran before it on its worker, so a failure reproduces alone and under any xdist
+    distribution. A test that wants another stream seeds its own generator."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
 
 
 @pytest.fixture

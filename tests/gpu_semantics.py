@@ -21,11 +21,12 @@ Per launch it then checks:
 - order dependence: the launch run again in reverse and in a shuffled grid order leaves the same
   bits in every tensor argument. Without a race and without atomics, no program can see another's
   writes, so the bits cannot depend on the order: the reruns are made only for launches that use
-  atomics or race, unless `all_orders=True` (env GPUDL_SEMANTICS_ALL_ORDERS=1) asks for every
-  launch of several programs.
+  atomics or race (and no out-of-bounds access, whose stores could not be undone), unless
+  `all_orders=True` (env GPUDL_SEMANTICS_ALL_ORDERS=1) asks for every launch of several programs.
 
 It also counts each launch's traffic: active elements x element size, per tensor argument,
-loaded and stored (an atomic counts as both), and the distinct bytes touched.
+loaded and stored (an atomic counts as both), and on request the bytes of the distinct elements
+loaded plus those of the distinct elements stored.
 
 Limits: the interpreter's memory model is sequential, not a GPU's (no caches, no weak ordering,
 no warps, no shared memory). What no program touches in this run is not checked (other shapes,
@@ -68,7 +69,7 @@ class Span:
 class Traffic:
     loaded: int = 0  # bytes: active elements x element size, every access counted
     stored: int = 0
-    distinct: int = 0  # bytes of distinct elements touched, loaded or stored (when asked: count_distinct)
+    distinct: int = 0  # bytes of distinct elements loaded + of distinct elements stored (when count_distinct)
 
 
 @dataclasses.dataclass
@@ -132,9 +133,17 @@ class _Recorder:
         self._chunks: list[tuple[int, np.ndarray, int]] = []  # (kind, addresses, itemsize) of this program
         self._lo = np.array([s.lo for s in report.spans], dtype=np.uint64)
         self._hi = np.array([s.hi for s in report.spans], dtype=np.uint64)
+        # for the binary search: the spans by start, an argument passed twice (a placeholder
+        # pointer) only once, as its first argument
+        first = {}
+        for i, span in enumerate(report.spans):
+            first.setdefault((span.lo, span.hi), i)
+        self._by_lo = np.array(sorted(first.values(), key=lambda i: (report.spans[i].lo, -i)), dtype=np.int64)
+        self._lo_sorted = self._lo[self._by_lo]
         # the distinct accesses of every program: per kind, arrays of (address, itemsize, program)
         self._distinct: list[tuple[int, np.ndarray, int, int]] = []
         self._oob: list[str] = []
+        self.out_of_bounds = False
 
     def add(self, kind: int, ptrs, mask) -> None:
         if not self.recording:
@@ -154,6 +163,7 @@ class _Recorder:
         for kind, addresses, itemsize in chunks:
             span = self._span_of(addresses, itemsize)
             outside = span < 0
+            self.out_of_bounds |= bool(outside.any())
             if outside.any() and len(self._oob) < MAX_REPORTED:
                 self._oob.append(self._describe_outside(kind, int(addresses[outside][0]), itemsize, int(outside.sum())))
             counts = np.bincount(span[~outside], minlength=len(self.report.spans))
@@ -167,15 +177,21 @@ class _Recorder:
         for kind, addresses, itemsize in chunks:
             by_kind.setdefault((kind, itemsize), []).append(addresses)
         for (kind, itemsize), parts in by_kind.items():
-            self._distinct.append((kind, np.unique(np.concatenate(parts)), itemsize, self.program))
+            self._distinct.append((kind, _sorted_distinct(np.concatenate(parts)), itemsize, self.program))
 
     def _span_of(self, addresses: np.ndarray, itemsize: int) -> np.ndarray:
-        """Index of the first tensor argument whose span holds each element, -1 where none does."""
-        span = np.full(addresses.shape, -1, dtype=np.int64)
+        """Index of a tensor argument whose span holds each element, -1 where none does: the one
+        starting last at or before it, else (overlapping arguments) the first that holds it."""
+        if not self.report.spans:
+            return np.full(addresses.shape, -1, dtype=np.int64)
         end = addresses + np.uint64(itemsize)
-        for i in range(len(self.report.spans)):
-            inside = (span < 0) & (addresses >= self._lo[i]) & (end <= self._hi[i])
-            span[inside] = i
+        i = np.searchsorted(self._lo_sorted, addresses, side="right") - 1
+        candidate = self._by_lo[np.maximum(i, 0)]
+        span = np.where((i >= 0) & (end <= self._hi[candidate]), candidate, -1)
+        missed = np.nonzero(span < 0)[0]
+        for j in range(len(self.report.spans)) if missed.size else ():
+            inside = (addresses[missed] >= self._lo[j]) & (end[missed] <= self._hi[j]) & (span[missed] < 0)
+            span[missed[inside]] = j
         return span
 
     def _describe_outside(self, kind: int, address: int, itemsize: int, count: int) -> str:
@@ -202,9 +218,11 @@ class _Recorder:
         addresses = np.concatenate([a for _, a, _, _ in self._distinct])
         sizes = np.concatenate([np.full(a.size, s, np.int64) for _, a, s, _ in self._distinct])
         pids = np.concatenate([np.full(a.size, p, np.int64) for _, a, _, p in self._distinct])
-        spans = self._span_of_each(addresses, sizes)
+        one_size = bool((sizes == sizes[0]).all())
+        spans = self._span_of_each(addresses, sizes) if self.count_distinct or not one_size else None
         if self.count_distinct:
-            self._count_distinct(addresses, sizes, spans)
+            for direction in ((kinds == LOAD) | (kinds == ATOMIC), (kinds == STORE) | (kinds == ATOMIC)):
+                self._count_distinct(addresses[direction], sizes[direction], spans[direction])
         if report.programs > 1:
             report.problems.extend(self._races(kinds, addresses, sizes, pids, spans))
 
@@ -219,18 +237,19 @@ class _Recorder:
         for i, span in enumerate(self.report.spans):
             here = spans == i
             for size in np.unique(sizes[here]):
-                distinct = np.unique(addresses[here & (sizes == size)]).size
+                distinct = _sorted_distinct(addresses[here & (sizes == size)]).size
                 self.report.traffic[span.name].distinct += distinct * int(size)
 
     def _races(self, kinds, addresses, sizes, pids, spans) -> list[str]:
         """Elements one program stores and another touches, or one updates atomically and another
         loads plainly. Compared in units of the smallest element size used in each tensor argument
         (an int64 store and an int32 load of its upper half do overlap)."""
-        smallest = np.full(len(self.report.spans) + 1, 1 << 30, dtype=np.int64)
-        np.minimum.at(smallest, spans, sizes)  # index -1 (outside): the extra last slot
-        unit = smallest[spans]
-        repeat = sizes // unit
-        if (repeat > 1).any():
+        if spans is not None:  # several element sizes
+            smallest = np.full(len(self.report.spans) + 1, 1 << 30, dtype=np.int64)
+            np.minimum.at(smallest, spans, sizes)  # index -1 (outside): the extra last slot
+            unit = smallest[spans]
+            repeat = sizes // unit
+        if spans is not None and (repeat > 1).any():
             total = int(repeat.sum())
             within = np.arange(total) - np.repeat(np.cumsum(repeat) - repeat, repeat)
             kinds, pids = np.repeat(kinds, repeat), np.repeat(pids, repeat)
@@ -242,7 +261,7 @@ class _Recorder:
         racy = [store_cells[store_lo != store_hi]]  # stored by two programs
         racy.append(_touched_by_another(addresses[loads], pids[loads], write_cells, write_lo, write_hi))
         racy.append(_touched_by_another(addresses[atomics], pids[atomics], store_cells, store_lo, store_hi))
-        racy = np.unique(np.concatenate(racy))
+        racy = _sorted_distinct(np.concatenate(racy))
         if not racy.size:
             return []
         cells = racy
@@ -270,13 +289,27 @@ class _Recorder:
         return f"address {address:#x}"
 
 
+def _sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique(values), by a sort (numpy 2's hash-based np.unique is many times slower here)."""
+    values = np.sort(values)
+    keep = np.ones(values.size, bool)
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 def _programs_per_cell(addresses: np.ndarray, pids: np.ndarray):
     """The distinct addresses (sorted) and, for each, the lowest and highest program touching it."""
     if not addresses.size:
         empty = np.zeros(0, np.int64)
         return addresses, empty, empty
-    order = np.lexsort((pids, addresses))
-    addresses, pids = addresses[order], pids[order]
+    low, spread = int(addresses.min()), int(addresses.max()) - int(addresses.min()) + 1
+    programs = int(pids.max()) + 1
+    if spread * programs < 1 << 62:  # one int64 key: a plain sort
+        keys = np.sort((addresses - np.uint64(low)).astype(np.int64) * programs + pids)
+        addresses, pids = (keys // programs).astype(np.uint64) + np.uint64(low), keys % programs
+    else:
+        order = np.lexsort((pids, addresses))
+        addresses, pids = addresses[order], pids[order]
     start = np.ones(addresses.size, bool)
     start[1:] = addresses[1:] != addresses[:-1]
     first = np.nonzero(start)[0]
@@ -441,7 +474,9 @@ def _run_programs(semantics: Semantics, report: LaunchReport, fn, args: dict, te
         try:
             run(range(report.programs))
             recorder.finish()
-            if before and (semantics.all_orders or report.uses_atomics or report.problems):
+            # (not after an out-of-bounds access: what it stored outside the arguments cannot be put back)
+            if before and not recorder.out_of_bounds and (semantics.all_orders or report.uses_atomics
+                                                          or report.problems):
                 recorder.recording = False
                 natural = [s.clone() for s in storages]
                 for name, order in _grid_orders(report.programs, seed=len(semantics.launches)).items():

@@ -1,6 +1,7 @@
-"""Helpers shared by the test files: leaf copies of arguments, the registry harness's comparison
-(honest tolerances, a proof that a Triton kernel ran), a recorder of Triton launches, and the
-autotuned kernels of a kernel file.
+"""Helpers shared by the test files: leaf copies of arguments, the one kernel-vs-reference check of
+the per-kernel test files (check_against_reference), the registry harness's comparison (honest
+tolerances, a proof that a Triton kernel ran), a recorder of Triton launches, and the autotuned
+kernels of a kernel file.
 
 Launches are counted where Triton starts one: `JITFunction.run` (compiled kernels, triton 3.x)
 and `InterpretedFunction.run` (the interpreter), which `kernel[grid](...)` and the autotuner
@@ -16,7 +17,7 @@ import dataclasses
 import math
 import os
 import types
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -72,12 +73,16 @@ def tolerance(spec, dtype: torch.dtype, device: torch.device) -> tuple[float, fl
     return spec.tolerances[dtype]
 
 
-def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
-    """Element by element: |got - want| <= atol * rms(want) + rtol * |want| (compared in float64).
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float,
+                 min_scale: float = 0.0) -> None:
+    """Element by element: |got - want| <= atol * max(rms(want), min_scale) + rtol * |want|
+    (compared in float64).
 
     atol is relative to the tensor's root-mean-square, not its largest element: an element that is
     a sum of many terms carries a rounding error of about eps times a typical element, while one
     large outlier must not loosen every other element (the max did: conv2d accepted 4% errors).
+    min_scale is for a result that cancels to zero (the query gradient of attention with one visible
+    key): the reference is then rounding noise, and the scale is that of the terms it sums.
     Non-finite values must match exactly; an empty tensor has nothing to compare but its shape."""
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != reference {tuple(want.shape)}"
     if want.numel() == 0:
@@ -85,18 +90,99 @@ def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, 
     g, w = got.detach().double(), want.detach().double()
     finite = torch.isfinite(w)
     rms = w[finite].square().mean().sqrt().item() if finite.any() else 0.0
-    scale = rms if rms > 0 else 1.0  # an all-zero reference: atol is absolute
+    scale = max(rms, min_scale) if rms > 0 else max(1.0, min_scale)  # an all-zero reference: atol is absolute
     err = (g - w).abs()
     bound = atol * scale + rtol * w.abs()
     torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol, equal_nan=True,
                                msg=lambda m: f"{name}: {m}\nworst element: |error| {_worst(err, bound, finite)}; "
-                                             f"atol {atol:g} x rms {rms:.3g}, rtol {rtol:g}")
+                                             f"atol {atol:g} x {scale:.3g} (rms {rms:.3g}), rtol {rtol:g}")
 
 
 def _worst(err, bound, finite) -> str:
     ratio = torch.where(finite, err / bound.clamp_min(1e-300), torch.zeros_like(err))
     i = int(ratio.flatten().argmax())
     return f"{err.flatten()[i].item():.3g} at flat index {i}, {ratio.flatten()[i].item():.3g}x its bound"
+
+
+class Pair(NamedTuple):
+    """A kernel's and its reference's results on the same inputs (see run_against_reference)."""
+
+    out: Any  # what the kernel returned (a tensor or a tuple of them)
+    ref: Any  # what the reference returned
+    grads: list  # gradients of the kernel's inputs that require grad, in argument order (None: unused)
+    ref_grads: list  # the same for the reference
+
+
+def run_against_reference(kernel, reference, *inputs, grad=None, **kwargs) -> Pair:
+    """kernel(*inputs) and reference(*inputs), each on its own leaves over the input tensors (new
+    leaves over the same memory, so views keep their strides; None and non-tensor arguments pass
+    through), then the gradients of every input that requires grad under one output gradient
+    shared by both: `grad` (a tensor, or one per output that requires grad), else random.
+    Keyword arguments go to both functions."""
+    kernel_inputs, ref_inputs = _leaves_of(inputs), _leaves_of(inputs)
+    out, ref = kernel(*kernel_inputs, **kwargs), reference(*ref_inputs, **kwargs)
+    wanted = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor) and a.requires_grad]
+    pairs = [(o, r) for o, r in zip(flatten(out), flatten(ref)) if r.requires_grad]
+    if not wanted or not pairs or all(r.numel() == 0 for _, r in pairs):
+        return Pair(out, ref, [], [])
+    if grad is None:
+        grads_out = [torch.randn_like(r) for _, r in pairs]
+    else:
+        grads_out = list(grad) if isinstance(grad, (list, tuple)) else [grad]
+    got = torch.autograd.grad([o for o, _ in pairs], [kernel_inputs[i] for i in wanted], grads_out, allow_unused=True)
+    want = torch.autograd.grad([r for _, r in pairs], [ref_inputs[i] for i in wanted], grads_out, allow_unused=True)
+    return Pair(out, ref, list(got), list(want))
+
+
+def check_against_reference(kernel, reference, *inputs, grad=None, atol: float = 1e-5, rtol: float = 1e-5,
+                            min_scale: float = 0.0, **kwargs) -> Pair:
+    """The one kernel-vs-reference check of the per-kernel test files: run_against_reference, then
+    every output (same shape and dtype) and every input gradient element by element
+    (assert_close: atol x the tensor's RMS + rtol x |reference|). Keyword arguments other than
+    these go to both functions. Returns the Pair, for the test's own further checks (layouts,
+    which kernel ran)."""
+    pair = run_against_reference(kernel, reference, *inputs, grad=grad, **kwargs)
+    outs, refs = flatten(pair.out), flatten(pair.ref)
+    assert len(outs) == len(refs), f"the kernel returned {len(outs)} tensors, the reference {len(refs)}"
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert o.dtype == r.dtype, f"output {i} has dtype {o.dtype}, the reference {r.dtype}"
+    assert_all_close(outs, refs, atol, rtol, what="output", min_scale=min_scale)
+    assert_all_close(pair.grads, pair.ref_grads, atol, rtol, what="gradient", min_scale=min_scale)
+    return pair
+
+
+def assert_all_close(got, want, atol: float = 1e-5, rtol: float = 1e-5, what: str = "tensor",
+                     min_scale: float = 0.0) -> None:
+    """assert_close on each pair of two equally long sequences of tensors (None only against None)."""
+    got, want = list(got), list(want)
+    assert len(got) == len(want), f"{len(got)} {what}s, the reference has {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), f"{what} {i}: {'none' if g is None else 'one'} against the " \
+                                           f"reference's {'none' if w is None else 'one'}"
+        if w is not None:
+            assert_close(f"{what} {i}", g, w, atol, rtol, min_scale)
+
+
+def on_backend(name: str, fn):
+    """fn, run inside gpudl.use_backend(name): `check_against_reference(on_backend("triton", f),
+    on_backend("torch", f), ...)` compares the two backends of one gpudl.ops call."""
+    import gpudl
+
+    def run(*args, **kwargs):
+        with gpudl.use_backend(name):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def check_triton_against_torch(fn, *inputs, **kwargs) -> Pair:
+    """check_against_reference of a gpudl.ops call `fn` on the triton backend against the same
+    call on the torch backend (same keyword arguments as check_against_reference)."""
+    return check_against_reference(on_backend("triton", fn), on_backend("torch", fn), *inputs, **kwargs)
+
+
+def _leaves_of(inputs) -> list:
+    return [a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in inputs]
 
 
 def compare_with_reference(spec, case, dtype: torch.dtype, device: torch.device, launches) -> None:

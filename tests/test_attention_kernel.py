@@ -12,43 +12,24 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import leaves as _leaves
+from helpers import check_against_reference
 
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import attention as A
 
-
-@pytest.fixture(autouse=True)
-def _on_test_device(device):
-    """Tensors made in these tests land on the test device: CUDA (compiled kernels) when there is
-    one, else the CPU (the Triton interpreter)."""
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
-def _check(q, k, v, mask=None, is_causal=False, scale=None, grad=None, atol=1e-5, rtol=1e-4):
-    """Kernel vs torch on copies of (q, k, v): output and every requested gradient."""
+def _check(q, k, v, mask=None, is_causal=False, scale=None, grad=None, min_scale=0.0):
+    """The kernel against F.scaled_dot_product_attention (through gpudl.reference), by
+    helpers.check_against_reference: output and every gradient within 1e-5 x the tensor's RMS
+    + 1e-4 x |reference|. scale 1/sqrt(D) by default. Returns the kernel's output."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    kq, kk, kv = _leaves(q, k, v)
-    rq, rk, rv = _leaves(q, k, v)
-    out = A.scaled_dot_product_attention(kq, kk, kv, mask, 0.0, is_causal, scale)
-    ref = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=mask, is_causal=is_causal, scale=scale)
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    wants = [i for i, t in enumerate((kq, kk, kv)) if t.requires_grad]
-    if not wants or ref.numel() == 0:
-        return out
-    grad = torch.randn_like(ref) if grad is None else grad
-    got = torch.autograd.grad(out, [(kq, kk, kv)[i] for i in wants], grad)
-    want = torch.autograd.grad(ref, [(rq, rk, rv)[i] for i in wants], grad)
-    for g, r in zip(got, want):
-        assert g.shape == r.shape
-        scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0  # sums of many terms
-        torch.testing.assert_close(g, r, atol=atol * scale, rtol=rtol)
-    return out
+    return check_against_reference(A.scaled_dot_product_attention, reference.scaled_dot_product_attention,
+                                   q, k, v, mask, 0.0, is_causal, scale, grad=grad, atol=1e-5, rtol=1e-4,
+                                   min_scale=min_scale).out
 
 
 def _qkv(b, h, lq, lk, d, dtype=torch.float32, grad=True):
@@ -101,7 +82,9 @@ def test_per_head_mask_strides():
 @pytest.mark.parametrize("lq,lk", [(7, 40), (40, 7), (33, 33), (1, 5), (5, 1)])
 def test_causal_is_top_left_aligned(lq, lk):
     q, k, v = _qkv(1, 2, lq, lk, 16)
-    _check(q, k, v, is_causal=True)
+    # One visible key per query (Lq or Lk of 1): dq cancels to exactly zero, so the reference's dq
+    # is rounding noise of unit-variance terms; atol is then 1e-5 absolute.
+    _check(q, k, v, is_causal=True, min_scale=1.0 if 1 in (lq, lk) else 0.0)
 
 
 @pytest.mark.parametrize("d", [8, 24, 80, 96, 128])

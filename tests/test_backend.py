@@ -125,7 +125,7 @@ def fake_gpu(monkeypatch):
     kernels run on the CPU through the interpreter."""
     monkeypatch.setattr(backend, "_on_gpu", lambda tensors: True)
     name = {"device": "FakeGPU-A"}
-    monkeypatch.setattr(backend, "_device_name", lambda tensors: name["device"])
+    monkeypatch.setattr(backend, "_device_name", lambda device: name["device"])
 
     def install(triton_ms, torch_ms):
         clock = FakeClock(triton_ms, torch_ms)
@@ -192,7 +192,7 @@ def test_cache_is_reused_by_another_process(fake_gpu, tmp_path):
         "import torch, gpudl\n"
         "from gpudl import backend, ops\n"
         "backend._on_gpu = lambda tensors: True\n"
-        "backend._device_name = lambda tensors: 'FakeGPU-A'\n"
+        "backend._device_name = lambda device: 'FakeGPU-A'\n"
         "def timer(side, fn):\n"
         "    raise AssertionError('timed again')\n"
         "backend._timer = timer\n"
@@ -379,3 +379,28 @@ def test_the_choice_lands_in_metrics_json_and_the_wandb_summary(fake_gpu, tmp_pa
     assert any(k.startswith("linear|") for k in record["keys"])
     (logged,) = summaries
     assert logged["kernels/backend"] == "auto" and logged["kernels/linear"] == "triton"
+
+
+@pytest.mark.gpu
+def test_auto_times_both_sides_on_a_real_gpu(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(256, 512, device="cuda", requires_grad=True)
+    w = torch.randn(384, 512, device="cuda", requires_grad=True)
+    y = ops.linear(x, w, activation="gelu")
+    torch.testing.assert_close(y, torch.nn.functional.gelu(x @ w.T), atol=1e-2, rtol=1e-2)
+    (entry,) = backend.report()["keys"].values()
+    assert entry["reason"] == "measured" and entry["triton_ms"] > 0 and entry["torch_ms"] > 0
+    assert entry["backend"] == ("triton" if entry["triton_ms"] < entry["torch_ms"] else "torch")
+    assert _cache_files(tmp_path)
+
+
+def test_a_corrupt_cache_file_is_one_warning_and_rewritten(fake_gpu, tmp_path):
+    clock = fake_gpu(1.0, 2.0)
+    path = backend_choice.cache_file("FakeGPU-A")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    x, w = _linear_call()
+    with pytest.warns(UserWarning, match=r"ignoring the unreadable backend cache .*FakeGPU_A.*\.json \(Expecting"):
+        ops.linear(x, w)
+    assert clock.timed == ["triton", "torch"]
+    assert json.loads(path.read_text())["choices"]

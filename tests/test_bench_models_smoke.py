@@ -71,3 +71,32 @@ def test_gpu_configs_build_and_fit_their_batches():
             x, y = (x[:1, :32], y[:1, :32]) if name == "gpt" else (x[:1], y[:1])
             assert torch.isfinite(model.loss(model(x), y)), name
     assert sum(p.numel() for p in bench.EXPERIMENTS["gpt"].build(False).parameters()) > 80e6  # GPT-2 small's body
+
+
+def test_bench_models_peak_memory_covers_the_timed_steps_only(monkeypatch):
+    """The peak is reset after the first step and the warm-up steps (which autotune and compile)
+    and read after the timed ones: a stand-in meter sees when it is started and read."""
+    bench = _load()
+    steps, log = [], []
+    exp = bench.EXPERIMENTS["cnn"]
+
+    def counted_step(*args):
+        steps.append(len(steps))
+        return exp.step(*args)
+
+    class Meter:
+        def start(self):
+            log.append(("start", len(steps)))
+
+        def peak_mib(self):
+            log.append(("read", len(steps)))
+            return 7.0
+
+    monkeypatch.setitem(bench.EXPERIMENTS, "cnn", exp._replace(step=counted_step))
+    import torch
+
+    row = bench.run_variant("cnn", "torch", torch.device("cpu"), True, warmup=2, iters=3, compile_backend="aot_eager",
+                            memory=Meter())
+    assert "error" not in row, row
+    assert log == [("start", 3), ("read", 6)]  # after the first step and 2 warm-up steps; after all 6
+    assert row["peak_mem_mib"] == 7.0

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, leaf
+from helpers import check_against_reference, innermost_function, leaf, on_backend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gpudl
 from gpudl import nn as gnn
@@ -18,38 +19,23 @@ from gpudl.kernels import max_pool2d as pool_kernels
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def _on_test_device(device, monkeypatch):
-    """Tensors made in these tests land on the test device (CUDA when there is one, else the CPU
-    and the Triton interpreter); fp32 convolutions on both backends use exact fp32, not TF32."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("on_test_device", "exact_fp32_convolutions")
 
 
 def _grads(out, inputs, gy):
     return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], gy)
 
 
-def _conv_pair(x, w, b=None, activation=None, **kwargs):
-    """(triton output, reference output, grads of each) for ops.conv2d on leaf copies."""
-    kx, kw_, kb = leaf(x), leaf(w), None if b is None else leaf(b)
-    rx, rw, rb = leaf(x), leaf(w), None if b is None else leaf(b)
-    with gpudl.use_backend("triton"):
-        y = ops.conv2d(kx, kw_, kb, activation=activation, **kwargs)
-    r = reference.activation(F.conv2d(rx, rw, rb, **kwargs), activation)
-    gy = torch.randn_like(r)
-    got = _grads(y, [t for t in (kx, kw_, kb) if t is not None], gy)
-    want = _grads(r, [t for t in (rx, rw, rb) if t is not None], gy)
-    return y, r, got, want
+def _reference_conv2d(x, w, b=None, activation=None, **kwargs):
+    return reference.activation(F.conv2d(x, w, b, **kwargs), activation)
 
 
-def _assert_all_close(y, r, got, want, atol=1e-5, rtol=1e-5):
-    assert_close("output", y, r, atol, rtol)
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_close(f"gradient {i}", g, w, atol, rtol)
+def _conv_pair(x, w, b=None, activation=None, atol=1e-5, rtol=1e-5, **kwargs):
+    """ops.conv2d on the triton backend against F.conv2d and the activation, every operand
+    requiring grad (helpers.check_against_reference); returns (out, ref, grads, ref_grads)."""
+    operands = [None if t is None else leaf(t) for t in (x, w, b)]
+    return check_against_reference(on_backend("triton", ops.conv2d), _reference_conv2d, *operands,
+                                   activation=activation, atol=atol, rtol=rtol, **kwargs)
 
 
 # --------------------------------------------------------------------------- conv2d
@@ -59,7 +45,6 @@ def test_conv2d_every_activation_through_ops(activation):
     x, w, b = torch.randn(2, 3, 6, 7), torch.randn(4, 3, 3, 3) / 5, torch.randn(4)
     y, r, got, want = _conv_pair(x, w, b, activation, stride=(1, 2), padding=1)
     assert y.grad_fn is not None and "gpudl_conv2d" in type(y.grad_fn).__name__  # the Triton kernel ran
-    _assert_all_close(y, r, got, want)
 
 
 @pytest.mark.parametrize("x_cl,w_cl", [(True, False), (False, True), (True, True)])
@@ -73,7 +58,6 @@ def test_conv2d_channels_last_output_follows_input(x_cl, w_cl):
     y, r, got, want = _conv_pair(x, w, b, "relu", padding=(1, 0))
     assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
     assert y.stride() == r.stride()
-    _assert_all_close(y, r, got, want)
     if x_cl:  # the input gradient keeps the input's layout
         assert got[0].is_contiguous(memory_format=CL)
 
@@ -146,18 +130,16 @@ def test_conv2d_wgrad_split_reduction(monkeypatch):
     torch.manual_seed(0)
     x, w, b = torch.randn(3, 3, 7, 5), torch.randn(4, 3, 3, 3) / 5, torch.randn(4)
     y, r, got, want = _conv_pair(x, w, b, "leaky_relu", padding=1)  # M = 3 * 7 * 5 = 105 rows
-    _assert_all_close(y, r, got, want)
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_conv2d_nchw_operands_are_read_in_place(activation):
-    """NCHW operands are read with their own strides (no repack): outputs and gradients keep
-    their NCHW layouts and match the reference."""
+def test_conv2d_nchw_operands(activation):
+    """NCHW operands are repacked channels innermost for the GEMMs (conv2d.channels_inner);
+    outputs and gradients keep their NCHW layouts and match the reference."""
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 6, 7, 5), torch.randn(4, 3, 3, 2) / 5, torch.randn(4)
     y, r, got, want = _conv_pair(x, w, b, activation, stride=(2, 1), padding=1, groups=2)
     assert y.is_contiguous() and got[0].is_contiguous() and got[1].is_contiguous()
-    _assert_all_close(y, r, got, want)
 
 
 def test_conv2d_zero_size_batch_and_channels():
@@ -180,9 +162,8 @@ def test_conv2d_zero_size_batch_and_channels():
 def test_conv2d_float64_matches_reference():
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 3, 6, 5, dtype=torch.float64), torch.randn(5, 3, 2, 3, dtype=torch.float64), None
-    y, r, got, want = _conv_pair(x, w, b, "sigmoid", stride=(2, 1), dilation=(2, 1))
+    y, r, got, want = _conv_pair(x, w, b, "sigmoid", stride=(2, 1), dilation=(2, 1), atol=1e-12, rtol=1e-12)
     assert y.dtype == torch.float64
-    _assert_all_close(y, r, got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_conv2d_double_backward_is_refused():
@@ -239,12 +220,10 @@ def test_nn_conv2d_under_triton_backend():
 
 # --------------------------------------------------------------------------- max_pool2d
 def _pool_pair(x, *args, **kwargs):
-    kx, rx = leaf(x), leaf(x)
-    with gpudl.use_backend("triton"):
-        y = ops.max_pool2d(kx, *args, **kwargs)
-    r = F.max_pool2d(rx, *args, **kwargs)
-    gy = torch.randn_like(r)
-    return y, r, _grads(y, [kx], gy), _grads(r, [rx], gy)
+    """ops.max_pool2d on the triton backend against F.max_pool2d, output and input gradient
+    bit for bit (helpers.check_against_reference); returns (out, ref, grads, ref_grads)."""
+    return check_against_reference(on_backend("triton", ops.max_pool2d), F.max_pool2d, leaf(x), *args,
+                                   atol=0, rtol=0, **kwargs)
 
 
 @pytest.mark.parametrize("ceil_mode", [False, True])
@@ -254,7 +233,6 @@ def test_max_pool2d_through_ops(ceil_mode):
     y, r, got, want = _pool_pair(x, (3, 2), (2, 3), (1, 1), (1, 2), ceil_mode)
     assert "gpudl_max_pool2d" in type(y.grad_fn).__name__  # the Triton kernel ran
     assert y.shape == r.shape
-    _assert_all_close(y, r, got, want, atol=0, rtol=0)
 
 
 def test_max_pool2d_argmax_equals_torch_indices_with_ties():
@@ -313,4 +291,66 @@ def test_max_pool2d_float64():
     x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
     y, r, got, want = _pool_pair(x, 3, 2, 1)
     assert y.dtype == torch.float64
-    _assert_all_close(y, r, got, want, atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- memory
+class _Allocations(TorchDispatchMode):
+    """Every tensor an aten op returns fresh (allocations and copies), as (op, shape, channels_last)."""
+
+    COPIES = ("aten.clone", "aten._to_copy", "aten.copy_", "aten.contiguous")
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.copies = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if name.startswith(self.COPIES):
+            self.copies.append(name)
+        elif "empty" in name or "zeros" in name:
+            self.made.append((name, tuple(out.shape), out.dim() == 4 and out.is_contiguous(memory_format=CL)))
+        return out
+
+
+class _NoLaunch:
+    """Stands in for wrap_triton: records the kernels a launcher would run, runs none (the
+    interpreter's own host copies are not the op's)."""
+
+    def __init__(self):
+        self.kernels = []
+
+    def __call__(self, kernel):
+        def launch(grid):
+            return lambda *args, **kwargs: self.kernels.append(innermost_function(kernel).__name__)
+
+        return type("Launcher", (), {"__getitem__": lambda _, grid: launch(grid)})()
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_conv2d_channels_last_allocates_no_copies(monkeypatch, activation):
+    """A channels_last forward + backward allocates its outputs and gradients (channels_last where
+    they are images) and, with an activation, the one dz buffer the GEMMs read; it copies nothing."""
+    launcher = _NoLaunch()
+    monkeypatch.setattr(conv_kernels, "wrap_triton", launcher)
+    x = torch.randn(2, 8, 10, 10).to(memory_format=CL)
+    w = torch.randn(16, 8, 3, 3).to(memory_format=CL)
+    b = torch.randn(16)
+    act = "none" if activation is None else activation
+    conf = ((1, 1), (1, 1, 1, 1), (1, 1), 1, act)
+    with _Allocations() as forward:
+        y, z = conv_kernels._conv2d_forward(x, w, b, *conf, False)
+    gy = torch.randn_like(y)
+    saved = y if activation else None
+    with _Allocations() as backward:
+        dx, dw, db = conv_kernels._conv2d_backward(gy, x, w, saved, list(x.shape), list(x.stride()), list(w.shape),
+                                                   *conf, True, True, True)
+    assert forward.copies == [] and backward.copies == []
+    assert [shape for _, shape, _ in forward.made] == [(2, 16, 10, 10)] and forward.made[0][2]
+    images = [(shape, cl) for _, shape, cl in backward.made if len(shape) == 4 and shape[0] == 2]
+    expected = [((2, 16, 10, 10), True)] if activation else []  # dz = dy * act'(y)
+    assert images == expected + [((2, 8, 10, 10), True)]  # + dx
+    others = sorted(shape for _, shape, _ in backward.made if shape not in [s for s, _ in images])
+    assert others == [(16,), (16, 8, 3, 3)]  # db, dw: no partial buffers with one split
+    assert y.is_contiguous(memory_format=CL) and dx.is_contiguous(memory_format=CL)
+    assert "_conv2d_dgrad_kernel" in launcher.kernels and "_conv2d_wgrad_kernel" in launcher.kernels

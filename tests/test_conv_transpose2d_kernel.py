@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, leaf
+from helpers import assert_close, check_against_reference, leaf, on_backend
 
 import gpudl
 from gpudl import nn as gnn
@@ -17,34 +17,20 @@ from gpudl import ops, reference
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True)
-def _on_test_device(device, monkeypatch):
-    """Tensors land on the test device; fp32 convolutions use exact fp32 on both backends."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
+pytestmark = pytest.mark.usefixtures("on_test_device", "exact_fp32_convolutions")
+
+
+def _reference_conv_transpose2d(x, w, b=None, activation=None, **kwargs):
+    return reference.activation(F.conv_transpose2d(x, w, b, **kwargs), activation)
 
 
 def _pair(x, w, b=None, activation=None, **kwargs):
-    """(triton output, reference output, grads of each) for ops.conv_transpose2d on leaf copies."""
-    kx, kw_, kb = leaf(x), leaf(w), None if b is None else leaf(b)
-    rx, rw, rb = leaf(x), leaf(w), None if b is None else leaf(b)
-    with gpudl.use_backend("triton"):
-        y = ops.conv_transpose2d(kx, kw_, kb, activation=activation, **kwargs)
-    r = reference.activation(F.conv_transpose2d(rx, rw, rb, **kwargs), activation)
-    gy = torch.randn_like(r)
-    got = torch.autograd.grad(y, [t for t in (kx, kw_, kb) if t is not None], gy)
-    want = torch.autograd.grad(r, [t for t in (rx, rw, rb) if t is not None], gy)
-    return y, r, got, want
-
-
-def _assert_all_close(y, r, got, want, atol=1e-5, rtol=1e-5):
-    assert y.shape == r.shape
-    assert_close("output", y, r, atol, rtol)
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_close(f"gradient {i}", g, w, atol, rtol)
+    """ops.conv_transpose2d on the triton backend against F.conv_transpose2d and the activation,
+    every operand requiring grad (helpers.check_against_reference); returns (out, ref, grads,
+    ref_grads)."""
+    operands = [None if t is None else leaf(t) for t in (x, w, b)]
+    return check_against_reference(on_backend("triton", ops.conv_transpose2d), _reference_conv_transpose2d,
+                                   *operands, activation=activation, **kwargs)
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"])
@@ -53,7 +39,6 @@ def test_every_activation_through_ops(activation):
     x, w, b = torch.randn(2, 3, 5, 4), torch.randn(3, 4, 3, 3) / 3, torch.randn(4)
     y, r, got, want = _pair(x, w, b, activation, stride=2, padding=1, output_padding=1)
     assert "gpudl_conv_transpose2d" in type(y.grad_fn).__name__  # the Triton kernel ran
-    _assert_all_close(y, r, got, want)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -68,7 +53,6 @@ def test_ragged_strides_groups_dilation(kwargs):
     c_out_g = {1: 4, 3: 2, 6: 1}[groups]
     x, w, b = torch.randn(2, 6, 3, 5), torch.randn(6, c_out_g, 3, 2) / 3, torch.randn(c_out_g * groups)
     y, r, got, want = _pair(x, w, b, "relu", **kwargs)
-    _assert_all_close(y, r, got, want)
 
 
 @pytest.mark.parametrize("x_cl,w_cl", [(True, False), (False, True), (True, True)])
@@ -80,7 +64,6 @@ def test_channels_last_output_follows_input(x_cl, w_cl):
     y, r, got, want = _pair(x, w, b, "tanh", stride=2, padding=(1, 0))
     assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
     assert y.stride() == r.stride()
-    _assert_all_close(y, r, got, want)
     if x_cl:  # the input gradient keeps the input's layout
         assert got[0].is_contiguous(memory_format=CL)
 
@@ -173,10 +156,9 @@ def test_gradients_are_bit_identical_in_deterministic_mode():
         assert torch.equal(a, c)
 
 
-def test_nchw_operands_are_read_in_place():
-    """NCHW operands are read with their own strides (no repack): NCHW results, the reference's values."""
+def test_nchw_operands():
+    """NCHW operands (repacked channels innermost for the GEMMs): NCHW results, the reference's values."""
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 4, 3, 5), torch.randn(4, 3, 3, 3) / 3, torch.randn(6)
     y, r, got, want = _pair(x, w, b, "gelu", stride=2, padding=1, output_padding=1, groups=2)
     assert y.is_contiguous() and got[0].is_contiguous()
-    _assert_all_close(y, r, got, want)

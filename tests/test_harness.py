@@ -28,45 +28,53 @@ from gpudl.kernels.registry import INTERPRET, Case
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 
-def _load_mutant(tmp_path, file: str, op: str, mutation: tuple[str, str] | None, tag: str):
-    """kernels/<file> with `mutation` (regex, replacement; must match exactly once) applied,
-    imported as a new module whose spec is registered as `<op>_<tag>`. Returns (module, spec)."""
-    source = (KERNELS / file).read_text()
-    renamed, count = re.subn(rf'\bop="{op}"', f'op="{op}_{tag}"', source)
-    assert count == 1, f"kernels/{file}: expected one op=\"{op}\" registration"
-    # Its own custom ops too: torch.ops.gpudl.<name> can be defined once per process.
-    renamed, count = re.subn(r'\bkernel_op\("(\w+)"', rf'kernel_op("\1_{tag}"', renamed)
-    assert count >= 1, f"kernels/{file}: expected kernel_op(\"...\") definitions"
-    renamed = re.sub(r"\btorch\.ops\.gpudl\.(\w+)", rf"torch.ops.gpudl.\1_{tag}", renamed)
-    if mutation is not None:
-        pattern, replacement = mutation
-        renamed, count = re.subn(pattern, replacement, renamed)
-        assert count == 1, f"kernels/{file} changed: the mutation anchor {pattern!r} matches {count} times; update it"
-    path = tmp_path / f"mutant_{tag}_{file}"
-    path.write_text(renamed)  # triton.jit reads a kernel's source from its file
-    name = f"gpudl_mutant_{tag}_{file[:-3]}"
-    spec_obj = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec_obj)
-    sys.modules[name] = module
-    spec_obj.loader.exec_module(module)
+def _load_mutant(tmp_path, family: str, op: str, mutation: tuple[str, str, str] | None, tag: str):
+    """The kernel family `family` (kernels/<family>.py, <family>_triton.py, <family>_spec.py) with
+    `mutation` (file, regex, replacement; must match exactly once in that file) applied, imported as
+    new modules whose spec is registered as `<op>_<tag>`. Returns (modules by file, spec)."""
+    files = [f"{family}_triton.py", f"{family}.py", f"{family}_spec.py"]  # in import order
+    names = {file: f"gpudl_mutant_{tag}_{file[:-3]}" for file in files}
+    modules = {}
+    for file in files:
+        source = (KERNELS / file).read_text()
+        for other in files:  # the family's modules import each other: import the mutants instead
+            source = re.sub(rf"\bgpudl\.kernels\.{other[:-3]}\b", names[other], source)
+        if file == f"{family}_spec.py":
+            source, count = re.subn(rf'\bop="{op}"', f'op="{op}_{tag}"', source)
+            assert count == 1, f"kernels/{file}: expected one op=\"{op}\" registration"
+        # Its own custom ops too: torch.ops.gpudl.<name> can be defined once per process.
+        source = re.sub(r'\bkernel_op\("(\w+)"', rf'kernel_op("\1_{tag}"', source)
+        source = re.sub(r"\btorch\.ops\.gpudl\.(\w+)", rf"torch.ops.gpudl.\1_{tag}", source)
+        if mutation is not None and mutation[0] == file:
+            _, pattern, replacement = mutation
+            source, count = re.subn(pattern, replacement, source)
+            assert count == 1, f"kernels/{file} changed: the anchor {pattern!r} matches {count} times; update it"
+        path = tmp_path / f"{names[file]}.py"
+        path.write_text(source)  # triton.jit reads a kernel's source from its file
+        spec_obj = importlib.util.spec_from_file_location(names[file], path)
+        module = importlib.util.module_from_spec(spec_obj)
+        sys.modules[names[file]] = module
+        spec_obj.loader.exec_module(module)
+        modules[file] = module
     spec = REGISTRY[f"{op}_{tag}"]
     object.__setattr__(spec, "reference", REGISTRY[op].reference)  # gpudl.reference has no <op>_<tag>
-    return module, spec
+    return modules, spec
 
 
 @pytest.fixture
 def mutants(tmp_path):
     names = []
 
-    def load(file, op, mutation, tag):
-        module, spec = _load_mutant(tmp_path, file, op, mutation, tag)
-        names.append((spec.op, module.__name__))
-        return module, spec
+    def load(family, op, mutation, tag):
+        modules, spec = _load_mutant(tmp_path, family, op, mutation, tag)
+        names.append((spec.op, [m.__name__ for m in modules.values()]))
+        return modules, spec
 
     yield load
-    for op, module in names:
+    for op, modules in names:
         REGISTRY.pop(op, None)
-        sys.modules.pop(module, None)
+        for module in modules:
+            sys.modules.pop(module, None)
 
 
 def _harness_verdicts(spec, device) -> list[str | None]:
@@ -83,27 +91,27 @@ def _harness_verdicts(spec, device) -> list[str | None]:
     return verdicts
 
 
-# (regex on kernels/mse.py, replacement): what a slip of the pen looks like in a kernel
+# (file of the mse family, regex, replacement): what a slip of the pen looks like in a kernel
 MSE_MUTATIONS = {
     # the last element of every tensor is dropped (loss and gradient)
-    "off-by-one-mask": (r"mask = idx < n\b", "mask = idx < n - 1"),
+    "off-by-one-mask": ("mse_triton.py", r"mask = idx < n\b", "mask = idx < n - 1"),
     # mean's gradient loses its 1/n
-    "dropped-scale": (r"g = g / n\b", "g = g"),
+    "dropped-scale": ("mse_triton.py", r"g = g / n\b", "g = g"),
     # the entry answers with the reference: right numbers, no kernel
-    "reference-fallback": (r"(def mse_loss\(input, target, reduction\):\n    \"\"\"[^\"]*\"\"\"\n)",
+    "reference-fallback": ("mse.py", r"(def mse_loss\(input, target, reduction\):\n    \"\"\"[^\"]*\"\"\"\n)",
                            r"\1    from gpudl import reference\n"
                            r"    return reference.mse_loss(input, target, reduction)\n"),
 }
 
 
 def test_unchanged_copy_passes(mutants, device):
-    _, spec = mutants("mse.py", "mse_loss", None, "control")
+    _, spec = mutants("mse", "mse_loss", None, "control")
     assert _harness_verdicts(spec, device) == [None] * len(spec.cases)
 
 
 @pytest.mark.parametrize("name", sorted(MSE_MUTATIONS))
 def test_planted_bug_fails_the_harness(name, mutants, device):
-    _, spec = mutants("mse.py", "mse_loss", MSE_MUTATIONS[name], name.replace("-", "_"))
+    _, spec = mutants("mse", "mse_loss", MSE_MUTATIONS[name], name.replace("-", "_"))
     verdicts = _harness_verdicts(spec, device)
     assert any(verdicts), f"mutation {name} passed every case of the harness"
     if name == "reference-fallback":
@@ -139,12 +147,14 @@ def test_group_order_bug_is_caught_only_by_forcing_the_configs(mutants, device):
     """linear's grouped program order mapping the last, partial group of row blocks wrong: every
     registered case fits one group, so the harness passes them; config 3 (64-row blocks) on 600
     rows (10 row blocks: a group of 8, then one of 2) fails."""
-    module, spec = mutants("linear.py", "linear", (r"% group_size_m\n", "% GROUP_M\n"), "group_order")
+    modules, spec = mutants("linear", "linear", ("linear_triton.py", r"% group_size_m\n", "% GROUP_M\n"),
+                            "group_order")
+    kernels = modules["linear_triton.py"]
     assert _harness_verdicts(spec, device) == [None] * len(spec.cases)
-    case = Case("600x40x70", module._case((600,), 40, 70, True, None))
-    assert len(tuning_candidates(module._matmul)) == len(module._GEMM_CONFIGS)
-    assert module._GEMM_CONFIGS[3].kwargs["BLOCK_M"] == 64
-    with forced_config(module._matmul, 3), recording_launches() as launches:
+    case = Case("600x40x70", modules["linear_spec.py"]._case((600,), 40, 70, True, None))
+    assert len(tuning_candidates(kernels.matmul)) == len(kernels.GEMM_TILES)
+    assert kernels.GEMM_TILES[3].kwargs["BLOCK_M"] == 64
+    with forced_config(kernels.matmul, 3), recording_launches() as launches:
         with pytest.raises(AssertionError, match="output 0"):
             compare_with_reference(spec, case, torch.float32, device, launches)
 
@@ -297,3 +307,12 @@ def test_the_checks_find_nothing_on_a_registry_case_and_count_its_traffic(device
     several = [launch for launch in semantics.launches if launch.programs > 1]
     assert several and all(launch.reordered == ("reversed", "shuffled") for launch in several)
     assert all(t.distinct <= t.loaded + t.stored for launch in semantics.launches for t in launch.traffic.values())
+
+
+@needs_interpreter
+def test_launches_can_be_listed_without_running_their_programs():
+    x, y = torch.randn(10), torch.zeros(10)
+    with checking_gpu_semantics(run_programs=False) as semantics:
+        _reads_one_past_the_end[(3,)](x, y, 10, BLOCK=4)
+    assert [(launch.kernel, launch.programs) for launch in semantics.launches] == [("_reads_one_past_the_end", 3)]
+    assert not semantics.problems() and not y.any()  # nothing ran

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_all_close, check_triton_against_torch, on_backend, run_against_reference
 
 import gpudl
 from gpudl import nn, ops
@@ -25,36 +26,14 @@ def _params(shape, device, dtype=torch.float32, requires_grad=True):
     return w, b
 
 
-def _triton_and_torch(fn, *tensors):
-    """Run fn on the triton and torch backends over independent leaf copies; return
-    ((output, grads), (output, grads)) with one random grad_output shared by both."""
-    results = []
-    grad_out = None
-    for name in ("triton", "torch"):
-        leaves = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
-        with gpudl.use_backend(name):
-            out = fn(*leaves)
-        if grad_out is None:
-            grad_out = torch.randn_like(out)
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = torch.autograd.grad(out, wanted, grad_out) if wanted and out.numel() else []
-        results.append((out.detach(), grads))
-    return results
-
-
 @pytest.mark.parametrize("shape,normalized_shape", [((2, 3, 4, 5), (4, 5)), ((3, 6), 6), ((2, 7), [7]), ((9,), (9,))])
 def test_ops_matches_torch_for_any_normalized_shape(shape, normalized_shape, device):
     torch.manual_seed(0)
     x = torch.randn(shape, device=device, requires_grad=True)
     ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     w, b = _params(ns, device)
-    (out, grads), (ref, ref_grads) = _triton_and_torch(
-        lambda x, w, b: ops.layer_norm(x, normalized_shape, w, b, eps=1e-5), x, w, b)
+    out = check_triton_against_torch(lambda x, w, b: ops.layer_norm(x, normalized_shape, w, b, eps=1e-5), x, w, b).out
     assert out.shape == x.shape
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        assert g.shape == r.shape
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
 def test_non_contiguous_input_and_grad_output(device):
@@ -62,10 +41,7 @@ def test_non_contiguous_input_and_grad_output(device):
     x = torch.randn(24, 5, device=device).t().requires_grad_()  # [5, 24], rows strided
     assert not x.is_contiguous()
     w, b = _params((24,), device)
-    (out, grads), (ref, ref_grads) = _triton_and_torch(lambda x, w, b: ops.layer_norm(x, (24,), w, b), x, w, b)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    check_triton_against_torch(lambda x, w, b: ops.layer_norm(x, (24,), w, b), x, w, b)
     # a non-contiguous grad_output (an expanded scalar, as from .sum()) reaches the kernel as well
     with gpudl.use_backend("triton"):
         x2 = x.detach().clone().requires_grad_()
@@ -108,11 +84,9 @@ def test_float64_matches_reference_closely(device):
     torch.manual_seed(0)
     x = torch.randn(5, 33, device=device, dtype=torch.float64, requires_grad=True)
     w, b = _params((33,), device, torch.float64)
-    (out, grads), (ref, ref_grads) = _triton_and_torch(lambda x, w, b: ops.layer_norm(x, (33,), w, b), x, w, b)
+    out = check_triton_against_torch(lambda x, w, b: ops.layer_norm(x, (33,), w, b), x, w, b,
+                                     atol=1e-12, rtol=1e-12).out
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-12, rtol=1e-12)
 
 
 def test_parameter_grads_over_many_programs_are_reproducible(device, launches):
@@ -183,12 +157,12 @@ def test_longest_rows_match_torch(device, launches):
     n = ln.MAX_N
     x = torch.randn(3, n, device=device)
     w, b = _params((n,), device)
-    (out, grads), (want, want_grads) = _triton_and_torch(lambda x_, w_, b_: ops.layer_norm(x_, (n,), w_, b_),
+    fn = lambda x_, w_, b_: ops.layer_norm(x_, (n,), w_, b_)  # noqa: E731
+    out, want, grads, want_grads = run_against_reference(on_backend("triton", fn), on_backend("torch", fn),
                                                          x.requires_grad_(), w, b)
     assert launches.of("_ln_bwd_dwdb_kernel") and launches.of("_ln_bwd_kernel")[0]["BLOCK_N"] == n
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    for g, r in zip(grads, want_grads):
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4)
+    assert_all_close([out], [want], atol=1e-5, rtol=1e-5, what="output")
+    assert_all_close(grads, want_grads, atol=1e-4, rtol=1e-4, what="gradient")
 
 
 @pytest.mark.parametrize("wanted", [("x",), ("w",), ("b",), ("w", "b"), ("x", "b")])
@@ -221,11 +195,8 @@ def test_missing_weight_or_bias(affine, device):
     x = torch.randn(3, 5, 37, device=device, requires_grad=True)
     w, b = _params((37,), device)
     w, b = (w if affine[0] else None), (b if affine[1] else None)
-    (out, grads), (ref, ref_grads) = _triton_and_torch(lambda x, w, b: ops.layer_norm(x, (37,), w, b), x, w, b)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert len(grads) == len(ref_grads) == 1 + sum(affine)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    grads = check_triton_against_torch(lambda x, w, b: ops.layer_norm(x, (37,), w, b), x, w, b).grads
+    assert len(grads) == 1 + sum(affine)
 
 
 def test_long_rows_fall_back_with_a_warning(device):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, leaves
+from helpers import assert_close, check_against_reference, leaves
 
 import gpudl
 from gpudl import nn as gnn
@@ -21,34 +21,7 @@ from gpudl.kernels import linear_triton as LT
 ACTIVATIONS = [None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
 
 
-@pytest.fixture(autouse=True)
-def _on_test_device(device):
-    """Tensors made in these tests land on the test device: CUDA (compiled kernels) when there is
-    one, else the CPU (the Triton interpreter)."""
-    torch.set_default_device(device)
-    yield
-    torch.set_default_device(None)
-
-
-def _check_against_reference(x, w, b, act, grad=None, atol=1e-5, rtol=1e-5):
-    """Kernel vs reference on copies of (x, w, b): output and every requested gradient, element
-    by element (helpers.assert_close: atol scaled by each tensor's RMS)."""
-    kx, kw, kb = leaves(x, w, b)
-    rx, rw, rb = leaves(x, w, b)
-    y = L.linear(kx, kw, kb, act)
-    y_ref = reference.linear(rx, rw, rb, act)
-    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
-    assert_close("output", y, y_ref, atol, rtol)
-    wants = [t for t in (kx, kw, kb) if t is not None and t.requires_grad]
-    if not wants:
-        return y
-    grad = torch.randn_like(y_ref) if grad is None else grad
-    got = torch.autograd.grad(y, wants, grad)
-    want = torch.autograd.grad(y_ref, [t for t in (rx, rw, rb) if t is not None and t.requires_grad], grad)
-    assert len(got) == len(want)
-    for i, (g, r) in enumerate(zip(got, want)):
-        assert_close(f"gradient {i}", g, r, atol, rtol)
-    return y
+pytestmark = pytest.mark.usefixtures("on_test_device")
 
 
 @pytest.fixture
@@ -111,7 +84,7 @@ def test_every_activation_output_and_grads(act):
     x = torch.randn(7, 19, requires_grad=True)
     w = torch.randn(21, 19, requires_grad=True)
     b = torch.randn(21, requires_grad=True)
-    _check_against_reference(x, w, b, act)
+    check_against_reference(L.linear, reference.linear, x, w, b, act)
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
@@ -132,7 +105,7 @@ def test_relu_grad_at_zero_follows_torch():
     x = torch.zeros(3, 16, requires_grad=True)
     w = torch.ones(16, 16, requires_grad=True)
     for act in ("relu", "leaky_relu"):
-        _check_against_reference(x, w, None, act)
+        check_against_reference(L.linear, reference.linear, x, w, None, act)
 
 
 # --------------------------------------------------------------------------- shapes and layouts
@@ -142,7 +115,7 @@ def test_leading_batch_dims(lead):
     x = torch.randn(*lead, 18, requires_grad=True)
     w = torch.randn(20, 18, requires_grad=True)
     b = torch.randn(20, requires_grad=True)
-    y = _check_against_reference(x, w, b, "tanh")
+    y = check_against_reference(L.linear, reference.linear, x, w, b, "tanh").out
     assert y.shape == (*lead, 20)
 
 
@@ -156,9 +129,9 @@ def test_non_contiguous_input_and_weight():
     assert not x2.is_contiguous() and not x3.is_contiguous() and not w.is_contiguous()
     assert x3.reshape(12, 17).data_ptr() != x3.data_ptr()  # really the copying path
     w_in = torch.randn(25, 33, requires_grad=True)
-    _check_against_reference(x2, w_in, None, "sigmoid")
-    _check_against_reference(x3, w, b, "gelu")
-    _check_against_reference(x3, w, b, None)
+    check_against_reference(L.linear, reference.linear, x2, w_in, None, "sigmoid")
+    check_against_reference(L.linear, reference.linear, x3, w, b, "gelu")
+    check_against_reference(L.linear, reference.linear, x3, w, b, None)
 
 
 def test_expanded_grad_output():
@@ -169,7 +142,7 @@ def test_expanded_grad_output():
         w = torch.randn(19, 21, requires_grad=True)
         b = torch.randn(19, requires_grad=True)
         grad = torch.ones(()).expand(4, 6, 19)
-        _check_against_reference(x, w, b, act, grad=grad)
+        check_against_reference(L.linear, reference.linear, x, w, b, act, grad=grad)
 
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=str)
@@ -188,7 +161,7 @@ def test_zero_in_features_gives_activation_of_bias():
     x = torch.randn(3, 0, requires_grad=True)
     w = torch.randn(5, 0, requires_grad=True)
     b = torch.randn(5, requires_grad=True)
-    _check_against_reference(x, w, b, "sigmoid")
+    check_against_reference(L.linear, reference.linear, x, w, b, "sigmoid")
 
 
 def test_inference_runs_one_gemm(gemm_calls):
@@ -230,7 +203,7 @@ def test_backward_keeps_one_output_sized_tensor_at_most(act):
     rest = [t for t in saved if t.shape != y.shape]
     expected = [x, w, b] if act == "gelu" else [x, w]
     assert len(rest) == len(expected) and all(_same(t, e) for t, e in zip(rest, expected))
-    _check_against_reference(x, w, b, act)
+    check_against_reference(L.linear, reference.linear, x, w, b, act)
 
 
 def test_gelu_without_weight_grad_still_keeps_no_output_sized_tensor():
@@ -369,7 +342,7 @@ def test_gemm_loads_through_descriptors_where_the_tma_can(in_features, loads, la
     x = torch.randn(300, in_features, requires_grad=True)
     w = torch.randn(48, in_features, requires_grad=True)
     b = torch.randn(48, requires_grad=True)
-    _check_against_reference(x, w, b, "gelu")
+    check_against_reference(L.linear, reference.linear, x, w, b, "gelu")
     gemms = launches.of("_matmul_kernel")
     assert len(gemms) == 4  # forward, gelu's recompute, dx, dW
     assert {g["LOADS"] for g in gemms} == {loads}
@@ -384,7 +357,7 @@ def test_persistent_programs_walk_several_tiles(launches):
     torch.manual_seed(0)
     x = torch.randn(1100, 64, requires_grad=True)
     w = torch.randn(300, 64, requires_grad=True)
-    _check_against_reference(x, w, None, "relu")
+    check_against_reference(L.linear, reference.linear, x, w, None, "relu")
     forward = launches.of("_matmul_kernel")[0]
     tiles = -(-1100 // forward["BLOCK_M"]) * -(-300 // forward["BLOCK_N"])
     assert forward["grid"][0] == L.INTERPRETER_PROGRAMS < tiles
@@ -397,3 +370,21 @@ def test_gemm_with_no_unit_stride_takes_pointer_loads(launches):
     y = L.linear(x, w, None, "tanh")
     assert launches.of("_matmul_kernel")[0]["LOADS"] == "pointer"
     torch.testing.assert_close(y, reference.linear(x, w, None, "tanh"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_torch_compile_traces_the_custom_op(act):
+    """One graph (fullgraph) through the custom op and its backward, gelu's recompute included;
+    the same numbers as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 64, requires_grad=True)
+    w = torch.randn(48, 64, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    compiled = torch.compile(lambda *t: L.linear(*t, act), backend="aot_eager", fullgraph=True)
+    y = compiled(x, w, b)
+    got = torch.autograd.grad(y.square().sum(), (x, w, b))
+    eager = L.linear(x, w, b, act)
+    want = torch.autograd.grad(eager.square().sum(), (x, w, b))
+    torch.testing.assert_close(y, eager)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e)

@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, leaf
+from helpers import assert_all_close, leaf
 
 import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import rnn as rnn_kernel
-
-
-def _compare(got, want, atol=1e-5, rtol=1e-5):
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert_close(f"tensor {i}", g, w, atol, rtol)
 
 
 @pytest.mark.parametrize("nonlinearity,batch_first", [("tanh", False), ("relu", True)])
@@ -39,11 +33,11 @@ def test_gpudl_nn_rnn_loads_torch_state_dict_and_matches(nonlinearity, batch_fir
         out, h_n = ours(xa, ha)
     assert out.grad_fn is not None
     want_out, want_h = ref(xb, hb)
-    _compare([out, h_n], [want_out, want_h])
+    assert_all_close([out, h_n], [want_out, want_h])
     g_out, g_h = torch.randn_like(want_out), torch.randn_like(want_h)
     (out * g_out).sum().add_((h_n * g_h).sum()).backward()
     (want_out * g_out).sum().add_((want_h * g_h).sum()).backward()
-    _compare([xa.grad, ha.grad] + [p.grad for p in ours.parameters()],
+    assert_all_close([xa.grad, ha.grad] + [p.grad for p in ours.parameters()],
              [xb.grad, hb.grad] + [p.grad for p in ref.parameters()])
 
 
@@ -60,7 +54,7 @@ def test_triton_backend_runs_the_kernel_and_torch_backend_does_not(device):
     with gpudl.use_backend("torch"):
         out_ref, _ = ops.rnn(*args)
     assert "gpudl_rnn_recurrence" not in out_ref.grad_fn.name()
-    _compare([out], [out_ref])
+    assert_all_close([out], [out_ref])
 
 
 def test_relu_chunked_path_with_default_init(device):
@@ -74,11 +68,11 @@ def test_relu_chunked_path_with_default_init(device):
     with gpudl.use_backend("triton"):
         out, h_n = ops.rnn(*ours, nonlinearity="relu")
     want_out, want_h = reference.rnn(*theirs, "relu", False)
-    _compare([out, h_n], [want_out, want_h])
+    assert_all_close([out, h_n], [want_out, want_h])
     g = torch.randn_like(want_out)
     torch.autograd.backward([out, h_n], [g, torch.ones_like(h_n)])
     torch.autograd.backward([want_out, want_h], [g, torch.ones_like(want_h)])
-    _compare([t.grad for t in ours], [t.grad for t in theirs])
+    assert_all_close([t.grad for t in ours], [t.grad for t in theirs])
 
 
 def test_non_contiguous_inputs_and_unbatched(device):
@@ -94,15 +88,15 @@ def test_non_contiguous_inputs_and_unbatched(device):
     with gpudl.use_backend("triton"):
         out, h_n = ops.rnn(*ours)
     want_out, want_h = reference.rnn(*theirs, "tanh", False)
-    _compare([out, h_n], [want_out, want_h])
+    assert_all_close([out, h_n], [want_out, want_h])
     out[:, :, ::3].sum().backward()  # a strided output gradient
     want_out[:, :, ::3].sum().backward()
-    _compare([t.grad for t in ours], [t.grad for t in theirs])
+    assert_all_close([t.grad for t in ours], [t.grad for t in theirs])
 
     with gpudl.use_backend("triton"):
         out1, h1 = ops.rnn(x[:, 0], hx[0], w_ih, w_hh, b, b)  # unbatched: [L, H_in], hx [H]
     assert out1.shape == (5, 20) and h1.shape == (20,)
-    _compare([out1, h1], [want_out[:, 0], want_h[0]])
+    assert_all_close([out1, h1], [want_out[:, 0], want_h[0]])
 
 
 def test_only_h_n_used_and_partial_grads(device):
@@ -116,7 +110,7 @@ def test_only_h_n_used_and_partial_grads(device):
     _, want = reference.rnn(x, hx2, w_ih, w_hh2, None, None, "tanh", False)
     h_n.sum().backward()
     want.sum().backward()
-    _compare([h_n, hx.grad, w_hh.grad], [want, hx2.grad, w_hh2.grad])
+    assert_all_close([h_n, hx.grad, w_hh.grad], [want, hx2.grad, w_hh2.grad])
 
 
 def test_empty_batch_and_empty_sequence(device):
@@ -144,7 +138,7 @@ def test_hidden_size_beyond_the_kernel_falls_back_with_a_warning(device):
     with gpudl.use_backend("triton"), pytest.warns(UserWarning, match="hidden size 513 > 512"):
         out, h_n = ops.rnn(*args)
     want_out, want_h = reference.rnn(*args, None, None, "tanh", False)
-    _compare([out, h_n], [want_out, want_h])
+    assert_all_close([out, h_n], [want_out, want_h])
     with pytest.raises(ValueError, match="hidden size 513 > 512"):  # the kernel's own entry refuses it
         rnn_kernel.rnn(*args, None, None, "tanh", False)
 

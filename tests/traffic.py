@@ -4,8 +4,8 @@ byte model (`KernelSpec.bytes_moved`: the minimum bytes the op's forward must mo
 Counted: for every launch of the forward call, each active (mask-true) element loaded or stored
 times its element size, per tensor argument (tests/gpu_semantics.py records them); an element
 read twice counts twice. That is what the kernel's instructions ask of memory; on a GPU, caches
-may serve some re-reads (the `distinct` column: bytes of distinct elements, the floor with a
-perfect cache). Not a GPU measurement.
+may serve some re-reads (the `distinct` column: bytes of the distinct elements loaded plus those of
+the distinct elements stored, the floor with a perfect cache). Not a GPU measurement.
 
     TRITON_INTERPRET=1 python tests/traffic.py [--op layer_norm ...] [-v]   (-v: bytes per kernel argument)
 """

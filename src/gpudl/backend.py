@@ -80,9 +80,8 @@ def _on_gpu(tensors: list[torch.Tensor | None]) -> bool:
     return bool(present) and all(t.is_cuda for t in present)
 
 
-def _device_name(tensors: list[torch.Tensor | None]) -> str:
-    first = next(t for t in tensors if t is not None)
-    return torch.cuda.get_device_name(first.device)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
 
 
 _timer: backend_choice.Timer = backend_choice.cuda_median_ms
@@ -106,10 +105,11 @@ def _may_measure() -> bool:
 
 
 @torch._dynamo.assume_constant_result
-def _cached_choice(key: str, device_name: str, op: str) -> str:
+def _cached_choice(key: str, device: str, op: str) -> str:
     """The cached side for a key, without measuring ("torch" when none is cached): what compiled
-    code and deterministic runs read. torch.compile calls it once while tracing and keeps the answer."""
-    entry = backend_choice.cache_for(device_name).get(key)
+    code and deterministic runs read. torch.compile calls it once while tracing and keeps the answer
+    (so the device query and the file read stay out of the graph)."""
+    entry = backend_choice.cache_for(_device_name(torch.device(device))).get(key)
     chosen = entry["backend"] if entry else "torch"
     backend_choice.note(key, op, chosen, "cached" if entry else "not measured (compiling, capturing or deterministic)")
     return chosen
@@ -138,14 +138,15 @@ def _measure(op: str, key: str, device_name: str, candidates: dict[str, Callable
 
 
 def _auto_choice(op: str, tensors: list, args: tuple, candidates: dict[str, Callable]) -> str:
-    sig = (next(t.device for t in tensors if t is not None), backend_choice.signature(op, args))
+    device = next(t.device for t in tensors if t is not None)
+    sig = (device, backend_choice.signature(op, args))
     chosen = _decided.get(sig)
     if chosen is not None:
         return chosen
     key = backend_choice.key_text(sig[1])
-    device_name = _device_name(tensors)
     if not _may_measure():
-        return _cached_choice(key, device_name, op)
+        return _cached_choice(key, str(device), op)
+    device_name = _device_name(device)
     entry = backend_choice.cache_for(device_name).get(key)
     if entry is not None:
         chosen = entry["backend"]

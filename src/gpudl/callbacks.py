@@ -300,7 +300,9 @@ class PreemptionCheckpoint(Callback):
         signum = self.received
         dirpath = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
         path = os.path.join(dirpath, self.filename)
-        trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+        # The full training state (weights_only=False: optimizer, loops, callbacks), so the run resumes
+        # exactly; stated, so Lightning does not log that it chose it. Every rank calls it; rank 0 writes.
+        trainer.save_checkpoint(path, weights_only=False)
         self._restore()
         raise TrainingInterrupted(signum, path)
 

@@ -4,6 +4,7 @@
                                    imports (close names suggested), positive learning rates and
                                    batch size, a string optimized_metric
     set_kernel_backend(cfg)        kernels.backend for this process (an unknown name is an error)
+    set_cpu_threads(cfg)           cpu_threads: PyTorch's intra-op CPU threads for this process
     check_kernel_device(cfg, dev)  kernels.backend=triton on a CPU needs TRITON_INTERPRET=1
     check_model_fits_data(cfg, dm) the model's sizes against what the data module holds
     instantiate(node, key)         hydra's instantiate, its errors naming the config keys involved
@@ -143,6 +144,25 @@ def set_kernel_backend(cfg: DictConfig) -> None:
         backend.set_backend(name)
     except ValueError as err:
         raise ConfigError(f"kernels.backend: {err}") from None
+
+
+def set_cpu_threads(cfg: DictConfig) -> int:
+    """Set PyTorch's intra-op CPU threads to `cpu_threads` (null: PyTorch's choice, OMP_NUM_THREADS
+    or one per core) and log it; returns the number in use. OMP_NUM_THREADS is set to match, so
+    processes the run starts (ddp_spawn workers, launchers) use the same number."""
+    import os
+
+    import torch
+
+    value = cfg.get("cpu_threads")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"cpu_threads must be a positive integer or null (PyTorch's choice), got {value!r}")
+        torch.set_num_threads(value)
+        os.environ["OMP_NUM_THREADS"] = str(value)
+    threads = torch.get_num_threads()
+    log.info("CPU threads: %d (cpu_threads=%s; %d logical cores)", threads, value, os.cpu_count() or 0)
+    return threads
 
 
 def check_kernel_device(cfg: DictConfig, device_type: str) -> None:

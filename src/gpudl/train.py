@@ -45,6 +45,7 @@ from gpudl.config import (
     check_model_fits_data,
     instantiate,
     instantiate_group,
+    set_cpu_threads,
     set_kernel_backend,
     validate_config,
 )
@@ -128,6 +129,7 @@ def _build(cfg: DictConfig) -> _Run:
     resumed = _progress(load_checkpoint(ckpt)) if ckpt else None
     set_kernel_backend(cfg)
     _reset_backend_record()
+    set_cpu_threads(cfg)
     if tracking.wandb_logger_names(cfg):
         log.info("W&B mode: %s", tracking.choose_wandb_mode())
     if cfg.get("seed") is not None:
@@ -165,6 +167,10 @@ def _build(cfg: DictConfig) -> _Run:
         OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
     if loggers:
         hparams = dict(resolved)
+        # The W&B entries as the run got them: in a multirun, group <experiment>-<sweep> and job_type.
+        for name, args in wandb_args.items():
+            shown = {k: args[k] for k in ("group", "job_type") if k in args}
+            hparams["logger"] = {**hparams["logger"], name: {**hparams["logger"][name], **shown}}
         hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
         hparams["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for logger in trainer.loggers:
@@ -298,6 +304,7 @@ def _evaluate(cfg: DictConfig) -> tuple[dict[str, float], str]:
                 f"run_config: {run_config} has no `{key}._target_`; is it a config.yaml written by train()?"
             )
     set_kernel_backend(cfg)
+    set_cpu_threads(cfg)
     if tracking.wandb_logger_names(cfg):
         log.info("W&B mode: %s", tracking.choose_wandb_mode())
     seed = cfg.get("seed") if cfg.get("seed") is not None else run_cfg.get("seed")

@@ -58,9 +58,11 @@ class CNNModule(ClassificationModule):
             raise ValueError(
                 f"CNNModule expects images [N, {self.hparams.in_channels}, {size}, {size}], got {tuple(x.shape)}"
             )
+        # Channels_last once, here: every convolution and pooling then reads and writes it as it is.
+        x = x.contiguous(memory_format=torch.channels_last)
         for conv in self.convs:
             x = ops.max_pool2d(conv(x), kernel_size=2)
-        x = self.fc(x.flatten(1))
+        x = self.fc(x.flatten(1))  # the head reads (c, h, w) order: one copy of the last, smallest map
         return self.head(self.dropout(x))
 
     def loss(self, logits, y):

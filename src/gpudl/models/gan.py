@@ -1,5 +1,4 @@
-"""A generative adversarial network (Goodfellow et al. 2014): two MLPs (architecture="mlp") or a
-DCGAN (Radford et al. 2016; architecture="dcgan"), transposed convolutions against strided ones.
+"""A generative adversarial network (Goodfellow et al. 2014).
 
 The generator G maps noise z ~ N(0, I) to an image; the discriminator D maps an image to a logit
 "this is real". They play a two-player game: D minimizes
@@ -10,112 +9,28 @@ gives G strong gradients early, when D rejects its samples easily (Goodfellow et
 Two optimizers take turns on every batch, so the module uses Lightning's manual optimization.
 The fakes are detached for D's step: D's loss must not push gradients into G.
 
-GAN losses do not say how good the samples are, so quality is MEASURED: a judge classifier is
-trained on the run's real training images, and each validation/test epoch it classifies
-`num_eval_samples` generated images. Good samples look like confident digits of every class:
-    gen_confidence = mean top-1 probability,  gen_classes = distinct predicted classes,
-    gen_score = gen_confidence * gen_classes / num_classes   (monitor it, mode max).
-val/gen_score_best is the best val/gen_score so far (the score of the best checkpoint), what a
-sweep optimizes, as classifiers return val/acc_best.
-The same numbers for the untrained generator (its initial weights) are logged as baseline/*.
-
-{stage}/fid is a Fréchet distance (FID, Heusel et al. 2017, gpudl.fid) between Gaussian fits of the
-judge's penultimate-layer features of the generated images and of held-out real images (the val
-split at validation, the test split at test). Beside it, once per run: baseline/fid, the untrained
-generator's against the test split, and baseline/fid_floor, the training split's against the test
-split (what a generator that reproduces real images exactly would score, up to sample size).
+The networks are components (`gpudl.models.gan_networks`, built from the config's
+`model/generator` and `model/discriminator`). Sample quality is measured by
+`gpudl.models.gan_quality.GANQuality`, a judge classifier trained on the run's real images: each
+validation and test epoch logs {stage}/gen_confidence, gen_classes, gen_score (monitored, mode max)
+and fid; val/gen_score_best is the best val/gen_score so far (the best checkpoint's), what a sweep
+optimizes, as classifiers return val/acc_best. The same numbers for the untrained generator are
+logged once as baseline/*, with baseline/fid_floor (real training images against real test images).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import lightning as L
 import torch
 
-from gpudl import nn, ops
+from gpudl import ops
 from gpudl.checks import check_factory, check_float, check_int, check_int_tuple
-from gpudl.fid import frechet_distance, gaussian_fit
-from gpudl.reference import LEAKY_RELU_SLOPE
+from gpudl.models.gan_networks import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
+from gpudl.models.gan_quality import GANQuality
 
-
-class Generator(torch.nn.Module):
-    """z [N, latent_dim] -> images [N, *image_shape] in [0, 1] (a sigmoid output, matching data
-    scaled to [0, 1])."""
-
-    def __init__(self, latent_dim: int, hidden: int, image_shape: tuple[int, ...]):
-        super().__init__()
-        self.image_shape = tuple(image_shape)
-        self.fc_1 = nn.Linear(latent_dim, hidden, activation="leaky_relu")
-        self.fc_2 = nn.Linear(hidden, hidden, activation="leaky_relu")
-        self.out = nn.Linear(hidden, math.prod(image_shape), activation="sigmoid")
-
-    def forward(self, z):
-        return self.out(self.fc_2(self.fc_1(z))).view(z.shape[0], *self.image_shape)
-
-
-class Discriminator(torch.nn.Module):
-    """images [N, *image_shape] -> logits [N, 1]. Leaky ReLU keeps a gradient for G to follow
-    where a ReLU would be flat."""
-
-    def __init__(self, hidden: int, image_shape: tuple[int, ...]):
-        super().__init__()
-        self.fc_1 = nn.Linear(math.prod(image_shape), hidden, activation="leaky_relu")
-        self.fc_2 = nn.Linear(hidden, hidden, activation="leaky_relu")
-        self.out = nn.Linear(hidden, 1)
-
-    def forward(self, x):
-        return self.out(self.fc_2(self.fc_1(x.flatten(1))))
-
-
-class DCGANGenerator(torch.nn.Module):
-    """The DCGAN generator (Radford et al. 2016): z [N, latent_dim] -> images [N, C, H, W] in [0, 1]
-    (H = W, a multiple of 4). Transposed convolutions only: z as a 1x1 map projected to
-    (H/4)x(H/4) x 2*channels, then two stride-2 4x4 up-samplings (x2 each), BatchNorm + ReLU between
-    them, and tanh fused into the last one (rescaled to the data's [0, 1]).
-
-    Its BatchNorms normalize with the statistics of the batch being generated, in evaluation too
-    (no running averages): the generator's weights move every step, and running averages of its
-    activations lagged so far behind that eval-mode samples scored 0 where the same weights with
-    batch statistics scored 0.64 (dcgan_mnist, half an epoch in). Batches of a few hundred judged
-    images make those statistics stable."""
-
-    def __init__(self, latent_dim: int, channels: int, image_shape: tuple[int, ...]):
-        super().__init__()
-        self.image_shape = tuple(image_shape)
-        c, size = image_shape[0], image_shape[-1]
-        # Biases before a BatchNorm are cancelled by its mean subtraction: none there.
-        self.project = nn.ConvTranspose2d(latent_dim, 2 * channels, size // 4, bias=False)
-        self.bn_1 = torch.nn.BatchNorm2d(2 * channels, track_running_stats=False)
-        self.up_1 = nn.ConvTranspose2d(2 * channels, channels, 4, stride=2, padding=1, bias=False)
-        self.bn_2 = torch.nn.BatchNorm2d(channels, track_running_stats=False)
-        self.up_2 = nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1, activation="tanh")
-
-    def forward(self, z):
-        x = torch.relu(self.bn_1(self.project(z[:, :, None, None])))
-        x = torch.relu(self.bn_2(self.up_1(x)))
-        return 0.5 * (self.up_2(x) + 1)  # tanh's [-1, 1] -> the data's [0, 1]
-
-
-class DCGANDiscriminator(torch.nn.Module):
-    """The DCGAN discriminator: images [N, C, H, W] -> logits [N, 1]. Two stride-2 4x4 convolutions
-    (H -> H/2 -> H/4) with leaky ReLU, the first fused into its convolution (no BatchNorm on the
-    input layer, as in the paper), the second after a BatchNorm; a (H/4)x(H/4) convolution to one
-    logit."""
-
-    def __init__(self, channels: int, image_shape: tuple[int, ...]):
-        super().__init__()
-        c, size = image_shape[0], image_shape[-1]
-        self.conv_1 = nn.Conv2d(c, channels, 4, stride=2, padding=1, activation="leaky_relu")
-        self.conv_2 = nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1, bias=False)
-        self.bn_2 = torch.nn.BatchNorm2d(2 * channels)
-        self.out = nn.Conv2d(2 * channels, 1, size // 4)
-
-    def forward(self, x):
-        x = torch.nn.functional.leaky_relu(self.bn_2(self.conv_2(self.conv_1(x))), LEAKY_RELU_SLOPE)
-        return self.out(x).flatten(1)
-
+__all__ = ["GANModule", "MLPGenerator", "MLPDiscriminator", "DCGANGenerator", "DCGANDiscriminator"]
 
 ARCHITECTURES = ("mlp", "dcgan")
 
@@ -123,9 +38,9 @@ ARCHITECTURES = ("mlp", "dcgan")
 class GANModule(L.LightningModule):
     """GAN on images [N, *image_shape] in [0, 1] (batches (images, labels); labels unused).
 
-    architecture: "mlp" (Generator/Discriminator, width `hidden`) or "dcgan"
-        (DCGANGenerator/DCGANDiscriminator, base width `channels`; square images, side a multiple of 4).
-
+    generator, discriminator: the networks (`gan_networks`; the configs build them). Without them,
+        `architecture` builds the default pair: "mlp" (width `hidden`) or "dcgan" (base width
+        `channels`; square images, side a multiple of 4).
     optimizer: partial used for both nets unless g_optimizer / d_optimizer are given. None
         everywhere: Adam lr 2e-3, betas (0.5, 0.999) (DCGAN's betas; its lr 2e-4 is too slow
         for these small MLPs on a CPU budget).
@@ -138,21 +53,15 @@ class GANModule(L.LightningModule):
         eval_seed (the same z every validation epoch, so epochs compare fairly).
     """
 
-    def __init__(self, image_shape=(1, 8, 8), latent_dim: int = 32, hidden: int = 256, optimizer=None, scheduler=None,
-                 g_optimizer=None, d_optimizer=None, judge_epochs: int = 10, judge_hidden: int = 256,
-                 num_eval_samples: int = 500, gradient_clip_val: float | None = None, eval_seed: int = 0,
-                 architecture: str = "mlp", channels: int = 32):
+    def __init__(self, image_shape=(1, 8, 8), latent_dim: int = 32, generator: torch.nn.Module | None = None,
+                 discriminator: torch.nn.Module | None = None, optimizer=None, scheduler=None, g_optimizer=None,
+                 d_optimizer=None, judge_epochs: int = 10, judge_hidden: int = 256, num_eval_samples: int = 500,
+                 gradient_clip_val: float | None = None, eval_seed: int = 0, architecture: str | None = "mlp",
+                 hidden: int = 256, channels: int = 32):
         super().__init__()
         owner = type(self).__name__
         image_shape = check_int_tuple(owner, "image_shape", image_shape, length=3)
         latent_dim = check_int(owner, "latent_dim", latent_dim)
-        hidden = check_int(owner, "hidden", hidden)
-        channels = check_int(owner, "channels", channels)
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"{owner}: architecture must be one of {ARCHITECTURES}, got {architecture!r}")
-        if architecture == "dcgan" and (image_shape[1] != image_shape[2] or image_shape[1] % 4):
-            raise ValueError(f"{owner}: architecture='dcgan' needs square images with a side divisible by 4 "
-                             f"(two stride-2 layers), got image_shape {image_shape}")
         judge_epochs = check_int(owner, "judge_epochs", judge_epochs)
         judge_hidden = check_int(owner, "judge_hidden", judge_hidden)
         num_eval_samples = check_int(owner, "num_eval_samples", num_eval_samples)
@@ -162,23 +71,35 @@ class GANModule(L.LightningModule):
         for name, value in (("optimizer", optimizer), ("scheduler", scheduler), ("g_optimizer", g_optimizer),
                             ("d_optimizer", d_optimizer)):
             check_factory(owner, name, value)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "g_optimizer", "d_optimizer"])
+        if (generator is None) != (discriminator is None):
+            raise ValueError(f"{owner}: give both generator and discriminator, or neither (then `architecture` "
+                             f"builds them), got generator={type(generator).__name__}, "
+                             f"discriminator={type(discriminator).__name__}")
+        if generator is None:
+            generator, discriminator = _default_networks(owner, architecture, image_shape, latent_dim, hidden,
+                                                         channels)
+        else:
+            architecture = None  # the given networks, not a named pair, define the model
+        for name, net in (("generator", generator), ("discriminator", discriminator)):
+            if not isinstance(net, torch.nn.Module):
+                raise TypeError(f"{owner}: {name} must be a torch.nn.Module, got {type(net).__name__}")
+        self.save_hyperparameters(ignore=["generator", "discriminator", "optimizer", "scheduler", "g_optimizer",
+                                          "d_optimizer"])
         self.automatic_optimization = False  # G and D take turns within each batch
         self.g_optimizer_factory = g_optimizer or optimizer
         self.d_optimizer_factory = d_optimizer or optimizer
         self.scheduler_factory = scheduler
-
-        if architecture == "dcgan":
-            self.generator = DCGANGenerator(latent_dim, channels, image_shape)
-            self.discriminator = DCGANDiscriminator(channels, image_shape)
-        else:
-            self.generator = Generator(latent_dim, hidden, image_shape)
-            self.discriminator = Discriminator(hidden, image_shape)
+        self.generator, self.discriminator = generator, discriminator
+        self.quality = GANQuality(judge_hidden, judge_epochs, num_eval_samples, eval_seed)
         # The untrained generator, kept outside the state_dict, for the baseline/* metrics.
         self._initial_generator_state = copy.deepcopy(self.generator.state_dict())
-        self._set_judge(None, None)
         self._baseline: dict[str, float] | None = None
         self._best_gen_score: float | None = None  # the running max of val/gen_score
+
+    @property
+    def judge_acc(self) -> float | None:
+        """The judge's accuracy on the real test images (None before it is trained)."""
+        return self.quality.judge_acc
 
     # ------------------------------------------------------------------ model
     def forward(self, z):
@@ -287,10 +208,10 @@ class GANModule(L.LightningModule):
 
     def on_fit_start(self):
         if getattr(self.trainer, "datamodule", None) is not None:
-            self._ensure_judge()  # before training, so the judge's seconds do not land mid-epoch
+            self._fit_quality()  # before training, so the judge's seconds do not land mid-epoch
 
     def on_test_start(self):
-        self._ensure_judge()  # a module loaded from a checkpoint has no judge: retrain it (seeded)
+        self._fit_quality()  # a module loaded from a checkpoint has no judge: train it again (seeded)
 
     def on_validation_epoch_end(self):
         if not self.trainer.sanity_checking:
@@ -299,10 +220,22 @@ class GANModule(L.LightningModule):
     def on_test_epoch_end(self):
         self._log_quality("test")
 
+    def _fit_quality(self):
+        if self.quality.fitted:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise RuntimeError(
+                "GANModule measures sample quality with a judge classifier trained on the real training images, "
+                "so it needs a LightningDataModule: call trainer.fit/test(model, datamodule=...)"
+            )
+        self.quality.fit(datamodule, self.hparams.image_shape)
+
     def _log_quality(self, stage):
-        self._ensure_judge()
+        self._fit_quality()
         # Test judges fresh noise (seed + 1); every validation epoch judges the same noise.
-        scores = self.judge_generator(self.generator, self.hparams.eval_seed + (stage == "test"), reference=stage)
+        seed = self.hparams.eval_seed + (stage == "test")
+        scores = self.quality.score(self.generator, self.hparams.latent_dim, seed, reference=stage)
         for key, value in scores.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "gen_score", sync_dist=True)
         if stage == "val":
@@ -313,13 +246,14 @@ class GANModule(L.LightningModule):
         if self._baseline is None:
             untrained = copy.deepcopy(self.generator)
             untrained.load_state_dict(self._initial_generator_state)
-            self._baseline = self.judge_generator(untrained, reference="test")
-            self._baseline["fid_floor"] = self.fid_floor
+            self._baseline = self.quality.score(untrained, self.hparams.latent_dim, self.hparams.eval_seed,
+                                                reference="test")
+            self._baseline["fid_floor"] = self.quality.fid_floor
         for key, value in self._baseline.items():
             self.log(f"baseline/{key}", value, sync_dist=True)
         # The judge's own quality: accuracy and mean top-1 probability on real test images.
-        self.log("judge/acc", self.judge_acc, sync_dist=True)
-        self.log("judge/real_confidence", self.judge_real_confidence, sync_dist=True)
+        self.log("judge/acc", self.quality.judge_acc, sync_dist=True)
+        self.log("judge/real_confidence", self.quality.judge_real_confidence, sync_dist=True)
 
     # The running best travels in checkpoints, so a resumed run keeps it.
     def on_save_checkpoint(self, checkpoint):
@@ -329,136 +263,13 @@ class GANModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self._best_gen_score = checkpoint.get("val_gen_score_best")
 
-    @torch.no_grad()
-    def judge_generator(self, generator: torch.nn.Module, seed: int | None = None,
-                        reference: str = "test") -> dict[str, float]:
-        """Judge num_eval_samples images of `generator` made from noise seeded by `seed` (default
-        eval_seed). Returns {gen_confidence, gen_classes, gen_score, fid}, the fid against the real
-        images of the `reference` split ("val" or "test")."""
-        if reference not in ("val", "test"):
-            raise ValueError(f"GANModule.judge_generator: reference must be 'val' or 'test', got {reference!r}")
-        if self.judge is None:
-            raise RuntimeError("GANModule: the judge is not trained yet (it is trained when fit or test starts)")
-        g = torch.Generator().manual_seed(self.hparams.eval_seed if seed is None else seed)
-        z = torch.randn(self.hparams.num_eval_samples, self.hparams.latent_dim, generator=g)
-        was_training = generator.training
-        generator.eval()
-        images = generator(z.to(self.device, next(generator.parameters()).dtype))
-        generator.train(was_training)
-        scores = judge_scores(self.judge, images)
-        generated_stats = gaussian_fit(judge_features(self.judge, images))
-        scores["fid"] = frechet_distance(*generated_stats, *self._real_stats[reference])
-        return scores
 
-    # ------------------------------------------------------------------ the judge
-    def _ensure_judge(self):
-        if self.judge is not None:
-            return
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is None:
-            raise RuntimeError(
-                "GANModule measures sample quality with a judge classifier trained on the real training images, "
-                "so it needs a LightningDataModule: call trainer.fit/test(model, datamodule=...)"
-            )
-        X_train, y_train = _split_arrays(dm, "train")
-        X_val, _ = _split_arrays(dm, "val")
-        X_test, y_test = _split_arrays(dm, "test")
-        if X_train.shape[1:] != tuple(self.hparams.image_shape):
-            raise ValueError(f"GANModule: image_shape is {tuple(self.hparams.image_shape)} but the data's images are "
-                             f"{tuple(X_train.shape[1:])}")
-        judge, acc = train_judge(
-            X_train, y_train, X_test, y_test, self.hparams.judge_hidden, self.hparams.judge_epochs,
-            seed=self.hparams.eval_seed,
-        )
-        self._set_judge(judge, acc, judge_scores(judge, X_test)["gen_confidence"])
-        # The real images' feature statistics, computed once: the fid references and the floor.
-        train_stats = gaussian_fit(judge_features(judge, X_train))
-        self._real_stats = {"val": gaussian_fit(judge_features(judge, X_val)),
-                            "test": gaussian_fit(judge_features(judge, X_test))}
-        self.fid_floor = frechet_distance(*train_stats, *self._real_stats["test"])
-
-    def _set_judge(self, judge: torch.nn.Module | None, acc: float | None, real_confidence: float | None = None):
-        # Bypass nn.Module registration: the judge is an instrument, not part of the model, so it
-        # stays out of the state_dict (checkpoints load into a fresh module) and on the CPU.
-        object.__setattr__(self, "judge", judge)
-        self.judge_acc, self.judge_real_confidence = acc, real_confidence
-        self._real_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.fid_floor: float | None = None
-
-
-@torch.no_grad()
-def judge_scores(judge: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """The judge's verdict on images [N, ...]: mean top-1 digit probability, distinct digit classes
-    among the predictions (the "not a digit" class counts for neither), and their product score."""
-    probs = judge(images.detach().float().cpu().flatten(1)).softmax(-1)
-    num_classes = probs.shape[-1] - 1
-    top = probs[:, :num_classes].max(-1)
-    prediction = probs.argmax(-1)
-    classes = prediction[prediction < num_classes].unique().numel()
-    confidence = top.values.mean().item()
-    return {"gen_confidence": confidence, "gen_classes": float(classes),
-            "gen_score": confidence * classes / num_classes}
-
-
-@torch.no_grad()
-def judge_features(judge: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The judge's penultimate-layer activations (after its hidden ReLU) for images [N, ...]:
-    the features the GANs' FID compares."""
-    return judge[:-1](images.detach().float().cpu().flatten(1))
-
-
-def _split_arrays(dm, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (images, labels) of a datamodule split, as CPU tensors."""
-    dataset = getattr(dm, f"{split}_set", None)
-    if dataset is not None and hasattr(dataset, "tensors"):
-        X, y = dataset.tensors[:2]
-    else:
-        batches = list(getattr(dm, f"{split}_dataloader")())
-        X, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    return X.detach().float().cpu(), y.detach().long().cpu().reshape(-1)
-
-
-def _junk(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Non-digit images shaped like the batch x [B, D] in [0, 1]: uniform noise, blank images of a
-    random gray level, and x with its pixels shuffled (the ink without the strokes)."""
-    b, d = x.shape
-    kind = torch.randint(0, 3, (b, 1), generator=g)
-    noise = torch.rand(b, d, generator=g)
-    blank = torch.rand(b, 1, generator=g).expand(b, d)
-    shuffled = x[:, torch.randperm(d, generator=g)]
-    return torch.where(kind == 0, noise, torch.where(kind == 1, blank, shuffled))
-
-
-def train_judge(X_train, y_train, X_test, y_test, hidden: int, epochs: int, seed: int = 0, batch_size: int = 64,
-                lr: float = 3e-3):
-    """Train the judge: an MLP on flattened images, with plain torch on the CPU so the measurement
-    does not depend on the backend (or kernels) under test. Seeded and run under fork_rng, so it
-    is reproducible and leaves the training RNG stream untouched.
-
-    Besides the K digit classes it learns a K+1-th "not a digit" class from noise, blank and
-    pixel-shuffled images: a plain ReLU classifier is overconfident far from its data (it gave
-    the untrained generator's gray MNIST images 0.95 top-1 probability), and the judge must
-    reject such images rather than call them a confident digit.
-    Returns (judge mapping [N, D] -> logits [N, K + 1], its accuracy on the test split)."""
-    X_train, X_test = X_train.flatten(1), X_test.flatten(1)
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    # Also called from on_test_start, inside Lightning's inference mode: switch autograd back on.
-    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        judge = torch.nn.Sequential(
-            torch.nn.Linear(X_train.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes + 1)
-        )
-        opt = torch.optim.Adam(judge.parameters(), lr=lr)
-        g = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            for idx in torch.randperm(X_train.shape[0], generator=g).split(batch_size):
-                x = torch.cat([X_train[idx], _junk(X_train[idx], g)])
-                y = torch.cat([y_train[idx], torch.full((idx.numel(),), num_classes)])
-                loss = torch.nn.functional.cross_entropy(judge(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-    judge.eval().requires_grad_(False)
-    with torch.no_grad():
-        acc = (judge(X_test).argmax(-1) == y_test).float().mean().item()
-    return judge, acc
+def _default_networks(owner: str, architecture: str | None, image_shape: tuple[int, int, int], latent_dim: int,
+                      hidden: int, channels: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The (generator, discriminator) pair `architecture` names, for modules built in Python."""
+    if architecture == "mlp":
+        return MLPGenerator(latent_dim, hidden, image_shape), MLPDiscriminator(hidden, image_shape)
+    if architecture == "dcgan":
+        return DCGANGenerator(latent_dim, channels, image_shape), DCGANDiscriminator(channels, image_shape)
+    raise ValueError(f"{owner}: architecture must be one of {ARCHITECTURES} when no networks are given, "
+                     f"got {architecture!r}")
