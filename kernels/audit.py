@@ -266,11 +266,12 @@ def _sample_ids(work, variants) -> set[str]:
 
 
 def audit(ops, archs, jobs: int, emit=None, sass: str = "all", record: dict | None = None,
-          check_sample: bool = False, variant_filter: str | None = None) -> dict:
+          check_sample: bool = False, variant_filter: str | None = None, reuse_variants: bool = True) -> dict:
     """Compile (or take from `record` where its key still matches) every variant of `ops` for
     `archs`, set each beside its baselines, and return the report. sass "all" disassembles every
     compilation; "gemm" only the GEMM-like ones, the streams and those that spill (what the rules
-    read). check_sample: recompile SAMPLE even where recorded, and compare."""
+    read). check_sample: recompile SAMPLE even where recorded, and compare. reuse_variants False:
+    take only the baselines from `record`."""
     start = time.perf_counter()
     variants = _variants(ops)
     work = compile_check.plan(ops, archs)
@@ -279,7 +280,7 @@ def audit(ops, archs, jobs: int, emit=None, sass: str = "all", record: dict | No
     for w in work:
         if "id" in w:
             w["key"] = _audit_record.compilation_key(variants[w["op"]][w["index"]], w["arch"], w["spec"]["unit"])
-    kept = {r["id"]: r for r in (record or {}).get("records", []) if "id" in r and "key" in r}
+    kept = {r["id"]: r for r in (record or {}).get("records", []) if "id" in r and "key" in r and reuse_variants}
     sample = _sample_ids(work, variants) if check_sample else set()
     todo = [w for w in work if "id" not in w or w["id"] in sample or kept.get(w["id"], {}).get("key") != w["key"]]
     mode = "sass" if sass == "all" else "sass-gemm"
@@ -494,7 +495,9 @@ def main(argv=None) -> int:
     parser.add_argument("--check", type=Path, metavar="DIR",
                         help="CI: compare the code with the record in DIR (recompiling what changed and a "
                              "fixed sample); exit 1 with one line when the record is stale")
-    parser.add_argument("--full", action="store_true", help="with --record: recompile everything")
+    parser.add_argument("--full", action="store_true",
+                        help="recompile everything (by default --record and --check reuse the record's figures "
+                             "where keys match, and a plain run reuses the committed record's baselines)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("audit: unset TRITON_INTERPRET; the interpreter replaces the kernels it compiles", file=sys.stderr)
@@ -505,13 +508,15 @@ def main(argv=None) -> int:
     if ops is None:
         return 2
     base = args.record or args.check
-    record = _audit_record.load(base) if base and not args.full else None
+    # A plain run reuses the committed record's baselines (the checkout's, wherever it runs from).
+    committed = Path(__file__).resolve().parent.parent / _audit_record.REFRESH_DIR
+    record = None if args.full else _audit_record.load(base or committed)
     if args.check and record is None:
         print(f"audit: no record in {args.check}; write one with `{_audit_record.REFRESH_COMMAND}`", file=sys.stderr)
         return 2
     sass = args.sass or ("gemm" if base else "all")
     report = audit(ops, args.arch, args.jobs, sass=sass, record=record, check_sample=bool(args.check),
-                   variant_filter=args.variant)
+                   variant_filter=args.variant, reuse_variants=bool(base))
     out = args.out or args.record or (
         Path("bench_results/audit") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     if args.record and args.op and record is not None:  # refresh only these ops: keep the others' entries

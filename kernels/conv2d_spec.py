@@ -152,6 +152,9 @@ SPEC = register(KernelSpec(
         _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1),
                    act="gelu"),
         _conv_case("depthwise_no_activation", 2, 3, 6, (5, 5), (3, 3), padding=(1, 1, 1, 1), groups=3),
+        # More output channels than a bias-gradient program sums (BIAS_GRAD_CHANNELS), more elements
+        # than an activation-gradient program: several programs of each.
+        _conv_case("wide_72_channels_1x1_relu", 2, 3, 72, (3, 3), (1, 1), act="relu"),
     ],
     gradcheck_case=_conv_case("gradcheck_gelu", 1, 2, 3, (5, 4), (3, 3), stride=(2, 1), padding=(1, 0, 1, 1),
                               dilation=(1, 2), act="gelu"),

@@ -82,7 +82,7 @@ def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dil
         db = torch.zeros(gy.shape[1], **like) if need_b else None
         return dx, dw, db
     pad4 = _pad4(padding)
-    gz = _conv.activation_grad(gy, saved, act)  # once per element, before the GEMMs
+    gz = _conv.channels_inner(_conv.activation_grad(gy, saved, act))  # once per element, before the GEMMs
     if need_x:
         dx = torch.empty_strided(x_shape, x_strides, **like)
         if dx.numel() == 0:

@@ -95,6 +95,8 @@ SPEC = register(KernelSpec(
         _case("stride3_gelu_nobias", 1, 5, 3, (3, 4), (2, 3), stride=(3, 2), padding=(0, 1), act="gelu", bias=False),
         _case("depthwise_tanh", 2, 3, 6, (5, 4), (3, 3), stride=(2, 1), padding=(1, 1), groups=3, act="tanh"),
         _case("1x1_no_activation", 2, 7, 3, (3, 5), (1, 1)),
+        # More output channels than a bias-gradient program sums: several programs.
+        _case("wide_72_channels_stride2_relu", 1, 3, 72, (2, 2), (2, 2), stride=(2, 2), act="relu"),
     ],
     gradcheck_case=_case("gradcheck_gelu", 1, 2, 3, (3, 4), (3, 3), stride=(2, 1), padding=(1, 0),
                          output_padding=(1, 0), dilation=(1, 2), act="gelu"),

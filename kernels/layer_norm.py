@@ -35,19 +35,22 @@ from gpudl.kernels.layer_norm_triton import (
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
 # --------------------------------------------------------------------------- host launchers
-# dweight/dbias partial rows per SM: about two backward programs per SM keep every SM busy while
-# the partials [P, N] stay few (their write and re-read are P / M of the backward's traffic).
+# Programs per SM. Forward: up to a full SM of 8-warp programs, each walking a run of row tiles with
+# the weight and bias loaded once. Backward: one dweight/dbias partial row per program, about two per
+# SM keep every SM busy while the partials [P, N] stay few (their write and re-read are P / M of
+# the backward's traffic).
+FORWARD_PROGRAMS_PER_SM = 8
 PARTIALS_PER_SM = 2
-# Partial rows under the interpreter (no SMs to count): a few, so the tests sum several.
-INTERPRETER_PARTIALS = 4
+# Programs under the interpreter (no SMs to count): a few, so the tests walk several tiles each.
+INTERPRETER_PROGRAMS = 4
 
 
-def _backward_programs(num_tiles: int, device: torch.device) -> int:
-    """The backward's program count, one partial row each: PARTIALS_PER_SM per SM, at most one per tile."""
+def _programs(num_tiles: int, device: torch.device, per_sm: int) -> int:
+    """per_sm programs per SM (INTERPRETER_PROGRAMS when interpreting), at most one per tile."""
     if device.type == "cuda":
-        target = PARTIALS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = INTERPRETER_PARTIALS
+        target = INTERPRETER_PROGRAMS
     return max(1, min(num_tiles, target))
 
 
@@ -70,10 +73,12 @@ def layer_norm_forward(input: torch.Tensor, weight, bias, eps: float, store_stat
             mean.zero_(), rstd.zero_()
         return y, mean, rstd
     block_n, rows, num_warps = launch_config(n, m)
-    wrap_triton(_ln_fwd_kernel)[(triton.cdiv(m, rows),)](
+    num_tiles = triton.cdiv(m, rows)
+    tiles_per_program = triton.cdiv(num_tiles, _programs(num_tiles, x.device, FORWARD_PROGRAMS_PER_SM))
+    wrap_triton(_ln_fwd_kernel)[(triton.cdiv(num_tiles, tiles_per_program),)](
         x, weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x, y,
         mean if store_stats else y, rstd if store_stats else y,
-        m, n, eps,
+        m, n, eps, tiles_per_program,
         HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats, ACC=tl_acc(x.dtype),
         ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
     )
@@ -95,7 +100,7 @@ def layer_norm_backward(dy, input, weight, mean, rstd, need_dx: bool, need_dw: b
     block_n, rows, num_warps = launch_config(n, m)
     acc = acc_dtype(x.dtype)
     num_tiles = triton.cdiv(m, rows)
-    programs = _backward_programs(num_tiles, x.device)
+    programs = _programs(num_tiles, x.device, PARTIALS_PER_SM)
     tiles_per_program = triton.cdiv(num_tiles, programs)
     programs = triton.cdiv(num_tiles, tiles_per_program)  # no program left without tiles
     dw_part = torch.empty(programs, n, dtype=acc, device=x.device) if need_dw else None

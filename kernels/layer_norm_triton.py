@@ -58,39 +58,46 @@ def _ln_fwd_kernel(
     mean_ptr, rstd_ptr,  # [M] in ACC precision, saved for backward (when STORE_STATS)
     M, N,
     eps,
+    tiles_per_program,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     STORE_STATS: tl.constexpr,
     ACC: tl.constexpr,  # fp32, or fp64 for float64 input
-    ROWS: tl.constexpr,  # rows per program
+    ROWS: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # power of two >= N
 ):
-    # int64 rows: row * N passes 2**31 on large activations.
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    """Program p normalizes the row tiles [p * tiles_per_program, ...): weight and bias are loaded
+    once per program, not once per tile (long rows are one-row tiles)."""
+    pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
     col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
-    offs = rows[:, None] * N + cols[None, :]
-
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    mean = tl.sum(x, axis=1) / N
-    xc = tl.where(mask, x - mean[:, None], 0.0)  # padded lanes must not enter the variance
-    var = tl.sum(xc * xc, axis=1) / N
-    if ACC == tl.float64:
-        rstd = 1.0 / tl.sqrt(var + eps)  # fp64 sqrt is IEEE-rounded already
-    else:
-        rstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE sqrt: tl.sqrt is the approximate one for fp32
-    y = xc * rstd[:, None]
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-        y = y * w[None, :]
     if HAS_B:
         b = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(ACC)
-        y = y + b[None, :]
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    if STORE_STATS:
-        tl.store(mean_ptr + rows, mean, mask=row_mask)
-        tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    first = pid * tiles_per_program
+    last = tl.minimum(first + tiles_per_program, tl.cdiv(M, ROWS))
+    for tile in range(first, last):
+        rows = tile * ROWS + tl.arange(0, ROWS).to(tl.int64)  # int64: row * N passes 2**31 on large inputs
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)  # padded lanes must not enter the variance
+        var = tl.sum(xc * xc, axis=1) / N
+        if ACC == tl.float64:
+            rstd = 1.0 / tl.sqrt(var + eps)  # fp64 sqrt is IEEE-rounded already
+        else:
+            rstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE sqrt: tl.sqrt is the approximate one for fp32
+        y = xc * rstd[:, None]
+        if HAS_W:
+            y = y * w[None, :]
+        if HAS_B:
+            y = y + b[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if STORE_STATS:
+            tl.store(mean_ptr + rows, mean, mask=row_mask)
+            tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
 @triton.jit

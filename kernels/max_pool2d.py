@@ -12,8 +12,12 @@ from torch.library import wrap_triton
 from gpudl.kernels.max_pool2d_triton import (  # noqa: F401  (the autotuned kernels, found here by the tests)
     _BWD_BLOCK,
     _BWD_WARPS,
+    PLANE_TILE_COLS,
+    PLANE_TILE_ROWS,
+    PLANE_TILE_WARPS,
     _max_pool2d_bwd_kernel,
     _max_pool2d_fwd_kernel,
+    _max_pool2d_fwd_plane_kernel,
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
@@ -42,6 +46,9 @@ def _max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode, st
     total = y.numel()
     if total == 0:
         return y, idx
+    if not channels_last:
+        _max_pool2d_fwd_planes(x, y, idx, kernel_size, stride, padding, dilation)
+        return y, idx
     grid = lambda meta: (triton.cdiv(total, meta["BLOCK"]),)  # noqa: E731
     wrap_triton(_max_pool2d_fwd_kernel)[grid](
         x, y, idx if store_index else y,
@@ -51,6 +58,26 @@ def _max_pool2d_forward(x, kernel_size, stride, padding, dilation, ceil_mode, st
         KH=kernel_size[0], KW=kernel_size[1], CHANNELS_LAST=channels_last, STORE_INDEX=store_index,
     )
     return y, idx
+
+
+def _max_pool2d_fwd_planes(x, y, idx, kernel_size, stride, padding, dilation):
+    """The forward over (n, c) planes in output tiles, each input region loaded once (NCHW and
+    other layouts whose channels are not innermost)."""
+    n, c, h, w = x.shape
+    h_out, w_out = y.shape[2], y.shape[3]
+    block_oh = min(PLANE_TILE_ROWS, triton.next_power_of_2(h_out))
+    block_ow = min(PLANE_TILE_COLS, triton.next_power_of_2(w_out))
+    # The input region of a full tile: (outputs - 1) * stride + (kernel - 1) * dilation + 1.
+    block_ih = triton.next_power_of_2((block_oh - 1) * stride[0] + (kernel_size[0] - 1) * dilation[0] + 1)
+    block_iw = triton.next_power_of_2((block_ow - 1) * stride[1] + (kernel_size[1] - 1) * dilation[1] + 1)
+    grid = (n * c, triton.cdiv(h_out, block_oh), triton.cdiv(w_out, block_ow))
+    wrap_triton(_max_pool2d_fwd_plane_kernel)[grid](
+        x, y, idx if idx is not None else y,
+        c, h, w, h_out, w_out, *x.stride(), *y.stride(), padding[0], padding[1],
+        STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
+        KH=kernel_size[0], KW=kernel_size[1], STORE_INDEX=idx is not None,
+        BLOCK_OH=block_oh, BLOCK_OW=block_ow, BLOCK_IH=block_ih, BLOCK_IW=block_iw, num_warps=PLANE_TILE_WARPS,
+    )
 
 
 def _max_pool2d_backward(gy, idx, x_shape, channels_last, kernel_size, stride, padding, dilation):

@@ -26,6 +26,9 @@ _FWD_CONFIGS = [
     triton.Config({"BLOCK": 1024}, num_warps=4),
     triton.Config({"BLOCK": 512}, num_warps=4),
 ]
+# The NCHW forward: output tiles of one plane, 8 rows x 64 columns (a 3x3 stride-2 tile reads a
+# 17 x 129 region: about 6% more than its share of the plane, the halo).
+PLANE_TILE_ROWS, PLANE_TILE_COLS, PLANE_TILE_WARPS = 8, 64, 4
 # The backward: elementwise over the input, one fixed config.
 _BWD_BLOCK, _BWD_WARPS = 1024, 8  # 4 warps spilled (int64 window coordinates, 8 elements a thread)
 
@@ -123,3 +126,73 @@ def _max_pool2d_bwd_kernel(
             hit = ok & (argmax == me)
             acc += tl.load(g_base + oh * sg_h + ow * sg_w, mask=hit, other=0.0).to(ACC)
     tl.store(dx_ptr + n * sd_n + c * sd_c + ih * sd_h + iw * sd_w, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _max_pool2d_fwd_plane_kernel(
+    x_ptr, y_ptr, idx_ptr,
+    C, H, W, H_OUT, W_OUT,
+    sx_n, sx_c, sx_h, sx_w,
+    sy_n, sy_c, sy_h, sy_w,
+    PAD_H, PAD_W,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STORE_INDEX: tl.constexpr,
+    BLOCK_OH: tl.constexpr, BLOCK_OW: tl.constexpr, BLOCK_IH: tl.constexpr, BLOCK_IW: tl.constexpr,
+):
+    """A [BLOCK_OH, BLOCK_OW] tile of one (n, c) plane of y (program_id(0) = n * C + c), for
+    inputs whose rows are contiguous (NCHW). The input region the tile's windows cover is loaded
+    once, as one [BLOCK_IH, BLOCK_IW] tile (overlapping windows share its elements in registers, so
+    each input element is read once per program, plus the halo rows and columns shared with the
+    neighbouring tiles); the windows are then reduced separably: the max over kw of each region row
+    (a gather along the columns), then the max over kh of those (a gather along the rows). Strict >
+    on each axis keeps the first maximum in (kh, kw) order, and a NaN replaces any earlier value,
+    as the elementwise kernel does."""
+    ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
+    plane = tl.program_id(0).to(tl.int64)
+    n = plane // C
+    c = plane % C
+    oh0 = tl.program_id(1) * BLOCK_OH
+    ow0 = tl.program_id(2) * BLOCK_OW
+    ih0 = oh0 * STRIDE_H - PAD_H
+    iw0 = ow0 * STRIDE_W - PAD_W
+    # The rows and columns the tile's valid outputs read (no more: they are the traffic).
+    rows = (tl.minimum(BLOCK_OH, H_OUT - oh0) - 1) * STRIDE_H + (KH - 1) * DIL_H + 1
+    cols = (tl.minimum(BLOCK_OW, W_OUT - ow0) - 1) * STRIDE_W + (KW - 1) * DIL_W + 1
+    r = tl.arange(0, BLOCK_IH)
+    q = tl.arange(0, BLOCK_IW)
+    ih = ih0 + r
+    iw = iw0 + q
+    ok = ((r < rows) & (ih >= 0) & (ih < H))[:, None] & ((q < cols) & (iw >= 0) & (iw < W))[None, :]
+    x_plane = x_ptr + n * sx_n + c * sx_c
+    region = tl.load(x_plane + (ih.to(tl.int64) * sx_h)[:, None] + (iw.to(tl.int64) * sx_w)[None, :], mask=ok,
+                     other=float("-inf")).to(ACC)
+
+    # Across kw: row_best[r, j] = the first maximum of region[r, j * sW + kw * dW] over kw.
+    j = tl.arange(0, BLOCK_OW)
+    row_best = tl.full((BLOCK_IH, BLOCK_OW), float("-inf"), ACC)
+    row_arg = tl.full((BLOCK_IH, BLOCK_OW), -1, tl.int32)
+    for kw in tl.static_range(KW):
+        col = tl.broadcast_to((j * STRIDE_W + kw * DIL_W)[None, :], (BLOCK_IH, BLOCK_OW))
+        v = tl.gather(region, col, axis=1)
+        take = (v > row_best) | (v != v)
+        row_best = tl.where(take, v, row_best)
+        row_arg = tl.where(take, col, row_arg)
+    # Across kh: best[i, j] = the first maximum of row_best[i * sH + kh * dH, j] over kh.
+    i = tl.arange(0, BLOCK_OH)
+    best = tl.full((BLOCK_OH, BLOCK_OW), float("-inf"), ACC)
+    best_idx = tl.full((BLOCK_OH, BLOCK_OW), -1, tl.int32)
+    for kh in tl.static_range(KH):
+        row = tl.broadcast_to((i * STRIDE_H + kh * DIL_H)[:, None], (BLOCK_OH, BLOCK_OW))
+        v = tl.gather(row_best, row, axis=0)
+        arg = tl.gather(row_arg, row, axis=0)
+        take = (v > best) | (v != v)
+        best = tl.where(take, v, best)
+        best_idx = tl.where(take, (ih0 + row) * W + iw0 + arg, best_idx)
+
+    oh = oh0 + i
+    ow = ow0 + j
+    y_offs = n * sy_n + c * sy_c + (oh.to(tl.int64) * sy_h)[:, None] + (ow.to(tl.int64) * sy_w)[None, :]
+    y_mask = (oh < H_OUT)[:, None] & (ow < W_OUT)[None, :]
+    tl.store(y_ptr + y_offs, best.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if STORE_INDEX:
+        tl.store(idx_ptr + y_offs, best_idx, mask=y_mask)

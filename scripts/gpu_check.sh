@@ -73,7 +73,7 @@ echo "model benchmark: exit $models_rc in $(( $(date +%s) - start )) s" | tee -a
 # The full compiled-code audit (every variant for sm_80 and sm_90 recompiled and disassembled, the
 # hot-loop model, the rules' figures; no GPU used): what CI takes from bench_results/audit/current.
 start=$(date +%s)
-timeout 240 "$py" -m gpudl.kernels.audit --out "$out/audit" --jobs "$(nproc)" 2>&1 | tail -n 3 | tee "$out/audit.log"
+timeout 240 "$py" -m gpudl.kernels.audit --full --out "$out/audit" --jobs "$(nproc)" 2>&1 | tail -n 3 | tee "$out/audit.log"
 audit_rc=${PIPESTATUS[0]}
 echo "audit: exit $audit_rc in $(( $(date +%s) - start )) s" | tee -a "$out/audit.log"
 

@@ -392,3 +392,15 @@ def test_auto_times_both_sides_on_a_real_gpu(tmp_path):
     assert entry["reason"] == "measured" and entry["triton_ms"] > 0 and entry["torch_ms"] > 0
     assert entry["backend"] == ("triton" if entry["triton_ms"] < entry["torch_ms"] else "torch")
     assert _cache_files(tmp_path)
+
+
+def test_a_corrupt_cache_file_is_one_warning_and_rewritten(fake_gpu, tmp_path):
+    clock = fake_gpu(1.0, 2.0)
+    path = backend_choice.cache_file("FakeGPU-A")
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    x, w = _linear_call()
+    with pytest.warns(UserWarning, match=r"ignoring the unreadable backend cache .*FakeGPU_A.*\.json \(Expecting"):
+        ops.linear(x, w)
+    assert clock.timed == ["triton", "torch"]
+    assert json.loads(path.read_text())["choices"]

@@ -133,9 +133,9 @@ def test_conv2d_wgrad_split_reduction(monkeypatch):
 
 
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_conv2d_nchw_operands_are_read_in_place(activation):
-    """NCHW operands are read with their own strides (no repack): outputs and gradients keep
-    their NCHW layouts and match the reference."""
+def test_conv2d_nchw_operands(activation):
+    """NCHW operands are repacked channels innermost for the GEMMs (conv2d.channels_inner);
+    outputs and gradients keep their NCHW layouts and match the reference."""
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 6, 7, 5), torch.randn(4, 3, 3, 2) / 5, torch.randn(4)
     y, r, got, want = _conv_pair(x, w, b, activation, stride=(2, 1), padding=1, groups=2)

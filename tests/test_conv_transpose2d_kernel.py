@@ -156,8 +156,8 @@ def test_gradients_are_bit_identical_in_deterministic_mode():
         assert torch.equal(a, c)
 
 
-def test_nchw_operands_are_read_in_place():
-    """NCHW operands are read with their own strides (no repack): NCHW results, the reference's values."""
+def test_nchw_operands():
+    """NCHW operands (repacked channels innermost for the GEMMs): NCHW results, the reference's values."""
     torch.manual_seed(0)
     x, w, b = torch.randn(2, 4, 3, 5), torch.randn(4, 3, 3, 3) / 3, torch.randn(6)
     y, r, got, want = _pair(x, w, b, "gelu", stride=2, padding=1, output_padding=1, groups=2)
