@@ -107,6 +107,9 @@ SPEC = register(KernelSpec(
         # BLOCK_H 128 > 64: W_hh streamed in chunks, 2 programs
         Case("relu-chunked-L4-N17-H80", _make(4, 17, 7, 80, "relu")),
         Case("tanh-batch_first-chunked-L3-N2-H72", _make(3, 2, 5, 72, batch_first=True)),
+        # 144 rows and 130 columns: the input-projection GEMMs and the bias column sums span
+        # several programs at the interpreter's 128-wide tiles
+        Case("tanh-L9-N16-H130-wide", _make(9, 16, 5, 130)),
         Case("empty-sequence-L0", _make(0, 3, 7, 16), expect_fallback=True),  # answered on the host
     ],
     gradcheck_case=Case("gradcheck-tanh-L3-N2-H5", _make(3, 2, 3, 5)),
