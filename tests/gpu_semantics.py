@@ -387,7 +387,11 @@ def _pointed_tensors(named_args: dict) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.numel() > 0:
-            where = candidates.get(obj.data_ptr())
+            try:
+                address = obj.data_ptr()
+            except RuntimeError:  # a fake or functional tensor (left alive by torch.compile) has no storage
+                continue
+            where = candidates.get(address)
             if where is not None:
                 key = f"{where}->{list(obj.shape)} {str(obj.dtype)[6:]}"
                 found.setdefault(key, obj.detach())
