@@ -158,7 +158,7 @@ GPT_FAST = ["data.batch_size=8", "data.context_length=32", "model.context_length
 # time) while it adds programs, not code paths; every kernel's shapes, ragged ones included, are
 # the registry harness's (tests/test_kernels.py). Kept: head dims (attention 16, GPT 24, ragged).
 NARROW = {
-    "cnn_mnist": ["model.channels=[4,8]", "model.hidden=16"],
+    "cnn_mnist": ["model.channels=[4,8]", "model.hidden=16", "data.batch_size=2"],  # 28x28: programs ~ pixels
     "attention_digits": ["model.embed_dim=32", "model.num_heads=2", "model.mlp_dim=64", "model.num_layers=1"],
     "gan_digits": ["model.generator.hidden=32", "model.discriminator.hidden=32", "model.judge_hidden=32"],
     "gan_mnist": ["model.generator.hidden=32", "model.discriminator.hidden=32", "model.judge_hidden=32"],
