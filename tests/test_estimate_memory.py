@@ -98,3 +98,20 @@ def test_attention_runs_the_gpu_kernels_not_the_math_fallback(variant):
     row = em.measure(em.Workload("sdpa", "", Model, q, step), variant, torch.bfloat16)
     scores = 4 * 1024 * 1024 * 2 / 2**20  # the [H, L, L] bf16 matrix: 8 MiB
     assert row["saved_mib"] < scores / 2
+
+
+def test_cnn_triton_step_within_its_eager_twin_in_bf16():
+    """Issue 22's target for the CNN (bench_models' GPU-sized config): the triton backend's full step
+    is no larger than the eager twin's. Its first convolution reads a single-channel image, whose
+    channels_last and NCHW layouts coincide; were its output NCHW, every activation after it would be
+    too, and each conv2d backward would repack its gradient channels innermost: two [512, 32, 28, 28]
+    gradients held at once (49 MiB in bf16) instead of one (24.5)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import estimate_memory as em
+
+    work = em.bench_workload("cnn", smoke=False)
+    triton_row = em.measure(work, "triton", torch.bfloat16)
+    eager_row = em.measure(work, "eager", torch.bfloat16)
+    assert triton_row["step_mib"] <= eager_row["step_mib"], (triton_row, eager_row)
+    one_gradient_mib = 512 * 32 * 28 * 28 * 2 / 2**20
+    assert triton_row["largest_op_allocations_mib"]["gpudl::conv2d_backward"] < one_gradient_mib + 1, triton_row
