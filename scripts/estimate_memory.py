@@ -133,11 +133,19 @@ class LiveBytes(TorchDispatchMode):
 
 
 class _Counter(TorchDispatchMode):
-    """Live bytes of the storages created while it is on (LiveBytes without pre-existing tensors)."""
+    """Live bytes of the storages created while it is on (LiveBytes without pre-existing tensors).
 
-    def __init__(self):
+    `existing` tensors (the op's arguments) are already counted by the caller: their storages, and
+    so every view of them (a reshape of an input), add nothing here."""
+
+    def __init__(self, existing: Any = ()):
         super().__init__()
         self.inner = LiveBytes()
+        self._existing = []  # keeps the argument storages (and so their keys) alive while counting
+        for t in _tensors(existing):
+            st = t.untyped_storage()
+            self._existing.append(st)
+            self.inner.live[st._cdata] = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         try:
@@ -257,7 +265,7 @@ class HostCode:
             return None
         fake_args = self._as_fake_cuda(args)
         fake_kwargs = {k: self._as_fake_cuda(v) for k, v in kwargs.items()}
-        counter = _Counter()
+        counter = _Counter((fake_args, list(fake_kwargs.values())))
         try:
             with self._no_launches(), torch.no_grad(), self.fake_mode, counter, warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")

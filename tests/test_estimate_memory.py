@@ -100,6 +100,27 @@ def test_attention_runs_the_gpu_kernels_not_the_math_fallback(variant):
     assert row["saved_mib"] < scores / 2
 
 
+def test_host_code_views_of_its_arguments_are_not_allocations():
+    """The RNN backward's host code allocates dz (like the output) and dh0, the weight and bias
+    gradients and one [N, H] scratch (grad W_hh's step-0 term, batch_first); the reshapes of its
+    arguments (the saved output, flattened for grad W_hh) are views and count nothing."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import estimate_memory as em
+
+    import gpudl.kernels.rnn  # noqa: F401 - registers gpudl::rnn_recurrence_backward
+
+    length, n, hidden = 16, 128, 64
+    meta = dict(device="meta", dtype=torch.float32)
+    output, grad_h_n = torch.empty(n, length, hidden, **meta), torch.empty(n, hidden, **meta)
+    h0, weight_hh = torch.empty(n, hidden, **meta), torch.empty(hidden, hidden, **meta)
+    args = (None, grad_h_n, output, h0, weight_hh, "tanh", True, True, True, True, True)
+    peak = em.HostCode().peak_bytes(torch.ops.gpudl.rnn_recurrence_backward.default, args, {})
+    dz, state, w, b = (4 * k for k in (length * n * hidden, n * hidden, hidden * hidden, hidden))
+    assert peak is not None
+    # dz + dh0 + the [N, H] scratch + grad W_hh + grad b_hh, with 512-byte blocks and small temporaries
+    assert dz + 2 * state + w + b <= peak <= dz + 3 * state + w + 4 * 1024, (peak, dz)
+
+
 def test_cnn_triton_step_within_its_eager_twin_in_bf16():
     """Issue 22's target for the CNN (bench_models' GPU-sized config): the triton backend's full step
     is no larger than the eager twin's. Its first convolution reads a single-channel image, whose
