@@ -7,7 +7,8 @@ Shapes (the normalized arguments of gpudl.reference.conv2d):
     weight w [C_out, C_in / groups, kH, kW]
     bias   b [C_out] or None
     output y [N, C_out, H_out, W_out]     H_out = (H + top + bottom - dH * (kH - 1) - 1) // sH + 1
-                                          channels_last when x or w is (as F.conv2d does)
+                                          channels_last when x or w is (as F.conv2d does),
+                                          or x has a single channel (conv2d._output_format)
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def _out_size(size: int, pad_lo: int, pad_hi: int, dilation: int, kernel: int, s
 
 def _is_channels_last(t: torch.Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _output_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """channels_last when x or w is, or when x is a dense single-channel image: its two layouts are
+    the same memory (`contiguous(memory_format=channels_last)` leaves its NCHW strides), so the
+    channels_last convention decides and a channels_last model's first convolution starts its
+    channels_last activations. (F.conv2d returns NCHW there; a model's activations would then stay
+    NCHW and each convolution's backward would repack its gradient channels innermost.)"""
+    single_channel = x.shape[1] == 1 and x.is_contiguous(memory_format=torch.channels_last)
+    if single_channel or _is_channels_last(x) or _is_channels_last(w):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -106,8 +119,7 @@ def _conv2d_forward(x, w, b, stride, padding, dilation, groups, act, store_z):
     c_out, c_in_g, kh, kw = w.shape
     h_out = _out_size(h, padding[0], padding[1], dilation[0], kh, stride[0])
     w_out = _out_size(wd, padding[2], padding[3], dilation[1], kw, stride[1])
-    fmt = torch.channels_last if _is_channels_last(x) or _is_channels_last(w) else torch.contiguous_format
-    y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype, memory_format=fmt)
+    y = torch.empty((n, c_out, h_out, w_out), device=x.device, dtype=x.dtype, memory_format=_output_format(x, w))
     z = torch.empty_like(y) if store_z else None
     if y.numel() > 0:
         _conv2d_fwd_launch(x, w, b, y, z, stride, padding, dilation, groups, act)
@@ -265,9 +277,8 @@ def _conv2d_op(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: li
 
 @_conv2d_op.register_fake
 def _(input, weight, bias, stride, padding, dilation, groups, activation, store_pre):
-    fmt = torch.channels_last if _is_channels_last(input) or _is_channels_last(weight) else torch.contiguous_format
     y = torch.empty(_output_shape(input.shape, weight.shape, stride, padding, dilation), dtype=input.dtype,
-                    device=input.device, memory_format=fmt)
+                    device=input.device, memory_format=_output_format(input, weight))
     return y, (torch.empty_like(y) if store_pre else y.new_empty(0))
 
 
@@ -342,7 +353,8 @@ def conv2d(input, weight, bias, stride, padding, dilation, groups, activation_na
     input [N, C_in, H, W]; weight [C_out, C_in / groups, kH, kW]; bias [C_out] or None;
     stride, dilation (sH, sW); padding (top, bottom, left, right); groups an int;
     activation_name None, 'relu', 'leaky_relu', 'tanh', 'sigmoid' or 'gelu'.
-    Returns y [N, C_out, H_out, W_out], channels_last when input or weight is channels_last.
+    Returns y [N, C_out, H_out, W_out], channels_last when input or weight is channels_last, or input
+    is a dense single-channel image (both layouts at once: the channels_last convention decides).
     """
     if weight.shape[1] == 0:  # also refused by gpudl.ops.conv2d; the kernels would divide by C_in_g
         raise ValueError(f"weight {tuple(weight.shape)} has no input channels; a convolution needs at least one")

@@ -62,6 +62,38 @@ def test_conv2d_channels_last_output_follows_input(x_cl, w_cl):
         assert got[0].is_contiguous(memory_format=CL)
 
 
+def test_conv2d_single_channel_image_starts_channels_last():
+    """A single-channel image is NCHW and channels_last at once (contiguous(channels_last) keeps its
+    strides): the output is channels_last, the convention's layout, so a channels_last model's
+    activations and the gradients reaching each backward are too. Values match F.conv2d."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 7, 6).contiguous(memory_format=CL)
+    w, b = torch.randn(4, 1, 3, 3) / 3, torch.randn(4)
+    y, r, got, want = _conv_pair(x, w, b, "relu", padding=1)
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+    assert got[0].shape == x.shape
+
+
+def test_cnn_gradients_reach_each_conv_backward_channels_last(monkeypatch):
+    """The CNN's convolutions and poolings run channels_last from its single-channel input on; every
+    gradient a conv2d backward receives is channels_last, so none is repacked."""
+    from gpudl.models.cnn import CNNModule
+
+    seen = []
+    backward = conv_kernels._conv2d_backward
+
+    def recording(gy, *args):
+        seen.append(gy.is_contiguous(memory_format=CL) and not gy.is_contiguous())
+        return backward(gy, *args)
+
+    monkeypatch.setattr(conv_kernels, "_conv2d_backward", recording)
+    torch.manual_seed(0)
+    model = CNNModule(in_channels=1, image_size=8, channels=(4, 8), hidden=8)
+    with gpudl.use_backend("triton"):
+        model(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert seen == [True, True]
+
+
 def test_conv2d_non_contiguous_views_and_stride0_grad():
     torch.manual_seed(0)
     big = torch.randn(2, 8, 11, 13)

@@ -119,3 +119,20 @@ def test_host_code_views_of_its_arguments_are_not_allocations():
     assert peak is not None
     # dz + dh0 + the [N, H] scratch + grad W_hh + grad b_hh, with 512-byte blocks and small temporaries
     assert dz + 2 * state + w + b <= peak <= dz + 3 * state + w + 4 * 1024, (peak, dz)
+
+
+def test_cnn_triton_step_within_its_eager_twin_in_bf16():
+    """Issue 22's target for the CNN (bench_models' GPU-sized config): the triton backend's full step
+    is no larger than the eager twin's. Its first convolution reads a single-channel image, whose
+    channels_last and NCHW layouts coincide; were its output NCHW, every activation after it would be
+    too, and each conv2d backward would repack its gradient channels innermost: two [512, 32, 28, 28]
+    gradients held at once (49 MiB in bf16) instead of one (24.5)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import estimate_memory as em
+
+    work = em.bench_workload("cnn", smoke=False)
+    triton_row = em.measure(work, "triton", torch.bfloat16)
+    eager_row = em.measure(work, "eager", torch.bfloat16)
+    assert triton_row["step_mib"] <= eager_row["step_mib"], (triton_row, eager_row)
+    one_gradient_mib = 512 * 32 * 28 * 28 * 2 / 2**20
+    assert triton_row["largest_op_allocations_mib"]["gpudl::conv2d_backward"] < one_gradient_mib + 1, triton_row
