@@ -60,6 +60,8 @@ GEMM_FAMILY = ("conv2d", "conv_transpose2d", "linear", "scaled_dot_product_atten
 # Memory-bound kernels whose contiguous streams must use 128-bit global accesses.
 STREAM_OPS = ("binary_cross_entropy_with_logits", "mse_loss", "cross_entropy", "layer_norm", "sgd_step",
               "max_pool2d")
+# One-program kernels that fold a reduction's partials into its scalar results: no stream to vectorize.
+ONE_PROGRAM_FINALIZERS = ("_ce_finalize_kernel", "_sum_partials_kernel")
 HOT_LOOP_RULE = 0.8  # a half-precision GEMM-family bound >= 0.8x its textbook baseline's
 # Always recompiled by --check and compared with the record: (op, arch, what the variant is).
 SAMPLE = (("linear", 90, "gemm"), ("rnn", 80, "gemm"), ("layer_norm", 80, ""))
@@ -228,6 +230,8 @@ def stream_verdict(record: dict) -> str:
     stream layout: NCHW pooling gathers windows); a kernel with vector or several global stores
     must have a 128-bit one."""
     if record.get("op") not in STREAM_OPS or not record.get("ok") or record.get("global_widths") is None:
+        return ""
+    if record.get("kernel", "").rsplit(".", 1)[-1] in ONE_PROGRAM_FINALIZERS:
         return ""
     layouts = set(record.get("layouts", []))
     stream_layout = "channels_last" if record["op"] == "max_pool2d" else "contiguous"

@@ -45,8 +45,11 @@ def _dwdb_block_m(dtype: torch.dtype) -> int:
     return DWDB_BLOCK_M // 2 if dtype == torch.float64 else DWDB_BLOCK_M  # 8 float64 rows spill (the audit)
 
 
-REDUCE_BLOCK_P = 32  # partial rows summed per step by the reduction kernel
-REDUCE_BLOCK_N = 128  # columns per reduction program
+# The partials' reduction: 1024 columns over 128 threads, 8 contiguous columns a thread, so its
+# partial loads and its dweight/dbias stores are 128-bit (the audit's 128-bit rule); 4 partial rows
+# a step keep 32 accumulators a thread.
+REDUCE_BLOCK_P = 4  # partial rows summed per step by the reduction kernel
+REDUCE_BLOCK_N = 1024  # columns per reduction program
 REDUCE_WARPS = 4
 
 

@@ -71,8 +71,25 @@ def _spills(r) -> bool:
     return bool(r["stack_bytes"] or r["local_bytes"] or r["ldl"] or r["stl"])
 
 
+# Open audit failures, one line each ("<what> | <compilation>"): known bugs, listed so that CI
+# holds every rule for everything else. A new failure fails the test, and so does a listed one
+# that no longer fails (remove its line: the list only shrinks). See docs/audit.md.
+KNOWN_FAILURES = Path(__file__).with_name("audit_known_failures.txt")
+
+
+def _known_failures(what: str) -> set[str]:
+    lines = [line.split(" | ", 1) for line in KNOWN_FAILURES.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {name for rule, name in lines if rule == what}
+
+
 def _fail_listing(problems: list[str], what: str) -> None:
-    assert not problems, f"{len(problems)} {what}:\n" + "\n".join(sorted(problems))
+    known = _known_failures(what)
+    new = sorted(p for p in problems if p.split(": ", 1)[0] not in known)
+    fixed = sorted(known - {p.split(": ", 1)[0] for p in problems})
+    assert not new, f"{len(new)} {what}:\n" + "\n".join(new)
+    assert not fixed, (f"{len(fixed)} listed in {KNOWN_FAILURES.name} as '{what}' pass now; remove their lines:\n"
+                       + "\n".join(fixed))
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90(audit):
