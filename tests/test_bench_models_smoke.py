@@ -34,7 +34,7 @@ def test_bench_models_smoke_runs_every_experiment(tmp_path, capsys, launches):
     assert "| gpt | " in (tmp_path / "results.md").read_text()
     # The triton variants ran our kernels: attention, layer norm, the GEMM, convolution, the RNN.
     assert {"_attn_fwd", "_ln_fwd_kernel", "_matmul_kernel"} <= set(launches.kernels()), launches.kernels()
-    assert {"gpudl.kernels.conv2d", "gpudl.kernels.rnn"} <= {r.module for r in launches.records}
+    assert {"gpudl.kernels.conv2d_triton", "gpudl.kernels.rnn_triton"} <= {r.module for r in launches.records}
 
 
 def test_bench_models_imports_no_hydra_wandb_or_mlxtend():
