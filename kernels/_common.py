@@ -40,6 +40,13 @@ def activation_constexpr(activation: str | None) -> str:
     return name
 
 
+def gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int, **extra) -> triton.Config:
+    """One GEMM autotune candidate: a BLOCK_M x BLOCK_N output tile stepping BLOCK_K along K, plus the
+    kernel's own tile constexprs (`extra`, e.g. linear's GROUP_M)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **extra},
+                         num_warps=warps, num_stages=stages)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator dtype: float32, or float64 for float64 inputs (so the float64 gradcheck is exact)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

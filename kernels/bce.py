@@ -11,13 +11,7 @@ requires grad). The gradients are saved, so backward is a single multiply by gra
 Reductions are deterministic: every program writes its partial sum, and a one-program kernel adds
 the partials in a fixed order (no atomics).
 
-Numerics. With sp(x) = softplus(x) = log(1 + e^x) = max(x, 0) + log1p(e^-|x|):
-    loss      = w * ((1 - t) * sp(x) + p * t * sp(-x))        p = pos_weight (1 if absent)
-    dloss/dx  = w * ((1 - t) * sigmoid(x) - p * t * sigmoid(-x))
-    dloss/dt  = w * (p * sp(-x) - sp(x))                     (= -w * x without pos_weight)
-This is PyTorch's (1 - t) x + (1 + (p - 1) t) sp(-x) rewritten with sp(x) = x + sp(-x): every term
-is non-negative for t in [0, 1], so nothing cancels, and only exp(-|x|) is ever evaluated, so any
-logit (+-1000 included) gives finite, exact results.
+The loss and gradient formulas, and why they are exact for any logit, are in bce_triton.py's docstring.
 """
 
 from __future__ import annotations

@@ -36,15 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from gpudl.kernels._common import activation_grad_from_saved, apply_activation, tuning_configs
-
-
-def gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    """One autotune candidate of an implicit-GEMM kernel: a BLOCK_M x BLOCK_N tile of the result,
-    BLOCK_K deep per K step."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
-                         num_stages=stages)
-
+from gpudl.kernels._common import activation_grad_from_saved, apply_activation, gemm_tile, tuning_configs
 
 # The first tile of each table is the one the interpreter runs. The others are the GPU candidates
 # (the shapes of Triton's matmul tutorial), each within sm_80's shared memory in fp32 too and free of

@@ -25,13 +25,15 @@ from gpudl.kernels._common import (
     apply_activation,
     tuning_configs,
 )
+from gpudl.kernels._common import (
+    gemm_tile as common_gemm_tile,
+)
 
 
 # --------------------------------------------------------------------------- tile tables
 def gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    """One GEMM autotune candidate: a BLOCK_M x BLOCK_N output tile stepping BLOCK_K along K."""
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+    """A linear GEMM candidate: _common.gemm_tile with the grouped order's GROUP_M."""
+    return common_gemm_tile(block_m, block_n, block_k, warps, stages, GROUP_M=group_m)
 
 
 # Every candidate compiles without spills and with tensor-core instructions and pipelined loads on
