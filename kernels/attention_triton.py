@@ -255,7 +255,9 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // n_nblocks
-    start_n = pid % n_nblocks
+    # Positions within a sequence are int32 (Lq, Lk < 2**31), so the loops' indices and tests are
+    # 32-bit; offsets that multiply strides are int64.
+    start_n = (pid % n_nblocks).to(tl.int32)
     b = bh // H
     h = bh % H
     n0 = start_n * BLOCK_N
@@ -264,9 +266,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (offs_n < Lk)[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    rows64 = offs_n.to(tl.int64)
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows64[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows64[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
     do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m0[:, None] * stride_dom + offs_d[None, :] * stride_dod
@@ -281,8 +284,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
         # Queries before n0 see none of these keys: start at the query block holding row n0.
         lo = (n0 // BLOCK_M) * BLOCK_M
         diag_end = tl.minimum(lo + tl.cdiv(n0 + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, Lq)
-        q_ptrs += lo * stride_qm
-        do_ptrs += lo * stride_dom
+        q_ptrs += lo.to(tl.int64) * stride_qm
+        do_ptrs += lo.to(tl.int64) * stride_dom
         dk, dv, q_ptrs, do_ptrs = _dkdv_inner(
             dk, dv, k, v, q_ptrs, do_ptrs, mask_base, lse_base, delta_base, offs_n, offs_m0, d_ok, stride_qm,
             stride_dom, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, lo, diag_end, MASK_KIND, True, IS_CAUSAL,
@@ -299,10 +302,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, LSE, Delta, DK, DV,
         stride_dom, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, full_end, Lq, MASK_KIND, True, IS_CAUSAL,
         PAD_D, PRECISION, COMPUTE_DK, COMPUTE_DV, BLOCK_M)
     if COMPUTE_DK:
-        dk_offs = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+        dk_offs = b * stride_dkb + h * stride_dkh + offs_n.to(tl.int64)[:, None] * stride_dkn + offs_d[None, :]
         tl.store(DK + dk_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     if COMPUTE_DV:
-        dv_offs = b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :]
+        dv_offs = b * stride_dvb + h * stride_dvh + offs_n.to(tl.int64)[:, None] * stride_dvn + offs_d[None, :]
         tl.store(DV + dv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -348,7 +351,9 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE, Delta, DQ,
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // n_mblocks
-    start_m = pid % n_mblocks
+    # Positions within a sequence are int32 (Lq, Lk < 2**31), so the loops' indices and tests are
+    # 32-bit; offsets that multiply strides are int64.
+    start_m = (pid % n_mblocks).to(tl.int32)
     b = bh // H
     h = bh % H
     m0 = start_m * BLOCK_M
@@ -356,14 +361,16 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE, Delta, DQ,
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    m_ok = offs_m < Lq
-    qd_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=qd_mask, other=0.0)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0)
+    # Query rows past Lq repeat row Lq - 1 (no row predicate held through the loop: fewer live
+    # registers); their rows of dQ are never stored, and no other row depends on them.
+    rows = tl.minimum(offs_m, Lq - 1)
+    rows64 = rows.to(tl.int64)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   rows, Lq, d_ok, False, PAD_D)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    rows, Lq, d_ok, False, PAD_D)
+    lse = tl.load(LSE + bh * Lq + rows)
+    delta = tl.load(Delta + bh * Lq + rows)
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     mask_base = Mask + b * stride_mask_b + h * stride_mask_h
@@ -381,8 +388,8 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, LSE, Delta, DQ,
     dq, k_ptrs, v_ptrs = _dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, mask_base, offs_m, offs_n0, d_ok,
                                    stride_kn, stride_vn, stride_mask_q, stride_mask_k, Lq, Lk, qk_scale, full_end, hi,
                                    MASK_KIND, True, IS_CAUSAL, PAD_D, PRECISION, BLOCK_N)
-    dq_offs = b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
-    tl.store(DQ + dq_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    dq_offs = b * stride_dqb + h * stride_dqh + offs_m.to(tl.int64)[:, None] * stride_dqm + offs_d[None, :]
+    tl.store(DQ + dq_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_m < Lq)[:, None] & d_ok[None, :])
 
 
 # --------------------------------------------------------------------------- tuning tables
@@ -414,14 +421,16 @@ FP32 = {
     "dkdv": [Tile(16, 32, 4, 2), Tile(16, 64, 4, 2)],
     "dq": [Tile(32, 16, 4, 2), Tile(64, 16, 4, 2)],
 }
-FP32_D128 = {kind: table[:1] for kind, table in FP32.items()}
+# Head dim 128: the interpreter's tiles, but dQ on 8 warps: 32x16 on 4 warps spills on sm_90 (the
+# audit's dq_float32_d128_m32_n16_w4_s2: 255 registers and 384 B of stack; 74-128 registers on 8 warps).
+FP32_D128 = {"fwd": FP32["fwd"][:1], "dkdv": FP32["dkdv"][:1], "dq": [Tile(32, 16, 8, 2)]}
 PRE_BLOCK_M, PRE_WARPS = 64, 4  # the preprocess kernel: one fixed launch shape
 TUNE_KEY = ["TUNE_LQ", "TUNE_LK", "HEAD_DIM", "MASK_KIND", "IS_CAUSAL"]
 
 
 def tile_table(kind: str) -> list[Tile]:
     """Every tile the autotuner of kernel `kind` ("fwd", "dkdv", "dq") knows, the interpreter's first."""
-    return list(dict.fromkeys([INTERPRETER[kind], *HALF[kind], *FP32[kind]]))
+    return list(dict.fromkeys([INTERPRETER[kind], *HALF[kind], *FP32[kind], *FP32_D128[kind]]))
 
 
 def block_d(head_dim: int) -> int:

@@ -10,14 +10,14 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from gpudl.kernels.max_pool2d_triton import (  # noqa: F401  (the autotuned kernels, found here by the tests)
-    _BWD_BLOCK,
-    _BWD_WARPS,
+    BWD_WARPS,
     PLANE_TILE_COLS,
     PLANE_TILE_ROWS,
     PLANE_TILE_WARPS,
     _max_pool2d_bwd_kernel,
     _max_pool2d_fwd_kernel,
     _max_pool2d_fwd_plane_kernel,
+    bwd_block,
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
@@ -91,12 +91,13 @@ def _max_pool2d_backward(gy, idx, x_shape, channels_last, kernel_size, stride, p
     if gy.numel() == 0:
         return dx.zero_()
     h_out, w_out = gy.shape[2], gy.shape[3]
-    wrap_triton(_max_pool2d_bwd_kernel)[(triton.cdiv(total, _BWD_BLOCK),)](
+    block = bwd_block(channels_last, dx.element_size())
+    wrap_triton(_max_pool2d_bwd_kernel)[(triton.cdiv(total, block),)](
         gy, idx, dx,
         c, h, w, h_out, w_out, total,
         *gy.stride(), *idx.stride(), *dx.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kernel_size[0], KW=kernel_size[1], CHANNELS_LAST=channels_last, BLOCK=_BWD_BLOCK, num_warps=_BWD_WARPS,
+        KH=kernel_size[0], KW=kernel_size[1], CHANNELS_LAST=channels_last, BLOCK=block, num_warps=BWD_WARPS,
     )
     return dx
 

@@ -9,15 +9,15 @@ import triton
 from gpudl.kernels._common import triton_dtype
 from gpudl.kernels.max_pool2d import max_pool2d, pool_output_size, unsupported
 from gpudl.kernels.max_pool2d_triton import (
-    _BWD_BLOCK,
-    _BWD_WARPS,
     _FWD_CONFIGS,
+    BWD_WARPS,
     PLANE_TILE_COLS,
     PLANE_TILE_ROWS,
     PLANE_TILE_WARPS,
     _max_pool2d_bwd_kernel,
     _max_pool2d_fwd_kernel,
     _max_pool2d_fwd_plane_kernel,
+    bwd_block,
 )
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
 
@@ -68,11 +68,12 @@ def _compile_variants():
                 variants.append(CompileVariant(f"fwd-{label}-{layout}-b{config.kwargs['BLOCK']}-w{config.num_warps}",
                                                fn, signature, constexprs, config.num_warps, config.num_stages))
             fn = _max_pool2d_bwd_kernel
-            constexprs = {"KH": 3, "KW": 3, "CHANNELS_LAST": channels_last, "BLOCK": _BWD_BLOCK}
+            block = bwd_block(channels_last, torch.tensor([], dtype=dtype).element_size())
+            constexprs = {"KH": 3, "KW": 3, "CHANNELS_LAST": channels_last, "BLOCK": block}
             signature = {a: "constexpr" if a in constexprs else ptr if a in ("gy_ptr", "dx_ptr") else
                          "*i32" if a == "idx_ptr" else "i32" for a in fn.arg_names}
-            variants.append(CompileVariant(f"bwd-{label}-{layout}-b{_BWD_BLOCK}-w{_BWD_WARPS}", fn, signature,
-                                           constexprs, _BWD_WARPS))
+            variants.append(CompileVariant(f"bwd-{label}-{layout}-b{block}-w{BWD_WARPS}", fn, signature,
+                                           constexprs, BWD_WARPS))
         # The NCHW forward at its full tile, for the ResNet stem (3x3 stride 2) and LeNet's 2x2 stride 2.
         fn = _max_pool2d_fwd_plane_kernel
         for k in (3, 2):

@@ -30,9 +30,16 @@ _FWD_CONFIGS = [
 # The NCHW forward: output tiles of one plane, 8 rows x 64 columns (a 3x3 stride-2 tile reads a
 # 17 x 129 region: about 6% more than its share of the plane, the halo).
 PLANE_TILE_ROWS, PLANE_TILE_COLS, PLANE_TILE_WARPS = 8, 64, 4
-# The backward: elementwise over the input, one fixed config.
-_BWD_BLOCK, _BWD_WARPS = 1024, 8  # 4 warps spilled (int64 window coordinates, 8 elements a thread)
+# The backward: elementwise over the input, 8 warps. channels_last: 16 bytes of each stream a
+# thread (4 fp32, 8 bf16/fp16: 128-bit accesses, the audit's 128-bit rule); NCHW: 4 elements a
+# thread (each element gathers windows of its own; 8 a thread spill, see the audit).
+BWD_WARPS = 8
 
+
+def bwd_block(channels_last: bool, element_size: int) -> int:
+    """The backward's BLOCK (elements of dx per program) for a layout and element size."""
+    per_thread = max(16 // element_size, 1) if channels_last else 4
+    return per_thread * 32 * BWD_WARPS
 
 @triton.jit
 def _output_coords(offs, C, H_OUT, W_OUT, CHANNELS_LAST: tl.constexpr):
@@ -102,12 +109,21 @@ def _max_pool2d_bwd_kernel(
     """BLOCK elements of dx; TOTAL = N * C * H * W. Each input element gathers the gradients of
     the windows whose argmax it is: for every tap (kh, kw) the one window that could hold it at
     that tap, in a fixed order. No atomics, no zeroed buffer: deterministic, and written once in
-    dx's dtype."""
+    dx's dtype.
+
+    channels_last: neighbouring elements are neighbouring channels of one pixel, so they share
+    their windows: the index and the gradient are loaded for every valid window (one predicate per
+    pixel, so the loads are vectors of 8 channels), and the gradient is kept where the argmax is
+    this element. NCHW: neighbouring elements have different windows; the gradient is loaded only
+    where the argmax is this element."""
     ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < TOTAL
     n, c, ih, iw = _output_coords(offs, C, H, W, CHANNELS_LAST)  # coordinates in x's plane
-    me = (ih * W + iw).to(tl.int32)
+    # Plane coordinates in int32 (H * W < 2**31, see `unsupported`): fewer registers per element.
+    ih = ih.to(tl.int32)
+    iw = iw.to(tl.int32)
+    me = ih * W + iw
     g_base = gy_ptr + n * sg_n + c * sg_c
     i_base = idx_ptr + n * si_n + c * si_c
     acc = tl.zeros((BLOCK,), ACC)
@@ -118,15 +134,21 @@ def _max_pool2d_bwd_kernel(
         oh_s = ih + PAD_H - kh * DIL_H  # = oh * STRIDE_H for the window holding ih at tap kh
         oh = oh_s // STRIDE_H
         row_ok = mask & (oh_s >= 0) & (oh_s % STRIDE_H == 0) & (oh < H_OUT)
+        oh = oh.to(tl.int64)
         for tap_w in tl.static_range(KW):
             kw = KW - 1 - tap_w
             ow_s = iw + PAD_W - kw * DIL_W
             ow = ow_s // STRIDE_W
             ok = row_ok & (ow_s >= 0) & (ow_s % STRIDE_W == 0) & (ow < W_OUT)
+            ow = ow.to(tl.int64)
             argmax = tl.load(i_base + oh * si_h + ow * si_w, mask=ok, other=-1)
-            hit = ok & (argmax == me)
-            acc += tl.load(g_base + oh * sg_h + ow * sg_w, mask=hit, other=0.0).to(ACC)
-    tl.store(dx_ptr + n * sd_n + c * sd_c + ih * sd_h + iw * sd_w, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            if CHANNELS_LAST:
+                g = tl.load(g_base + oh * sg_h + ow * sg_w, mask=ok, other=0.0)
+                acc += tl.where(argmax == me, g.to(ACC), 0.0)
+            else:
+                acc += tl.load(g_base + oh * sg_h + ow * sg_w, mask=ok & (argmax == me), other=0.0).to(ACC)
+    dx_offs = n * sd_n + c * sd_c + ih.to(tl.int64) * sd_h + iw.to(tl.int64) * sd_w
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
