@@ -32,7 +32,8 @@ _FWD_CONFIGS = [
 PLANE_TILE_ROWS, PLANE_TILE_COLS, PLANE_TILE_WARPS = 8, 64, 4
 # The backward: elementwise over the input, 8 warps. channels_last: 16 bytes of each stream a
 # thread (4 fp32, 8 bf16/fp16: 128-bit accesses, the audit's 128-bit rule); NCHW: 4 elements a
-# thread (each element gathers windows of its own; 8 a thread spill, see the audit).
+# thread (each element gathers windows of its own; 8 a thread spilled 152-424 bytes when compiled
+# for sm_80/sm_90, see docs/kernels/convolution.md).
 BWD_WARPS = 8
 
 
@@ -40,6 +41,7 @@ def bwd_block(channels_last: bool, element_size: int) -> int:
     """The backward's BLOCK (elements of dx per program) for a layout and element size."""
     per_thread = max(16 // element_size, 1) if channels_last else 4
     return per_thread * 32 * BWD_WARPS
+
 
 @triton.jit
 def _output_coords(offs, C, H_OUT, W_OUT, CHANNELS_LAST: tl.constexpr):
@@ -113,8 +115,8 @@ def _max_pool2d_bwd_kernel(
 
     channels_last: neighbouring elements are neighbouring channels of one pixel, so they share
     their windows: the index and the gradient are loaded for every valid window (one predicate per
-    pixel, so the loads are vectors of 8 channels), and the gradient is kept where the argmax is
-    this element. NCHW: neighbouring elements have different windows; the gradient is loaded only
+    pixel, so the loads are 16-byte vectors of channels), and the gradient is kept where the
+    argmax is this element. NCHW: neighbouring elements have different windows; the gradient is loaded only
     where the argmax is this element."""
     ACC: tl.constexpr = tl.float64 if dx_ptr.dtype.element_ty == tl.float64 else tl.float32
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
