@@ -53,6 +53,7 @@ from gpudl.kernels.linear_triton import (
     _activation_backward_kernel,
     _column_sum_kernel,
     matmul,
+    uses_tensor_cores,
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
@@ -113,13 +114,23 @@ def _install_descriptor_allocator() -> None:
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: str = "none", dy=None):
     """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]), or, given dy [M, N] (c's strides),
-    c = act'(a @ b + bias) * dy. a, b may be any strided views (transposes included)."""
+    c = act'(a @ b + bias) * dy. a, b may be any strided views (transposes included).
+
+    Operand tiles come through tensor descriptors where the TMA can address both operands and the
+    products run on tensor cores. IEEE fp32 and fp64 products run on the FMA units, which read
+    each operand element from shared memory on their own: the TMA's swizzled tiles buy them
+    nothing and cost registers (sm_90, descriptors: every IEEE tile with K steps of 32 spilled, those
+    of 8 take 235-254 registers against 124-181 with pointers; see the audit), so they take the
+    pointer loads on a GPU. The interpreter (no TMA, no FMA units) takes the descriptors
+    wherever they can address the operands, so the tests run that path in fp32."""
     M, K = a.shape
     N = b.shape[1]
     if c.numel() == 0:
         return c
     a_major, b_major = _major(a), _major(b)
-    descriptors = K > 0 and _descriptor_ready(a, a_major) and _descriptor_ready(b, b_major)
+    precision = _input_precision(c.dtype)
+    descriptors = (K > 0 and _descriptor_ready(a, a_major) and _descriptor_ready(b, b_major)
+                   and (uses_tensor_cores(c.element_size(), precision) or c.device.type != "cuda"))
     if K == 0:
         # Empty operands are never read (the K loop runs zero times); a null data pointer may be
         # refused by the launcher, so pass the output's instead.
@@ -145,7 +156,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         A_MAJOR=a_major or "neither",
         B_MAJOR=b_major or "neither",
         ACC_DTYPE=tl_acc(c.dtype),
-        INPUT_PRECISION=_input_precision(c.dtype),
+        INPUT_PRECISION=precision,
     )
     return c
 
