@@ -426,6 +426,22 @@ def test_persistent_programs_walk_several_tiles(launches):
     assert all(g["grid"][0] <= L.INTERPRETER_PROGRAMS for g in launches.of("_matmul_kernel"))
 
 
+def test_on_a_gpu_only_tensor_core_products_take_descriptors():
+    """IEEE fp32 / fp64 products (FMA units) read through pointers on a GPU; bf16 and TF32 through
+    descriptors; the interpreter takes descriptors wherever they apply, so the tests run them."""
+    def path(dtype, precision, on_gpu):
+        x, w = torch.empty(64, 32, dtype=dtype), torch.empty(48, 32, dtype=dtype)
+        return L._load_path(x, w.t(), "row", "column", precision, on_gpu)
+
+    assert path(torch.float32, "ieee", True) == "pointer"
+    assert path(torch.float64, "ieee", True) == "pointer"
+    assert path(torch.float32, "tf32", True) == "descriptor"
+    assert path(torch.bfloat16, "ieee", True) == "descriptor"
+    assert path(torch.float32, "ieee", False) == "descriptor"
+    ragged = torch.empty(64, 37)
+    assert L._load_path(ragged, torch.empty(48, 37).t(), "row", "column", "tf32", True) == "pointer"
+
+
 def test_gemm_with_no_unit_stride_takes_pointer_loads(launches):
     x = torch.randn(20, 64)[:, ::2].requires_grad_()  # [20, 32], strides (64, 2)
     w = torch.randn(12, 32, requires_grad=True)
