@@ -3,7 +3,9 @@ elementwise activation-gradient kernel, and the column sum of the bias gradient.
 
 `_matmul_kernel` computes C [M, N] = epilogue(A [M, K] @ B [K, N]): persistent over output tiles
 in the grouped order of Triton's matmul tutorials (03, 09), its operand tiles loaded through
-tensor descriptors where the layout allows (pointers otherwise). The three products of a linear
+tensor descriptors where the layout allows and the products run on tensor cores (pointers
+otherwise: kernels/linear.py `_load_path`). Its autotune candidates come from one tile table per
+dtype, product precision and GPU (`tile_table`), each audited free of spills. The three products of a linear
 layer are this one kernel with different strides (see kernels/linear.py).
 
 The epilogue (bias, then the activation, or the activation's gradient times dy) runs once per
