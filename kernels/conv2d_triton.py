@@ -66,6 +66,34 @@ WGRAD_TILES = [
     gemm_tile(256, 128, 32, warps=8, stages=3),
     gemm_tile(128, 256, 32, warps=8, stages=3),
 ]
+
+
+def direct_tile(block_m: int, block_n: int, warps: int) -> triton.Config:
+    """One candidate of a kernel that accumulates on CUDA cores (no K dimension): BLOCK_M rows by
+    BLOCK_N channels."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=1)
+
+
+# Depthwise dgrad (C_in / groups = 1): BLOCK_M input positions x BLOCK_N channels (one per group),
+# channels innermost so that a channels_last row loads as one vector (64 bf16 channels = 128 bytes).
+# Not autotuned: memory-bound, so the launch picks the widest channel tile the groups fill
+# (`depthwise_dgrad_tile`), 2048 accumulators a program.
+DEPTHWISE_DGRAD_TILES = [
+    direct_tile(16, 128, warps=4),
+    direct_tile(32, 64, warps=4),
+    direct_tile(64, 32, warps=4),
+    direct_tile(128, 16, warps=4),
+]
+
+
+def depthwise_dgrad_tile(groups: int) -> triton.Config:
+    """The widest channel tile of DEPTHWISE_DGRAD_TILES that `groups` channels fill (else the narrowest)."""
+    for config in DEPTHWISE_DGRAD_TILES:
+        if config.kwargs["BLOCK_N"] <= groups:
+            return config
+    return DEPTHWISE_DGRAD_TILES[-1]
+
+
 # The elementwise activation-gradient pass and the bias-gradient reduction (memory-bound, one config).
 ACT_GRAD_BLOCK = 1024
 BIAS_GRAD_ROWS, BIAS_GRAD_CHANNELS = 64, 64
@@ -269,6 +297,86 @@ def _conv2d_dgrad_kernel(
         tl.store(z_ptr + dx_offs, acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
     acc = apply_activation(acc, ACTIVATION)
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+
+
+@triton.jit
+def _conv2d_dgrad_depthwise_kernel(
+    gz_ptr, w_ptr, dx_ptr, b_ptr, z_ptr,
+    GROUPS, H, W, H_OUT, W_OUT, H_PHASE, W_PHASE, M_PHASE,
+    sg_n, sg_c, sg_h, sg_w,
+    sw_o, sw_c, sw_h, sw_w,
+    sd_n, sd_c, sd_h, sd_w,
+    PAD_TOP, PAD_LEFT,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, C_OUT_G: tl.constexpr, INDEX_64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dgrad when every group has one input channel (C_in_g = 1: depthwise and channel-multiplier
+    convolutions). Per group the implicit GEMM would have N = 1, a GEMV padded to a tensor-core
+    tile, so this kernel is no GEMM: input channel c = group reads its own C_OUT_G output channels,
+        dx[p, c] = sum over taps, j < C_OUT_G of  gz[p + tap, c * C_OUT_G + j] * w[c * C_OUT_G + j, 0, tap]
+    accumulated on CUDA cores in a [BLOCK_M input positions, BLOCK_N channels] tile (channels
+    innermost: a channels_last gz row is one vector load, and each weight value serves BLOCK_M
+    positions). C_OUT_G (the channel multiplier, 1 for a depthwise convolution) is a constexpr, so
+    the channel offsets are multiples of a constant and the loads of a multiplier-1 layer vectorize.
+    Strides use the phases of `_conv2d_dgrad_kernel`: phase program_id(2) = (ph, pw) takes the taps
+    kh0 + th * TAP_STEP_H (a scalar property), so no tap is masked for missing the stride grid.
+    Addresses are element offsets (int32 unless INDEX_64) added to the base pointer at each access.
+    bias / ACTIVATION / STORE_Z: the transposed convolution's epilogue, as in `_conv2d_dgrad_kernel`."""
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    OH_STEP: tl.constexpr = TAP_STEP_H * DIL_H // STRIDE_H
+    OW_STEP: tl.constexpr = TAP_STEP_W * DIL_W // STRIDE_W
+    IDX: tl.constexpr = tl.int64 if INDEX_64 else tl.int32
+    pid_m = tl.program_id(0).to(IDX)
+    pid_n = tl.program_id(1)
+    phase = tl.program_id(2)
+    ph = phase // STRIDE_W
+    pw = phase % STRIDE_W
+
+    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, DIL_H)
+    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, DIL_W)
+    n_th = (KH - kh0 + TAP_STEP_H - 1) // TAP_STEP_H
+    n_tw = (KW - kw0 + TAP_STEP_W - 1) // TAP_STEP_W
+    q_h0 = (ph + PAD_TOP - kh0 * DIL_H) // STRIDE_H
+    q_w0 = (pw + PAD_LEFT - kw0 * DIL_W) // STRIDE_W
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, j, i = _split_rows(pid_m * BLOCK_M, BLOCK_M, H_PHASE, W_PHASE)
+    m_ok = (offs_m < M_PHASE) & (STRIDE_H * j < H - ph) & (STRIDE_W * i < W - pw)
+    g_rows = n.to(IDX) * sg_n + j.to(IDX) * sg_h + i.to(IDX) * sg_w
+
+    chan = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = chan < GROUPS
+    g_cols = (chan * C_OUT_G).to(IDX) * sg_c  # the group's first output channel
+    w_cols = (chan * C_OUT_G).to(IDX) * sw_o
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for th in range(n_th):
+        q_h = q_h0 - th * OH_STEP
+        h_ok = m_ok & _in_range(j + q_h, H_OUT)
+        w_tap_h = (kh0 + th * TAP_STEP_H) * sw_h
+        for tw in range(n_tw):
+            q_w = q_w0 - tw * OW_STEP
+            row_ok = h_ok & _in_range(i + q_w, W_OUT)
+            g_tap = q_h.to(IDX) * sg_h + q_w.to(IDX) * sg_w
+            w_tap = w_tap_h + (kw0 + tw * TAP_STEP_W) * sw_w
+            for o in tl.static_range(C_OUT_G):
+                g = tl.load(gz_ptr + (g_rows + g_tap)[:, None] + (g_cols + o * sg_c)[None, :],
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + w_cols + (w_tap + o * sw_o), mask=c_ok, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+
+    chan_off = chan.to(IDX) * sd_c
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + chan, mask=c_ok, other=0.0).to(ACC)[None, :]
+    dx_rows = n.to(IDX) * sd_n + (ph + STRIDE_H * j).to(IDX) * sd_h + (pw + STRIDE_W * i).to(IDX) * sd_w
+    dx_mask = m_ok[:, None] & c_ok[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + dx_rows[:, None] + chan_off[None, :], acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
+    acc = apply_activation(acc, ACTIVATION)
+    tl.store(dx_ptr + dx_rows[:, None] + chan_off[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
 @triton.autotune(configs=tuning_configs(WGRAD_TILES), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"])
