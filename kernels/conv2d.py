@@ -14,7 +14,6 @@ Shapes (the normalized arguments of gpudl.reference.conv2d):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -35,6 +34,7 @@ from gpudl.kernels.conv2d_triton import (  # the autotuned kernels are found her
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
     depthwise_dgrad_tile,
+    tap_steps,
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
@@ -160,8 +160,7 @@ def _conv2d_dgrad(gz, w, dx, stride, padding, dilation, groups, bias=None, act="
     m_phase = n * h_phase * w_phase
     phases = stride[0] * stride[1]
     shared = dict(**_geometry(stride, dilation, kh, kw, gz, w, dx),
-                  TAP_STEP_H=stride[0] // math.gcd(stride[0], dilation[0]),
-                  TAP_STEP_W=stride[1] // math.gcd(stride[1], dilation[1]),
+                  **tap_steps(stride, dilation),
                   HAS_BIAS=bias is not None, ACTIVATION=act, STORE_Z=z is not None)
     epilogue = (bias if bias is not None else w, z if z is not None else dx)
     if c_in_g == 1:

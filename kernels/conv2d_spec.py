@@ -23,6 +23,8 @@ from gpudl.kernels.conv2d_triton import (
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
+    for_operands,
+    tap_steps,
 )
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
 
@@ -131,14 +133,14 @@ def _compile_variants():
         for stride, tiles in ((1, DGRAD_TILES), (2, DGRAD_TILES[:1])):
             for config in tiles:
                 variants.append(_variant(_conv2d_dgrad_kernel, f"dgrad-s{stride}", config, dtype,
-                                         {**dgrad, **geometry(stride), "TAP_STEP_H": stride, "TAP_STEP_W": stride}))
+                                         {**dgrad, **geometry(stride), **tap_steps((stride, stride), (1, 1))}))
         # Depthwise dgrad (C_in_g = 1): every tile at stride 1, the first at stride 2.
         for stride, tiles in ((1, DEPTHWISE_DGRAD_TILES), (2, DEPTHWISE_DGRAD_TILES[:1])):
             for config in tiles:
                 variants.append(depthwise_variant(f"dgrad_dw-s{stride}", config, dtype, {
-                    **geometry(stride), "TAP_STEP_H": stride, "TAP_STEP_W": stride, "C_OUT_G": 1,
+                    **geometry(stride), **tap_steps((stride, stride), (1, 1)), "C_OUT_G": 1,
                     "HAS_BIAS": False, "ACTIVATION": "none", "STORE_Z": False}))
-        for stride, tiles in ((1, WGRAD_TILES), (2, WGRAD_TILES[:1])):
+        for stride, tiles in ((1, for_operands(WGRAD_TILES, dtype)), (2, WGRAD_TILES[:1])):
             for config in tiles:
                 variants.append(_variant(_conv2d_wgrad_kernel, f"wgrad-s{stride}", config, dtype,
                                          {"INPUT_PRECISION": precision, **geometry(stride)}, acc_ptrs=("dw_ptr",)))

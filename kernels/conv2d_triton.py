@@ -33,6 +33,9 @@ otherwise; fp64 (gradcheck) accumulates in fp64, everything else in fp32.
 
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -55,13 +58,33 @@ DGRAD_TILES = [
     gemm_tile(64, 128, 32, warps=4, stages=4),
     gemm_tile(256, 64, 32, warps=8, stages=3),
 ]
+def half_precision_only(config: triton.Config) -> triton.Config:
+    """Marks a tile as a candidate for 16-bit operands only (`for_operands` leaves it out for fp32)."""
+    config.half_precision_only = True
+    return config
+
+
+def for_operands(configs, dtype) -> list:
+    """The candidates of a tile table for operands of `dtype`."""
+    wide = dtype in (torch.float32, torch.float64)
+    return [c for c in configs if not (wide and getattr(c, "half_precision_only", False))]
+
+
+def _prune_by_operand_dtype(configs, named_args, **kwargs):
+    """The autotuner's early prune: `for_operands` of the launch's operand dtype (its first pointer)."""
+    first = next(v for k, v in named_args.items() if k.endswith("_ptr"))
+    return for_operands(configs, first.dtype) or configs[:1]
+
+
 # wgrad: BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per K step.
 # Its rows cost more per K step than a GEMM's (coordinates, masks and two offsets per row), so its
 # tiles are the wide ones, whose modeled tensor-core bound matches a plain GEMM's; 64-wide tiles
 # model at 0.5-0.7x of it (hot-loop counts in docs/kernels/convolution.md).
 WGRAD_TILES = [
     gemm_tile(128, 128, 32, warps=8, stages=3),
-    gemm_tile(128, 128, 32, warps=4, stages=3),
+    # 16-bit operands only: with fp32 (TF32) operands its 128 fp32 accumulators a thread beside the
+    # fp32 operand fragments spill on sm_80 (the audit); fp32 runs the 8-warp tile above instead.
+    half_precision_only(gemm_tile(128, 128, 32, warps=4, stages=3)),
     gemm_tile(128, 128, 64, warps=8, stages=2),
     gemm_tile(256, 128, 32, warps=8, stages=3),
     gemm_tile(128, 256, 32, warps=8, stages=3),
@@ -196,14 +219,27 @@ def _conv2d_fwd_kernel(
     tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def tap_steps(stride, dilation) -> dict:
+    """The dgrad kernels' tap constexprs per axis: TAP_STEP = s / gcd(s, d) (the taps a phase takes
+    are TAP_STEP apart) and TAP_INV, the inverse of d / gcd(s, d) modulo TAP_STEP (0 when TAP_STEP is 1)."""
+    out = {}
+    for axis, s, d in (("H", stride[0], dilation[0]), ("W", stride[1], dilation[1])):
+        step = s // math.gcd(s, d)
+        out[f"TAP_STEP_{axis}"] = step
+        out[f"TAP_INV_{axis}"] = pow(d // math.gcd(s, d), -1, step) if step > 1 else 0
+    return out
+
+
 @triton.jit
-def _first_tap(PHASE_OFFSET, K: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr):
-    """The smallest tap k in [0, K) with (PHASE_OFFSET - k * DIL) divisible by STRIDE, or K if none."""
-    first = PHASE_OFFSET * 0 + K
-    for j in tl.static_range(K):
-        k = K - 1 - j  # descending: the smallest match is written last
-        first = tl.where((PHASE_OFFSET - k * DIL) % STRIDE == 0, k, first)
-    return first
+def _first_tap(PHASE_OFFSET, K: tl.constexpr, STRIDE: tl.constexpr, STEP: tl.constexpr, INV: tl.constexpr):
+    """The smallest tap k in [0, K) with k * DIL = PHASE_OFFSET (mod STRIDE), or K if none, for a
+    PHASE_OFFSET >= 0. With g = gcd(STRIDE, DIL) = STRIDE / STEP: a tap exists when g divides the
+    offset, and k = (PHASE_OFFSET / g) * INV mod STEP (INV = (DIL / g)^-1 mod STEP, `tap_steps`).
+    Closed form: a chain of selects over the K taps became a lookup table in local memory (a stack
+    frame on sm_90, see the audit)."""
+    G: tl.constexpr = STRIDE // STEP
+    k0 = (PHASE_OFFSET // G * INV) % STEP
+    return tl.where((PHASE_OFFSET % G == 0) & (k0 < K), k0, K)
 
 
 @triton.autotune(configs=tuning_configs(DGRAD_TILES), key=["M_PHASE", "C_IN_G", "C_OUT_G", "K_TOTAL"])
@@ -216,7 +252,7 @@ def _conv2d_dgrad_kernel(
     sd_n, sd_c, sd_h, sd_w,
     PAD_TOP, PAD_LEFT,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr,
+    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr, TAP_INV_H: tl.constexpr, TAP_INV_W: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, INDEX_64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -242,8 +278,8 @@ def _conv2d_dgrad_kernel(
     pw = phase % STRIDE_W
 
     # The taps this phase takes: kh = kh0 + th * TAP_STEP_H for th < n_th (and likewise kw).
-    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, DIL_H)
-    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, DIL_W)
+    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, TAP_STEP_H, TAP_INV_H)
+    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, TAP_STEP_W, TAP_INV_W)
     n_th = (KH - kh0 + TAP_STEP_H - 1) // TAP_STEP_H
     n_tw = (KW - kw0 + TAP_STEP_W - 1) // TAP_STEP_W
     q_h0 = (ph + PAD_TOP - kh0 * DIL_H) // STRIDE_H  # oh - j at tap kh0 (an exact division)
@@ -254,8 +290,12 @@ def _conv2d_dgrad_kernel(
     ih = ph + STRIDE_H * j
     iw = pw + STRIDE_W * i
     m_ok = (offs_m < M_PHASE) & (ih < H) & (iw < W)
-    g_rows = (gz_ptr + group * C_OUT_G * sg_c + n.to(IDX) * sg_n + j.to(IDX) * sg_h
-              + i.to(IDX) * sg_w)  # output row (j, i): the tap's scalar offset is added per K step
+    # Element offsets (IDX), not pointers: half the registers per row through the K loop. The
+    # epilogue's row offsets are made here too, so n, ih, iw are dead in the loop (kept live, the
+    # fp32 128x64 tile spilled them on sm_80: see the audit).
+    gz_ptr += group * C_OUT_G * sg_c
+    g_rows = n.to(IDX) * sg_n + j.to(IDX) * sg_h + i.to(IDX) * sg_w  # output row (j, i); + the tap per K step
+    dx_rows = n.to(IDX) * sd_n + ih.to(IDX) * sd_h + iw.to(IDX) * sd_w
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = offs_c < C_IN_G
@@ -274,7 +314,7 @@ def _conv2d_dgrad_kernel(
         o = o0 + offs_k
         o_ok = o < C_OUT_G
         g_tap = q_h.to(IDX) * sg_h + q_w.to(IDX) * sg_w
-        g = tl.load(g_rows[:, None] + (g_tap + o.to(IDX) * sg_c)[None, :],
+        g = tl.load(gz_ptr + (g_rows[:, None] + (g_tap + o.to(IDX) * sg_c)[None, :]),
                     mask=row_ok[:, None] & o_ok[None, :], other=0.0)
         w_tap = (kh0 + th * TAP_STEP_H) * sw_h + (kw0 + tw * TAP_STEP_W) * sw_w
         b = tl.load(w_cols[None, :] + (w_tap + o * sw_o)[:, None], mask=o_ok[:, None] & c_ok[None, :], other=0.0)
@@ -290,13 +330,12 @@ def _conv2d_dgrad_kernel(
     chan_c = group * C_IN_G + offs_c
     if HAS_BIAS:
         acc += tl.load(b_ptr + chan_c, mask=c_ok, other=0.0).to(ACC)[None, :]
-    dx_offs = ((n.to(IDX) * sd_n + ih.to(IDX) * sd_h + iw.to(IDX) * sd_w)[:, None]
-               + (chan_c * sd_c)[None, :])
+    dx_offs = dx_rows[:, None] + (chan_c * sd_c)[None, :]
     dx_mask = m_ok[:, None] & c_ok[None, :]
+    out = apply_activation(acc, ACTIVATION).to(dx_ptr.dtype.element_ty)
     if STORE_Z:
         tl.store(z_ptr + dx_offs, acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
-    acc = apply_activation(acc, ACTIVATION)
-    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    tl.store(dx_ptr + dx_offs, out, mask=dx_mask)
 
 
 @triton.jit
@@ -308,7 +347,7 @@ def _conv2d_dgrad_depthwise_kernel(
     sd_n, sd_c, sd_h, sd_w,
     PAD_TOP, PAD_LEFT,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr,
+    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr, TAP_INV_H: tl.constexpr, TAP_INV_W: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, C_OUT_G: tl.constexpr, INDEX_64: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -335,8 +374,8 @@ def _conv2d_dgrad_depthwise_kernel(
     ph = phase // STRIDE_W
     pw = phase % STRIDE_W
 
-    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, DIL_H)
-    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, DIL_W)
+    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, TAP_STEP_H, TAP_INV_H)
+    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, TAP_STEP_W, TAP_INV_W)
     n_th = (KH - kh0 + TAP_STEP_H - 1) // TAP_STEP_H
     n_tw = (KW - kw0 + TAP_STEP_W - 1) // TAP_STEP_W
     q_h0 = (ph + PAD_TOP - kh0 * DIL_H) // STRIDE_H
@@ -379,7 +418,8 @@ def _conv2d_dgrad_depthwise_kernel(
     tl.store(dx_ptr + dx_rows[:, None] + chan_off[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.autotune(configs=tuning_configs(WGRAD_TILES), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"])
+@triton.autotune(configs=tuning_configs(WGRAD_TILES), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_by_operand_dtype})
 @triton.jit
 def _conv2d_wgrad_kernel(
     gz_ptr, x_ptr, dw_ptr,
@@ -414,8 +454,9 @@ def _conv2d_wgrad_kernel(
     kw = tap - kh * KW
     c = (pid_k - tap * c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = c < C_IN_G
-    x_chan = x_ptr + (group * C_IN_G + c) * sx_c  # [BLOCK_N] pointers
-    g_chan = gz_ptr + chan_o * sg_c  # [BLOCK_M] pointers
+    # Element offsets (IDX) rather than pointers: half the registers through the K loop.
+    x_chan = (group * C_IN_G + c).to(IDX) * sx_c  # [BLOCK_N]
+    g_chan = chan_o.to(IDX) * sg_c  # [BLOCK_M]
     h_off = kh * DIL_H - PAD_TOP  # ih = oh * sH + h_off
     w_off = kw * DIL_W - PAD_LEFT
 
@@ -442,10 +483,10 @@ def _conv2d_wgrad_kernel(
         # Both tiles are loaded [channels, rows], so the rows' offsets and masks serve both.
         m_ok = offs_m < m_end
         g_rows = n.to(IDX) * sg_n + oh.to(IDX) * sg_h + ow.to(IDX) * sg_w
-        g = tl.load(g_chan[:, None] + g_rows[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0.0)
+        g = tl.load(gz_ptr + (g_chan[:, None] + g_rows[None, :]), mask=o_ok[:, None] & m_ok[None, :], other=0.0)
         row_ok = m_ok & _in_range(oh - lo_h, count_h) & _in_range(ow - lo_w, count_w)
         x_rows = n.to(IDX) * sx_n + oh.to(IDX) * xs_h + ow.to(IDX) * xs_w
-        xt = tl.load(x_chan[:, None] + x_rows[None, :], mask=c_ok[:, None] & row_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + (x_chan[:, None] + x_rows[None, :]), mask=c_ok[:, None] & row_ok[None, :], other=0.0)
         acc = tl.dot(g, tl.trans(xt), acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
         offs_m += BLOCK_K
         ow += step_w

@@ -16,6 +16,7 @@ from gpudl.kernels.conv2d_triton import (
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
+    tap_steps,
 )
 from gpudl.kernels.conv_transpose2d import _output_shape, conv_transpose2d, unsupported
 from gpudl.kernels.registry import Case, KernelSpec, register
@@ -58,11 +59,11 @@ def _compile_variants():
         # forward: the dgrad kernel with the full epilogue (bias, activation, z for gelu), every tile
         for config in DGRAD_TILES:
             variants.append(_conv_spec._variant(_conv2d_dgrad_kernel, "fwd", config, dtype, {
-                **geometry, "TAP_STEP_H": 2, "TAP_STEP_W": 2, "INPUT_PRECISION": precision, "HAS_BIAS": True,
+                **geometry, **tap_steps((2, 2), (1, 1)), "INPUT_PRECISION": precision, "HAS_BIAS": True,
                 "ACTIVATION": act, "STORE_Z": act == "gelu"}))
         # forward with C_out / groups = 1: the depthwise dgrad kernel with the same epilogue
         variants.append(_conv_spec.depthwise_variant("fwd_dw", DEPTHWISE_DGRAD_TILES[0], dtype, {
-            **geometry, "TAP_STEP_H": 2, "TAP_STEP_W": 2, "C_OUT_G": 1, "HAS_BIAS": True,
+            **geometry, **tap_steps((2, 2), (1, 1)), "C_OUT_G": 1, "HAS_BIAS": True,
             "ACTIVATION": act, "STORE_Z": act == "gelu"}))
         # dx and dw: conv2d's kernels, whose every tile conv2d's spec compiles; here the first tile,
         # with this op's geometry. (dz and db are conv2d's elementwise kernels, compiled there.)
