@@ -130,7 +130,7 @@ def _compile_variants():
                 variants.append(_variant(_conv2d_fwd_kernel, f"fwd-s{stride}", config, dtype,
                                          {**fwd, **geometry(stride)}))
         dgrad = {"INPUT_PRECISION": precision, "HAS_BIAS": False, "ACTIVATION": "none", "STORE_Z": False}
-        for stride, tiles in ((1, DGRAD_TILES), (2, DGRAD_TILES[:1])):
+        for stride, tiles in ((1, for_operands(DGRAD_TILES, dtype)), (2, for_operands(DGRAD_TILES, dtype)[:1])):
             for config in tiles:
                 variants.append(_variant(_conv2d_dgrad_kernel, f"dgrad-s{stride}", config, dtype,
                                          {**dgrad, **geometry(stride), **tap_steps((stride, stride), (1, 1))}))

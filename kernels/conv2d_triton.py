@@ -41,23 +41,7 @@ import triton.language as tl
 
 from gpudl.kernels._common import activation_grad_from_saved, apply_activation, gemm_tile, tuning_configs
 
-# The first tile of each table is the one the interpreter runs. The others are the GPU candidates
-# (the shapes of Triton's matmul tutorial), each within sm_80's shared memory in fp32 too and free of
-# spills (the compile check and the audit, bench_results/audit/).
-FWD_TILES = [
-    gemm_tile(128, 64, 32, warps=4, stages=3),
-    gemm_tile(128, 128, 32, warps=8, stages=3),
-    gemm_tile(128, 64, 64, warps=8, stages=3),
-    gemm_tile(64, 128, 32, warps=4, stages=4),
-    gemm_tile(256, 64, 32, warps=8, stages=3),
-]
-DGRAD_TILES = [
-    gemm_tile(128, 64, 32, warps=4, stages=3),
-    gemm_tile(128, 128, 32, warps=8, stages=3),
-    gemm_tile(128, 64, 64, warps=8, stages=3),
-    gemm_tile(64, 128, 32, warps=4, stages=4),
-    gemm_tile(256, 64, 32, warps=8, stages=3),
-]
+
 def half_precision_only(config: triton.Config) -> triton.Config:
     """Marks a tile as a candidate for 16-bit operands only (`for_operands` leaves it out for fp32)."""
     config.half_precision_only = True
@@ -76,6 +60,26 @@ def _prune_by_operand_dtype(configs, named_args, **kwargs):
     return for_operands(configs, first.dtype) or configs[:1]
 
 
+# The first tile of each table is the one the interpreter runs. The others are the GPU candidates
+# (the shapes of Triton's matmul tutorial), each within sm_80's shared memory in fp32 too and free of
+# spills for the operands it is a candidate for (`for_operands`; the compile check and the audit,
+# bench_results/audit/).
+FWD_TILES = [
+    gemm_tile(128, 64, 32, warps=4, stages=3),
+    gemm_tile(128, 128, 32, warps=8, stages=3),
+    gemm_tile(128, 64, 64, warps=8, stages=3),
+    gemm_tile(64, 128, 32, warps=4, stages=4),
+    gemm_tile(256, 64, 32, warps=8, stages=3),
+]
+DGRAD_TILES = [
+    # 16-bit operands only (and the interpreter's): with fp32 (TF32) operands it spills on sm_80
+    # (the audit); fp32 runs 128x64x64 on 8 warps for the same output tile.
+    half_precision_only(gemm_tile(128, 64, 32, warps=4, stages=3)),
+    gemm_tile(128, 128, 32, warps=8, stages=3),
+    gemm_tile(128, 64, 64, warps=8, stages=3),
+    gemm_tile(64, 128, 32, warps=4, stages=4),
+    gemm_tile(256, 64, 32, warps=8, stages=3),
+]
 # wgrad: BLOCK_M output channels x BLOCK_N input channels of one tap, BLOCK_K rows per K step.
 # Its rows cost more per K step than a GEMM's (coordinates, masks and two offsets per row), so its
 # tiles are the wide ones, whose modeled tensor-core bound matches a plain GEMM's; 64-wide tiles
@@ -242,7 +246,8 @@ def _first_tap(PHASE_OFFSET, K: tl.constexpr, STRIDE: tl.constexpr, STEP: tl.con
     return tl.where((PHASE_OFFSET % G == 0) & (k0 < K), k0, K)
 
 
-@triton.autotune(configs=tuning_configs(DGRAD_TILES), key=["M_PHASE", "C_IN_G", "C_OUT_G", "K_TOTAL"])
+@triton.autotune(configs=tuning_configs(DGRAD_TILES), key=["M_PHASE", "C_IN_G", "C_OUT_G", "K_TOTAL"],
+                 prune_configs_by={"early_config_prune": _prune_by_operand_dtype})
 @triton.jit
 def _conv2d_dgrad_kernel(
     gz_ptr, w_ptr, dx_ptr, b_ptr, z_ptr,
@@ -290,11 +295,10 @@ def _conv2d_dgrad_kernel(
     ih = ph + STRIDE_H * j
     iw = pw + STRIDE_W * i
     m_ok = (offs_m < M_PHASE) & (ih < H) & (iw < W)
-    # Element offsets (IDX), not pointers: half the registers per row through the K loop. The
-    # epilogue's row offsets are made here too, so n, ih, iw are dead in the loop (kept live, the
-    # fp32 128x64 tile spilled them on sm_80: see the audit).
-    gz_ptr += group * C_OUT_G * sg_c
-    g_rows = n.to(IDX) * sg_n + j.to(IDX) * sg_h + i.to(IDX) * sg_w  # output row (j, i); + the tap per K step
+    g_rows = (gz_ptr + group * C_OUT_G * sg_c + n.to(IDX) * sg_n + j.to(IDX) * sg_h
+              + i.to(IDX) * sg_w)  # output row (j, i): the tap's scalar offset is added per K step
+    # The epilogue's row offsets, made here so that n, ih, iw are dead in the K loop (kept live
+    # through it, the fp32 128x64 tile spilled them on sm_80: see the audit).
     dx_rows = n.to(IDX) * sd_n + ih.to(IDX) * sd_h + iw.to(IDX) * sd_w
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,7 +318,7 @@ def _conv2d_dgrad_kernel(
         o = o0 + offs_k
         o_ok = o < C_OUT_G
         g_tap = q_h.to(IDX) * sg_h + q_w.to(IDX) * sg_w
-        g = tl.load(gz_ptr + (g_rows[:, None] + (g_tap + o.to(IDX) * sg_c)[None, :]),
+        g = tl.load(g_rows[:, None] + (g_tap + o.to(IDX) * sg_c)[None, :],
                     mask=row_ok[:, None] & o_ok[None, :], other=0.0)
         w_tap = (kh0 + th * TAP_STEP_H) * sw_h + (kw0 + tw * TAP_STEP_W) * sw_w
         b = tl.load(w_cols[None, :] + (w_tap + o * sw_o)[:, None], mask=o_ok[:, None] & c_ok[None, :], other=0.0)

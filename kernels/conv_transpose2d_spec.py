@@ -57,7 +57,7 @@ def _compile_variants():
         # The DCGAN layer: kernel 4, stride 2 (two taps per phase and axis).
         geometry = {**_conv_spec.geometry(stride=2, kernel=4)}
         # forward: the dgrad kernel with the full epilogue (bias, activation, z for gelu), every tile
-        for config in DGRAD_TILES:
+        for config in _conv_spec.for_operands(DGRAD_TILES, dtype):
             variants.append(_conv_spec._variant(_conv2d_dgrad_kernel, "fwd", config, dtype, {
                 **geometry, **tap_steps((2, 2), (1, 1)), "INPUT_PRECISION": precision, "HAS_BIAS": True,
                 "ACTIVATION": act, "STORE_Z": act == "gelu"}))
