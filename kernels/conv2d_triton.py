@@ -239,8 +239,8 @@ def _first_tap(PHASE_OFFSET, K: tl.constexpr, STRIDE: tl.constexpr, STEP: tl.con
     """The smallest tap k in [0, K) with k * DIL = PHASE_OFFSET (mod STRIDE), or K if none, for a
     PHASE_OFFSET >= 0. With g = gcd(STRIDE, DIL) = STRIDE / STEP: a tap exists when g divides the
     offset, and k = (PHASE_OFFSET / g) * INV mod STEP (INV = (DIL / g)^-1 mod STEP, `tap_steps`).
-    Closed form: a chain of selects over the K taps became a lookup table in local memory (a stack
-    frame on sm_90, see the audit)."""
+    Closed form: the former chain of selects over the K taps left a 2-byte local array in the
+    stride-2 dgrad's PTX, an unused 8-byte stack frame on sm_90 (the audit counts it as a spill)."""
     G: tl.constexpr = STRIDE // STEP
     k0 = (PHASE_OFFSET // G * INV) % STEP
     return tl.where((PHASE_OFFSET % G == 0) & (k0 < K), k0, K)
@@ -297,8 +297,7 @@ def _conv2d_dgrad_kernel(
     m_ok = (offs_m < M_PHASE) & (ih < H) & (iw < W)
     g_rows = (gz_ptr + group * C_OUT_G * sg_c + n.to(IDX) * sg_n + j.to(IDX) * sg_h
               + i.to(IDX) * sg_w)  # output row (j, i): the tap's scalar offset is added per K step
-    # The epilogue's row offsets, made here so that n, ih, iw are dead in the K loop (kept live
-    # through it, the fp32 128x64 tile spilled them on sm_80: see the audit).
+    # The epilogue's row offsets, made here so that n, ih, iw are dead in the K loop.
     dx_rows = n.to(IDX) * sd_n + ih.to(IDX) * sd_h + iw.to(IDX) * sd_w
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
