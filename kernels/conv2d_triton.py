@@ -93,6 +93,10 @@ WGRAD_TILES = [
     gemm_tile(256, 128, 32, warps=8, stages=3),
     gemm_tile(128, 256, 32, warps=8, stages=3),
 ]
+# What the interpreter runs for wgrad: its K is every output pixel of the batch and its output tile
+# is channels, so the GPU's 128x128x32 tiles cost a CPU run mostly masked lanes and many K steps
+# (7x this tile's time on a 28x28 batch of 2 with 4 -> 8 channels).
+WGRAD_INTERPRETER_TILE = gemm_tile(32, 32, 128, warps=4, stages=1)
 
 
 def direct_tile(block_m: int, block_n: int, warps: int) -> triton.Config:
@@ -421,7 +425,8 @@ def _conv2d_dgrad_depthwise_kernel(
     tl.store(dx_ptr + dx_rows[:, None] + chan_off[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.autotune(configs=tuning_configs(WGRAD_TILES), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"],
+@triton.autotune(configs=tuning_configs(WGRAD_TILES, interpreter=WGRAD_INTERPRETER_TILE),
+                 key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"],
                  prune_configs_by={"early_config_prune": _prune_by_operand_dtype})
 @triton.jit
 def _conv2d_wgrad_kernel(
