@@ -66,9 +66,12 @@ class TuningConfigs(list):
         self.candidates = list(candidates)
 
 
-def tuning_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """The autotuner's candidates; only the first when interpreting, so nothing is benchmarked."""
-    return TuningConfigs(configs[:1] if INTERPRET else configs, configs)
+def tuning_configs(configs: list[triton.Config], interpreter: triton.Config | None = None) -> list[triton.Config]:
+    """The autotuner's candidates; one config when interpreting, so nothing is benchmarked: the
+    first candidate, or `interpreter` where the GPU's tiles cost the interpreter too much (it runs
+    a program's ops one numpy call at a time, so its time follows tile area x loop steps). The
+    candidates are still each checked through the interpreter by the registry's tuning cases."""
+    return TuningConfigs([interpreter or configs[0]] if INTERPRET else configs, configs)
 
 
 def tuning_candidates(kernel) -> list[triton.Config]:

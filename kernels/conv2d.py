@@ -14,7 +14,6 @@ Shapes (the normalized arguments of gpudl.reference.conv2d):
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -30,9 +29,12 @@ from gpudl.kernels.conv2d_triton import (  # the autotuned kernels are found her
     MAX_GRID_Z,
     _activation_grad_kernel,
     _bias_grad_kernel,
+    _conv2d_dgrad_depthwise_kernel,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
+    depthwise_dgrad_tile,
+    tap_steps,
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
@@ -157,23 +159,35 @@ def _conv2d_dgrad(gz, w, dx, stride, padding, dilation, groups, bias=None, act="
     h_phase, w_phase = triton.cdiv(h, stride[0]), triton.cdiv(wd, stride[1])
     m_phase = n * h_phase * w_phase
     phases = stride[0] * stride[1]
+    shared = dict(**_geometry(stride, dilation, kh, kw, gz, w, dx),
+                  **tap_steps(stride, dilation),
+                  HAS_BIAS=bias is not None, ACTIVATION=act, STORE_Z=z is not None)
+    epilogue = (bias if bias is not None else w, z if z is not None else dx)
+    if c_in_g == 1:
+        # One input channel per group: each group's GEMM would have N = 1 (a GEMV on tensor cores);
+        # the depthwise kernel accumulates on CUDA cores, channels (= groups) along the tile.
+        tile = depthwise_dgrad_tile(groups)
+        grid = (triton.cdiv(m_phase, tile.kwargs["BLOCK_M"]), triton.cdiv(groups, tile.kwargs["BLOCK_N"]), phases)
+        wrap_triton(_conv2d_dgrad_depthwise_kernel)[grid](
+            gz, w, dx, *epilogue, groups, h, wd, gz.shape[2], gz.shape[3], h_phase, w_phase, m_phase,
+            *gz.stride(), *w.stride(), *dx.stride(), padding[0], padding[2], **shared, C_OUT_G=c_out_g, **tile.kwargs,
+            num_warps=tile.num_warps,
+        )
+        return dx
     grid = lambda meta: (triton.cdiv(m_phase, meta["BLOCK_M"]), triton.cdiv(c_in_g, meta["BLOCK_N"]),  # noqa: E731
                          groups * phases)
     wrap_triton(_conv2d_dgrad_kernel)[grid](
-        gz, w, dx, bias if bias is not None else w, z if z is not None else dx,
+        gz, w, dx, *epilogue,
         c_in_g, h, wd, c_out_g, gz.shape[2], gz.shape[3], h_phase, w_phase, m_phase, c_out_g * kh * kw,
-        *gz.stride(), *w.stride(), *dx.stride(), padding[0], padding[2],
-        **_geometry(stride, dilation, kh, kw, gz, w, dx),
-        TAP_STEP_H=stride[0] // math.gcd(stride[0], dilation[0]),
-        TAP_STEP_W=stride[1] // math.gcd(stride[1], dilation[1]),
-        INPUT_PRECISION=_input_precision(w.dtype), HAS_BIAS=bias is not None, ACTIVATION=act, STORE_Z=z is not None,
+        *gz.stride(), *w.stride(), *dx.stride(), padding[0], padding[2], **shared,
+        INPUT_PRECISION=_input_precision(w.dtype),
     )
     return dx
 
 
-def _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups):
-    """dw [C_out, C_in_g, kH, kW] in x's dtype, from gz [N, C_out, H_out, W_out] (the gradient of
-    the pre-activation) and x."""
+def _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups, out_dtype=None):
+    """dw [C_out, C_in_g, kH, kW] in out_dtype (default x's dtype), from gz [N, C_out, H_out, W_out]
+    (the gradient of the pre-activation) and x."""
     gz, x = channels_inner(gz), channels_inner(x)
     n, _, h, wd = x.shape
     c_out, c_in_g, kh, kw = w_shape
@@ -185,7 +199,7 @@ def _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups):
     splits = _wgrad_splits(m, tiles, groups, x.device)
     m_per_split = triton.cdiv(m, splits)
     splits = triton.cdiv(m, m_per_split)  # no empty split
-    dw = torch.empty(w_shape, device=x.device, dtype=x.dtype)
+    dw = torch.empty(w_shape, device=x.device, dtype=out_dtype or x.dtype)
     # One split writes dw itself; several write fp32 partials, summed below in a fixed order.
     out = dw if splits == 1 else torch.empty((splits, *w_shape), device=x.device, dtype=acc_dtype(x.dtype))
     grid = lambda meta: (kh * kw * triton.cdiv(c_in_g, meta["BLOCK_N"]), triton.cdiv(c_out_g, meta["BLOCK_M"]),  # noqa: E731
@@ -201,11 +215,11 @@ def _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups):
     return dw
 
 
-def _bias_grad(gz):
-    """db [C] = the sum of gz [N, C, H, W] over (n, h, w), in gz's dtype."""
+def _bias_grad(gz, out_dtype=None):
+    """db [C] = the sum of gz [N, C, H, W] over (n, h, w), in out_dtype (default gz's dtype)."""
     n, c, h, wd = gz.shape
     m = n * h * wd
-    db = torch.empty(c, device=gz.device, dtype=gz.dtype)
+    db = torch.empty(c, device=gz.device, dtype=out_dtype or gz.dtype)
     splits = _reduction_splits(m, triton.cdiv(c, BIAS_GRAD_CHANNELS), 1, gz.device)
     m_per_split = triton.cdiv(m, splits)
     splits = triton.cdiv(m, m_per_split)
@@ -233,10 +247,25 @@ def activation_grad(gy, saved, act):
     return dz
 
 
+# The activation gradient dz = dy * act'(y) is a buffer the size of the output, live beside dy and
+# dx. Past this size the backward makes it one batch chunk at a time (each chunk's dgrad, wgrad and
+# bias gradient read it, then it is freed): the op then holds dy + one chunk of dz + the gradients,
+# at most what PyTorch's eager ReLU backward + convolution backward hold (scripts/estimate_memory.py,
+# docs/memory.md), for a few more launches of kernels that still have >= 16 MiB of work each.
+DZ_CHUNK_BYTES = 16 * 2**20
+
+
+def _backward_chunks(batch: int, dz_bytes: int) -> int:
+    """Batch chunks of the backward: one until dz passes DZ_CHUNK_BYTES, then enough to keep each under it."""
+    return max(1, min(batch, triton.cdiv(dz_bytes, DZ_CHUNK_BYTES)))
+
+
 def _conv2d_backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dilation, groups, act,
                      need_x, need_w, need_b):
     """(dx with x's strides, dw, db); None for those not asked for. The activation gradient is
-    applied once, here, and the GEMMs read its result."""
+    applied once, here, and the GEMMs read its result. dw and db come first: their fp32 partial
+    sums (several splits) are freed before dx is allocated, so the op's peak is gy + dz + the three
+    gradients, never the partials on top of dx (scripts/estimate_memory.py, docs/memory.md)."""
     dx = dw = db = None
     like = dict(dtype=gy.dtype, device=gy.device)
     if gy.numel() == 0:  # empty batch or no output channels: every gradient is zero
@@ -244,18 +273,49 @@ def _conv2d_backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, paddi
         dw = torch.zeros(w_shape, **like) if need_w else None
         db = torch.zeros(w_shape[0], **like) if need_b else None
         return dx, dw, db
+    if act != "none" and gy.shape[0] > 1:
+        chunks = _backward_chunks(gy.shape[0], saved.numel() * saved.element_size())
+        if chunks > 1:
+            return _conv2d_backward_chunked(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dilation,
+                                            groups, act, need_x, need_w, need_b, chunks)
     gz = channels_inner(activation_grad(gy, saved, act))  # read by both GEMMs: repacked (if at all) once
+    if need_w:
+        dw = _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups)
+    if need_b:
+        db = _bias_grad(gz)
     if need_x:
         dx = torch.empty_strided(x_shape, x_strides, **like)
         if dx.numel() == 0:
             dx.zero_()
         else:
             _conv2d_dgrad(gz, w, dx, stride, padding, dilation, groups)
-    if need_w:
-        dw = _conv2d_wgrad(gz, x, w_shape, stride, padding, dilation, groups)
-    if need_b:
-        db = _bias_grad(gz)
     return dx, dw, db
+
+
+def _conv2d_backward_chunked(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dilation, groups, act,
+                             need_x, need_w, need_b, chunks):
+    """`_conv2d_backward` over `chunks` batch chunks: dz exists for one chunk at a time; each
+    chunk's dgrad writes its rows of dx, its weight and bias gradients add (fp32, in chunk order:
+    deterministic) into dw and db, rounded to gy's dtype once at the end."""
+    like = dict(dtype=gy.dtype, device=gy.device)
+    acc = dict(dtype=acc_dtype(gy.dtype), device=gy.device)
+    dx = torch.empty_strided(x_shape, x_strides, **like) if need_x else None
+    dw = torch.zeros(w_shape, **acc) if need_w else None
+    db = torch.zeros(w_shape[0], **acc) if need_b else None
+    if dx is not None and dx.numel() == 0:
+        dx.zero_()
+    rows = triton.cdiv(gy.shape[0], chunks)
+    for start in range(0, gy.shape[0], rows):
+        part = slice(start, start + rows)
+        gz = channels_inner(activation_grad(gy[part], saved[part], act))
+        if need_w:
+            dw += _conv2d_wgrad(gz, x[part], w_shape, stride, padding, dilation, groups, out_dtype=dw.dtype)
+        if need_b:
+            db += _bias_grad(gz, out_dtype=db.dtype)
+        if dx is not None and dx.numel() > 0:
+            _conv2d_dgrad(gz, w, dx[part], stride, padding, dilation, groups)
+        del gz
+    return dx, (dw.to(gy.dtype) if need_w else None), (db.to(gy.dtype) if need_b else None)
 
 
 # --------------------------------------------------------------------------- custom ops

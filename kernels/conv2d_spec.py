@@ -13,14 +13,18 @@ from gpudl.kernels.conv2d_triton import (
     ACT_GRAD_BLOCK,
     BIAS_GRAD_CHANNELS,
     BIAS_GRAD_ROWS,
+    DEPTHWISE_DGRAD_TILES,
     DGRAD_TILES,
     FWD_TILES,
     WGRAD_TILES,
     _activation_grad_kernel,
     _bias_grad_kernel,
+    _conv2d_dgrad_depthwise_kernel,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
+    for_operands,
+    tap_steps,
 )
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
 
@@ -78,6 +82,17 @@ def _variant(kernel, label, config, dtype, constexprs, acc_ptrs=()):
     return CompileVariant(name, fn, signature, constexprs, config.num_warps, config.num_stages)
 
 
+def depthwise_variant(label, config, dtype, constexprs):
+    """A CompileVariant of the depthwise dgrad kernel (CUDA cores, no K block) with one config."""
+    fn = _conv2d_dgrad_depthwise_kernel
+    constexprs = {**constexprs, **config.kwargs}
+    signature = {a: "constexpr" if a in constexprs else triton_dtype(dtype) if a.endswith("_ptr") else "i32"
+                 for a in fn.arg_names}
+    blocks = "x".join(str(config.kwargs[b]) for b in ("BLOCK_M", "BLOCK_N"))
+    name = f"{label}-{str(dtype).split('.')[-1]}-{blocks}-w{config.num_warps}"
+    return CompileVariant(name, fn, signature, constexprs, config.num_warps, config.num_stages)
+
+
 def geometry(stride=1, dilation=1, kernel=3) -> dict:
     """The geometry constexprs of a compile variant (square: a model's usual convolutions)."""
     return {"STRIDE_H": stride, "STRIDE_W": stride, "DIL_H": dilation, "DIL_W": dilation, "KH": kernel,
@@ -115,11 +130,17 @@ def _compile_variants():
                 variants.append(_variant(_conv2d_fwd_kernel, f"fwd-s{stride}", config, dtype,
                                          {**fwd, **geometry(stride)}))
         dgrad = {"INPUT_PRECISION": precision, "HAS_BIAS": False, "ACTIVATION": "none", "STORE_Z": False}
-        for stride, tiles in ((1, DGRAD_TILES), (2, DGRAD_TILES[:1])):
+        for stride, tiles in ((1, for_operands(DGRAD_TILES, dtype)), (2, for_operands(DGRAD_TILES, dtype)[:1])):
             for config in tiles:
                 variants.append(_variant(_conv2d_dgrad_kernel, f"dgrad-s{stride}", config, dtype,
-                                         {**dgrad, **geometry(stride), "TAP_STEP_H": stride, "TAP_STEP_W": stride}))
-        for stride, tiles in ((1, WGRAD_TILES), (2, WGRAD_TILES[:1])):
+                                         {**dgrad, **geometry(stride), **tap_steps((stride, stride), (1, 1))}))
+        # Depthwise dgrad (C_in_g = 1): every tile at stride 1, the first at stride 2.
+        for stride, tiles in ((1, DEPTHWISE_DGRAD_TILES), (2, DEPTHWISE_DGRAD_TILES[:1])):
+            for config in tiles:
+                variants.append(depthwise_variant(f"dgrad_dw-s{stride}", config, dtype, {
+                    **geometry(stride), **tap_steps((stride, stride), (1, 1)), "C_OUT_G": 1,
+                    "HAS_BIAS": False, "ACTIVATION": "none", "STORE_Z": False}))
+        for stride, tiles in ((1, for_operands(WGRAD_TILES, dtype)), (2, WGRAD_TILES[:1])):
             for config in tiles:
                 variants.append(_variant(_conv2d_wgrad_kernel, f"wgrad-s{stride}", config, dtype,
                                          {"INPUT_PRECISION": precision, **geometry(stride)}, acc_ptrs=("dw_ptr",)))
@@ -151,7 +172,8 @@ SPEC = register(KernelSpec(
                    groups=2, act="sigmoid", channels_last=True),
         _conv_case("rect_1x3_stride_w2_gelu", 1, 5, 3, (6, 10), (1, 3), stride=(1, 2), padding=(0, 0, 1, 1),
                    act="gelu"),
-        _conv_case("depthwise_no_activation", 2, 3, 6, (5, 5), (3, 3), padding=(1, 1, 1, 1), groups=3),
+        # C_in_g = 1: the depthwise dgrad kernel, 162 input positions = two programs of its 128-row tile.
+        _conv_case("depthwise_no_activation", 2, 3, 6, (9, 9), (3, 3), padding=(1, 1, 1, 1), groups=3),
         # More output channels than a bias-gradient program sums (BIAS_GRAD_CHANNELS), more elements
         # than an activation-gradient program: several programs of each.
         _conv_case("wide_72_channels_1x1_relu", 2, 3, 72, (3, 3), (1, 1), act="relu"),
@@ -174,6 +196,6 @@ SPEC = register(KernelSpec(
     ],
     flops=_flops,
     bytes_moved=_bytes_moved,
-    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs, "
-                "bias grad fused in wgrad",
+    description="implicit-GEMM conv2d with fused bias + activation; dgrad/wgrad implicit GEMMs "
+                "(depthwise dgrad on CUDA cores), activation and bias gradients in their own passes",
 ))

@@ -33,14 +33,37 @@ otherwise; fp64 (gradcheck) accumulates in fp64, everything else in fp32.
 
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
 from gpudl.kernels._common import activation_grad_from_saved, apply_activation, gemm_tile, tuning_configs
 
+
+def half_precision_only(config: triton.Config) -> triton.Config:
+    """Marks a tile as a candidate for 16-bit operands only (`for_operands` leaves it out for fp32)."""
+    config.half_precision_only = True
+    return config
+
+
+def for_operands(configs, dtype) -> list:
+    """The candidates of a tile table for operands of `dtype`."""
+    wide = dtype in (torch.float32, torch.float64)
+    return [c for c in configs if not (wide and getattr(c, "half_precision_only", False))]
+
+
+def _prune_by_operand_dtype(configs, named_args, **kwargs):
+    """The autotuner's early prune: `for_operands` of the launch's operand dtype (its first pointer)."""
+    first = next(v for k, v in named_args.items() if k.endswith("_ptr"))
+    return for_operands(configs, first.dtype) or configs[:1]
+
+
 # The first tile of each table is the one the interpreter runs. The others are the GPU candidates
 # (the shapes of Triton's matmul tutorial), each within sm_80's shared memory in fp32 too and free of
-# spills (the compile check and the audit, bench_results/audit/).
+# spills for the operands it is a candidate for (`for_operands`; the compile check and the audit,
+# bench_results/audit/).
 FWD_TILES = [
     gemm_tile(128, 64, 32, warps=4, stages=3),
     gemm_tile(128, 128, 32, warps=8, stages=3),
@@ -49,7 +72,9 @@ FWD_TILES = [
     gemm_tile(256, 64, 32, warps=8, stages=3),
 ]
 DGRAD_TILES = [
-    gemm_tile(128, 64, 32, warps=4, stages=3),
+    # 16-bit operands only (and the interpreter's): with fp32 (TF32) operands it spills on sm_80
+    # (the audit); fp32 runs 128x64x64 on 8 warps for the same output tile.
+    half_precision_only(gemm_tile(128, 64, 32, warps=4, stages=3)),
     gemm_tile(128, 128, 32, warps=8, stages=3),
     gemm_tile(128, 64, 64, warps=8, stages=3),
     gemm_tile(64, 128, 32, warps=4, stages=4),
@@ -61,11 +86,45 @@ DGRAD_TILES = [
 # model at 0.5-0.7x of it (hot-loop counts in docs/kernels/convolution.md).
 WGRAD_TILES = [
     gemm_tile(128, 128, 32, warps=8, stages=3),
-    gemm_tile(128, 128, 32, warps=4, stages=3),
+    # 16-bit operands only: with fp32 (TF32) operands its 128 fp32 accumulators a thread beside the
+    # fp32 operand fragments spill on sm_80 (the audit); fp32 runs the 8-warp tile above instead.
+    half_precision_only(gemm_tile(128, 128, 32, warps=4, stages=3)),
     gemm_tile(128, 128, 64, warps=8, stages=2),
     gemm_tile(256, 128, 32, warps=8, stages=3),
     gemm_tile(128, 256, 32, warps=8, stages=3),
 ]
+# What the interpreter runs for wgrad: its K is every output pixel of the batch and its output tile
+# is channels, so the GPU's 128x128x32 tiles cost a CPU run mostly masked lanes and many K steps
+# (7x this tile's time on a 28x28 batch of 2 with 4 -> 8 channels).
+WGRAD_INTERPRETER_TILE = gemm_tile(32, 32, 128, warps=4, stages=1)
+
+
+def direct_tile(block_m: int, block_n: int, warps: int) -> triton.Config:
+    """One candidate of a kernel that accumulates on CUDA cores (no K dimension): BLOCK_M rows by
+    BLOCK_N channels."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=1)
+
+
+# Depthwise dgrad (C_in / groups = 1): BLOCK_M input positions x BLOCK_N channels (one per group),
+# channels innermost so that a channels_last row loads as one vector (64 bf16 channels = 128 bytes).
+# Not autotuned: memory-bound, so the launch picks the widest channel tile the groups fill
+# (`depthwise_dgrad_tile`), 2048 accumulators a program.
+DEPTHWISE_DGRAD_TILES = [
+    direct_tile(16, 128, warps=4),
+    direct_tile(32, 64, warps=4),
+    direct_tile(64, 32, warps=4),
+    direct_tile(128, 16, warps=4),
+]
+
+
+def depthwise_dgrad_tile(groups: int) -> triton.Config:
+    """The widest channel tile of DEPTHWISE_DGRAD_TILES that `groups` channels fill (else the narrowest)."""
+    for config in DEPTHWISE_DGRAD_TILES:
+        if config.kwargs["BLOCK_N"] <= groups:
+            return config
+    return DEPTHWISE_DGRAD_TILES[-1]
+
+
 # The elementwise activation-gradient pass and the bias-gradient reduction (memory-bound, one config).
 ACT_GRAD_BLOCK = 1024
 BIAS_GRAD_ROWS, BIAS_GRAD_CHANNELS = 64, 64
@@ -168,17 +227,31 @@ def _conv2d_fwd_kernel(
     tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
+def tap_steps(stride, dilation) -> dict:
+    """The dgrad kernels' tap constexprs per axis: TAP_STEP = s / gcd(s, d) (the taps a phase takes
+    are TAP_STEP apart) and TAP_INV, the inverse of d / gcd(s, d) modulo TAP_STEP (0 when TAP_STEP is 1)."""
+    out = {}
+    for axis, s, d in (("H", stride[0], dilation[0]), ("W", stride[1], dilation[1])):
+        step = s // math.gcd(s, d)
+        out[f"TAP_STEP_{axis}"] = step
+        out[f"TAP_INV_{axis}"] = pow(d // math.gcd(s, d), -1, step) if step > 1 else 0
+    return out
+
+
 @triton.jit
-def _first_tap(PHASE_OFFSET, K: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr):
-    """The smallest tap k in [0, K) with (PHASE_OFFSET - k * DIL) divisible by STRIDE, or K if none."""
-    first = PHASE_OFFSET * 0 + K
-    for j in tl.static_range(K):
-        k = K - 1 - j  # descending: the smallest match is written last
-        first = tl.where((PHASE_OFFSET - k * DIL) % STRIDE == 0, k, first)
-    return first
+def _first_tap(PHASE_OFFSET, K: tl.constexpr, STRIDE: tl.constexpr, STEP: tl.constexpr, INV: tl.constexpr):
+    """The smallest tap k in [0, K) with k * DIL = PHASE_OFFSET (mod STRIDE), or K if none, for a
+    PHASE_OFFSET >= 0. With g = gcd(STRIDE, DIL) = STRIDE / STEP: a tap exists when g divides the
+    offset, and k = (PHASE_OFFSET / g) * INV mod STEP (INV = (DIL / g)^-1 mod STEP, `tap_steps`).
+    Closed form: the former chain of selects over the K taps left a 2-byte local array in the
+    stride-2 dgrad's PTX, an unused 8-byte stack frame on sm_90 (the audit counts it as a spill)."""
+    G: tl.constexpr = STRIDE // STEP
+    k0 = (PHASE_OFFSET // G * INV) % STEP
+    return tl.where((PHASE_OFFSET % G == 0) & (k0 < K), k0, K)
 
 
-@triton.autotune(configs=tuning_configs(DGRAD_TILES), key=["M_PHASE", "C_IN_G", "C_OUT_G", "K_TOTAL"])
+@triton.autotune(configs=tuning_configs(DGRAD_TILES), key=["M_PHASE", "C_IN_G", "C_OUT_G", "K_TOTAL"],
+                 prune_configs_by={"early_config_prune": _prune_by_operand_dtype})
 @triton.jit
 def _conv2d_dgrad_kernel(
     gz_ptr, w_ptr, dx_ptr, b_ptr, z_ptr,
@@ -188,7 +261,7 @@ def _conv2d_dgrad_kernel(
     sd_n, sd_c, sd_h, sd_w,
     PAD_TOP, PAD_LEFT,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr,
+    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr, TAP_INV_H: tl.constexpr, TAP_INV_W: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, INDEX_64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -214,8 +287,8 @@ def _conv2d_dgrad_kernel(
     pw = phase % STRIDE_W
 
     # The taps this phase takes: kh = kh0 + th * TAP_STEP_H for th < n_th (and likewise kw).
-    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, DIL_H)
-    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, DIL_W)
+    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, TAP_STEP_H, TAP_INV_H)
+    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, TAP_STEP_W, TAP_INV_W)
     n_th = (KH - kh0 + TAP_STEP_H - 1) // TAP_STEP_H
     n_tw = (KW - kw0 + TAP_STEP_W - 1) // TAP_STEP_W
     q_h0 = (ph + PAD_TOP - kh0 * DIL_H) // STRIDE_H  # oh - j at tap kh0 (an exact division)
@@ -228,6 +301,8 @@ def _conv2d_dgrad_kernel(
     m_ok = (offs_m < M_PHASE) & (ih < H) & (iw < W)
     g_rows = (gz_ptr + group * C_OUT_G * sg_c + n.to(IDX) * sg_n + j.to(IDX) * sg_h
               + i.to(IDX) * sg_w)  # output row (j, i): the tap's scalar offset is added per K step
+    # The epilogue's row offsets, made here so that n, ih, iw are dead in the K loop.
+    dx_rows = n.to(IDX) * sd_n + ih.to(IDX) * sd_h + iw.to(IDX) * sd_w
 
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = offs_c < C_IN_G
@@ -262,16 +337,97 @@ def _conv2d_dgrad_kernel(
     chan_c = group * C_IN_G + offs_c
     if HAS_BIAS:
         acc += tl.load(b_ptr + chan_c, mask=c_ok, other=0.0).to(ACC)[None, :]
-    dx_offs = ((n.to(IDX) * sd_n + ih.to(IDX) * sd_h + iw.to(IDX) * sd_w)[:, None]
-               + (chan_c * sd_c)[None, :])
+    dx_offs = dx_rows[:, None] + (chan_c * sd_c)[None, :]
     dx_mask = m_ok[:, None] & c_ok[None, :]
+    out = apply_activation(acc, ACTIVATION).to(dx_ptr.dtype.element_ty)
     if STORE_Z:
         tl.store(z_ptr + dx_offs, acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
+    tl.store(dx_ptr + dx_offs, out, mask=dx_mask)
+
+
+@triton.jit
+def _conv2d_dgrad_depthwise_kernel(
+    gz_ptr, w_ptr, dx_ptr, b_ptr, z_ptr,
+    GROUPS, H, W, H_OUT, W_OUT, H_PHASE, W_PHASE, M_PHASE,
+    sg_n, sg_c, sg_h, sg_w,
+    sw_o, sw_c, sw_h, sw_w,
+    sd_n, sd_c, sd_h, sd_w,
+    PAD_TOP, PAD_LEFT,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr, TAP_INV_H: tl.constexpr, TAP_INV_W: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, C_OUT_G: tl.constexpr, INDEX_64: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_Z: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dgrad when every group has one input channel (C_in_g = 1: depthwise and channel-multiplier
+    convolutions). Per group the implicit GEMM would have N = 1, a GEMV padded to a tensor-core
+    tile, so this kernel is no GEMM: input channel c = group reads its own C_OUT_G output channels,
+        dx[p, c] = sum over taps, j < C_OUT_G of  gz[p + tap, c * C_OUT_G + j] * w[c * C_OUT_G + j, 0, tap]
+    accumulated on CUDA cores in a [BLOCK_M input positions, BLOCK_N channels] tile (channels
+    innermost: a channels_last gz row is one vector load, and each weight value serves BLOCK_M
+    positions). C_OUT_G (the channel multiplier, 1 for a depthwise convolution) is a constexpr, so
+    the channel offsets are multiples of a constant and the loads of a multiplier-1 layer vectorize.
+    Strides use the phases of `_conv2d_dgrad_kernel`: phase program_id(2) = (ph, pw) takes the taps
+    kh0 + th * TAP_STEP_H (a scalar property), so no tap is masked for missing the stride grid.
+    Addresses are element offsets (int32 unless INDEX_64) added to the base pointer at each access.
+    bias / ACTIVATION / STORE_Z: the transposed convolution's epilogue, as in `_conv2d_dgrad_kernel`."""
+    ACC: tl.constexpr = tl.float64 if w_ptr.dtype.element_ty == tl.float64 else tl.float32
+    OH_STEP: tl.constexpr = TAP_STEP_H * DIL_H // STRIDE_H
+    OW_STEP: tl.constexpr = TAP_STEP_W * DIL_W // STRIDE_W
+    IDX: tl.constexpr = tl.int64 if INDEX_64 else tl.int32
+    pid_m = tl.program_id(0).to(IDX)
+    pid_n = tl.program_id(1)
+    phase = tl.program_id(2)
+    ph = phase // STRIDE_W
+    pw = phase % STRIDE_W
+
+    kh0 = _first_tap(ph + PAD_TOP, KH, STRIDE_H, TAP_STEP_H, TAP_INV_H)
+    kw0 = _first_tap(pw + PAD_LEFT, KW, STRIDE_W, TAP_STEP_W, TAP_INV_W)
+    n_th = (KH - kh0 + TAP_STEP_H - 1) // TAP_STEP_H
+    n_tw = (KW - kw0 + TAP_STEP_W - 1) // TAP_STEP_W
+    q_h0 = (ph + PAD_TOP - kh0 * DIL_H) // STRIDE_H
+    q_w0 = (pw + PAD_LEFT - kw0 * DIL_W) // STRIDE_W
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, j, i = _split_rows(pid_m * BLOCK_M, BLOCK_M, H_PHASE, W_PHASE)
+    m_ok = (offs_m < M_PHASE) & (STRIDE_H * j < H - ph) & (STRIDE_W * i < W - pw)
+    g_rows = n.to(IDX) * sg_n + j.to(IDX) * sg_h + i.to(IDX) * sg_w
+
+    chan = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = chan < GROUPS
+    g_cols = (chan * C_OUT_G).to(IDX) * sg_c  # the group's first output channel
+    w_cols = (chan * C_OUT_G).to(IDX) * sw_o
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for th in range(n_th):
+        q_h = q_h0 - th * OH_STEP
+        h_ok = m_ok & _in_range(j + q_h, H_OUT)
+        w_tap_h = (kh0 + th * TAP_STEP_H) * sw_h
+        for tw in range(n_tw):
+            q_w = q_w0 - tw * OW_STEP
+            row_ok = h_ok & _in_range(i + q_w, W_OUT)
+            g_tap = q_h.to(IDX) * sg_h + q_w.to(IDX) * sg_w
+            w_tap = w_tap_h + (kw0 + tw * TAP_STEP_W) * sw_w
+            for o in tl.static_range(C_OUT_G):
+                g = tl.load(gz_ptr + (g_rows + g_tap)[:, None] + (g_cols + o * sg_c)[None, :],
+                            mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + w_cols + (w_tap + o * sw_o), mask=c_ok, other=0.0)
+                acc += g.to(ACC) * wv.to(ACC)[None, :]
+
+    chan_off = chan.to(IDX) * sd_c
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + chan, mask=c_ok, other=0.0).to(ACC)[None, :]
+    dx_rows = n.to(IDX) * sd_n + (ph + STRIDE_H * j).to(IDX) * sd_h + (pw + STRIDE_W * i).to(IDX) * sd_w
+    dx_mask = m_ok[:, None] & c_ok[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + dx_rows[:, None] + chan_off[None, :], acc.to(z_ptr.dtype.element_ty), mask=dx_mask)
     acc = apply_activation(acc, ACTIVATION)
-    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+    tl.store(dx_ptr + dx_rows[:, None] + chan_off[None, :], acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
 
 
-@triton.autotune(configs=tuning_configs(WGRAD_TILES), key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"])
+@triton.autotune(configs=tuning_configs(WGRAD_TILES, interpreter=WGRAD_INTERPRETER_TILE),
+                 key=["M", "C_IN_G", "C_OUT_G", "K_TOTAL", "M_PER_SPLIT"],
+                 prune_configs_by={"early_config_prune": _prune_by_operand_dtype})
 @triton.jit
 def _conv2d_wgrad_kernel(
     gz_ptr, x_ptr, dw_ptr,
@@ -306,8 +462,9 @@ def _conv2d_wgrad_kernel(
     kw = tap - kh * KW
     c = (pid_k - tap * c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     c_ok = c < C_IN_G
-    x_chan = x_ptr + (group * C_IN_G + c) * sx_c  # [BLOCK_N] pointers
-    g_chan = gz_ptr + chan_o * sg_c  # [BLOCK_M] pointers
+    # Element offsets (IDX) rather than pointers: half the registers through the K loop.
+    x_chan = (group * C_IN_G + c).to(IDX) * sx_c  # [BLOCK_N]
+    g_chan = chan_o.to(IDX) * sg_c  # [BLOCK_M]
     h_off = kh * DIL_H - PAD_TOP  # ih = oh * sH + h_off
     w_off = kw * DIL_W - PAD_LEFT
 
@@ -334,10 +491,10 @@ def _conv2d_wgrad_kernel(
         # Both tiles are loaded [channels, rows], so the rows' offsets and masks serve both.
         m_ok = offs_m < m_end
         g_rows = n.to(IDX) * sg_n + oh.to(IDX) * sg_h + ow.to(IDX) * sg_w
-        g = tl.load(g_chan[:, None] + g_rows[None, :], mask=o_ok[:, None] & m_ok[None, :], other=0.0)
+        g = tl.load(gz_ptr + (g_chan[:, None] + g_rows[None, :]), mask=o_ok[:, None] & m_ok[None, :], other=0.0)
         row_ok = m_ok & _in_range(oh - lo_h, count_h) & _in_range(ow - lo_w, count_w)
         x_rows = n.to(IDX) * sx_n + oh.to(IDX) * xs_h + ow.to(IDX) * xs_w
-        xt = tl.load(x_chan[:, None] + x_rows[None, :], mask=c_ok[:, None] & row_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + (x_chan[:, None] + x_rows[None, :]), mask=c_ok[:, None] & row_ok[None, :], other=0.0)
         acc = tl.dot(g, tl.trans(xt), acc, input_precision=INPUT_PRECISION, out_dtype=ACC)
         offs_m += BLOCK_K
         ow += step_w

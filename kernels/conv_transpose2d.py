@@ -83,14 +83,7 @@ def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dil
         return dx, dw, db
     pad4 = _pad4(padding)
     gz = _conv.channels_inner(_conv.activation_grad(gy, saved, act))  # once per element, before the GEMMs
-    if need_x:
-        dx = torch.empty_strided(x_shape, x_strides, **like)
-        if dx.numel() == 0:
-            dx.zero_()
-        else:
-            # The convolution of gz, its output cut to x's size (rows past it would need
-            # output_padding >= stride, which dilation allows; the kernel writes only dx's rows).
-            _conv._conv2d_fwd_launch(gz, w, None, dx, None, stride, pad4, dilation, groups, "none")
+    # dw and db first, as in conv2d's backward: their fp32 partial sums are gone before dx exists.
     if need_w:
         if math.prod(w_shape) == 0 or x.numel() == 0:
             dw = torch.zeros(w_shape, **like)
@@ -99,6 +92,14 @@ def _backward(gy, x, w, saved, x_shape, x_strides, w_shape, stride, padding, dil
             dw = _conv._conv2d_wgrad(x, gz, w_shape, stride, pad4, dilation, groups)
     if need_b:
         db = _conv._bias_grad(gz)
+    if need_x:
+        dx = torch.empty_strided(x_shape, x_strides, **like)
+        if dx.numel() == 0:
+            dx.zero_()
+        else:
+            # The convolution of gz, its output cut to x's size (rows past it would need
+            # output_padding >= stride, which dilation allows; the kernel writes only dx's rows).
+            _conv._conv2d_fwd_launch(gz, w, None, dx, None, stride, pad4, dilation, groups, "none")
     return dx, dw, db
 
 

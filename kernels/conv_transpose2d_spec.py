@@ -9,12 +9,14 @@ import torch
 
 from gpudl.kernels import conv2d_spec as _conv_spec
 from gpudl.kernels.conv2d_triton import (
+    DEPTHWISE_DGRAD_TILES,
     DGRAD_TILES,
     FWD_TILES,
     WGRAD_TILES,
     _conv2d_dgrad_kernel,
     _conv2d_fwd_kernel,
     _conv2d_wgrad_kernel,
+    tap_steps,
 )
 from gpudl.kernels.conv_transpose2d import _output_shape, conv_transpose2d, unsupported
 from gpudl.kernels.registry import Case, KernelSpec, register
@@ -55,10 +57,14 @@ def _compile_variants():
         # The DCGAN layer: kernel 4, stride 2 (two taps per phase and axis).
         geometry = {**_conv_spec.geometry(stride=2, kernel=4)}
         # forward: the dgrad kernel with the full epilogue (bias, activation, z for gelu), every tile
-        for config in DGRAD_TILES:
+        for config in _conv_spec.for_operands(DGRAD_TILES, dtype):
             variants.append(_conv_spec._variant(_conv2d_dgrad_kernel, "fwd", config, dtype, {
-                **geometry, "TAP_STEP_H": 2, "TAP_STEP_W": 2, "INPUT_PRECISION": precision, "HAS_BIAS": True,
+                **geometry, **tap_steps((2, 2), (1, 1)), "INPUT_PRECISION": precision, "HAS_BIAS": True,
                 "ACTIVATION": act, "STORE_Z": act == "gelu"}))
+        # forward with C_out / groups = 1: the depthwise dgrad kernel with the same epilogue
+        variants.append(_conv_spec.depthwise_variant("fwd_dw", DEPTHWISE_DGRAD_TILES[0], dtype, {
+            **geometry, **tap_steps((2, 2), (1, 1)), "C_OUT_G": 1, "HAS_BIAS": True,
+            "ACTIVATION": act, "STORE_Z": act == "gelu"}))
         # dx and dw: conv2d's kernels, whose every tile conv2d's spec compiles; here the first tile,
         # with this op's geometry. (dz and db are conv2d's elementwise kernels, compiled there.)
         variants.append(_conv_spec._variant(_conv2d_fwd_kernel, "dgrad", FWD_TILES[0], dtype, {
@@ -94,6 +100,9 @@ SPEC = register(KernelSpec(
               output_padding=(1, 1), dilation=(2, 1), groups=2, act="sigmoid", channels_last=True),
         _case("stride3_gelu_nobias", 1, 5, 3, (3, 4), (2, 3), stride=(3, 2), padding=(0, 1), act="gelu", bias=False),
         _case("depthwise_tanh", 2, 3, 6, (5, 4), (3, 3), stride=(2, 1), padding=(1, 1), groups=3, act="tanh"),
+        # One output channel per group: the forward runs the depthwise dgrad kernel, epilogue included.
+        _case("depthwise_out_stride2_gelu", 2, 4, 2, (8, 9), (3, 3), stride=(2, 2), padding=(1, 1),
+              output_padding=(1, 0), groups=2, act="gelu"),
         _case("1x1_no_activation", 2, 7, 3, (3, 5), (1, 1)),
         # More output channels than a bias-gradient program sums: several programs.
         _case("wide_72_channels_stride2_relu", 1, 3, 72, (2, 2), (2, 2), stride=(2, 2), act="relu"),

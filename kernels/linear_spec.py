@@ -155,10 +155,10 @@ SPEC = register(KernelSpec(
     compile_variants=_compile_variants,
     # M = 1100 rows: more than GROUP_M (8) row blocks under every config, so the grouped order has a
     # full and a partial group, and more output tiles than the interpreter's persistent programs
-    # (each walks several); several K steps in all three GEMMs. 72 / 260 features: every operand
+    # (each walks several); several K steps in all three GEMMs. 72 / 136 features: every operand
     # goes through tensor descriptors; 37 / 131: none can (148-byte rows), the pointer loads run.
     # gelu's backward recomputes its pre-activation in the GEMM; the bias gradient is a column sum.
-    tuning_cases=[Case("tuning-1100x72x260-gelu", _case((1100,), 72, 260, True, "gelu")),
+    tuning_cases=[Case("tuning-1100x72x136-gelu", _case((1100,), 72, 136, True, "gelu")),
                   Case("tuning-1100x37x131-relu-pointer-loads", _case((1100,), 37, 131, True, "relu"))],
     bench_cases=_BENCH_CASES,
     flops=_flops,

@@ -62,9 +62,12 @@ MODELS = {
     "logistic_regression": _supervised(lambda: LogisticRegressionModule(30, ADAM),
                                        lambda n, d: (torch.randn(n, 30, device=d),
                                                      torch.randint(0, 2, (n, 1), device=d).float())),
-    "cnn": _supervised(lambda: CNNModule(optimizer=ADAM), _classifier_batch),
+    # Narrow widths, one block: a graph break or a wrong gradient shows at any width, and the
+    # interpreter's time grows with the programs that width adds.
+    "cnn": _supervised(lambda: CNNModule(channels=(8, 16), hidden=32, optimizer=ADAM), _classifier_batch),
     "rnn": _supervised(lambda: RNNModule(hidden_size=16, optimizer=ADAM), _classifier_batch),
-    "attention": _supervised(lambda: AttentionModule(optimizer=ADAM), _classifier_batch),
+    "attention": _supervised(lambda: AttentionModule(embed_dim=32, num_heads=2, num_layers=1, mlp_dim=64,
+                                                     optimizer=ADAM), _classifier_batch),
     "gan_generator": _gan_generator_step,
     "gan_discriminator": _gan_discriminator_step,
 }

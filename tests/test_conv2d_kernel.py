@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_against_reference, innermost_function, leaf, on_backend
+from helpers import check_against_reference, innermost_function, leaf, on_backend, recording_launches
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gpudl
@@ -386,3 +386,31 @@ def test_conv2d_channels_last_allocates_no_copies(monkeypatch, activation):
     assert others == [(16,), (16, 8, 3, 3)]  # db, dw: no partial buffers with one split
     assert y.is_contiguous(memory_format=CL) and dx.is_contiguous(memory_format=CL)
     assert "_conv2d_dgrad_kernel" in launcher.kernels and "_conv2d_wgrad_kernel" in launcher.kernels
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_conv2d_backward_in_batch_chunks(monkeypatch, activation):
+    """Past DZ_CHUNK_BYTES the backward makes dz one batch chunk at a time (uneven chunks here: a
+    batch of 5 in chunks of 2, 2, 1, the wgrad split too); dx, dw and db match the reference."""
+    monkeypatch.setattr(conv_kernels, "DZ_CHUNK_BYTES", 4 * 4 * 6 * 5 * 2)  # two images of dz
+    monkeypatch.setattr(conv_kernels, "_wgrad_splits", lambda m, tiles, groups, device: 2)
+    calls = []
+    chunked = conv_kernels._conv2d_backward_chunked
+    monkeypatch.setattr(conv_kernels, "_conv2d_backward_chunked",
+                        lambda *args: calls.append(args[-1]) or chunked(*args))
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 3, 6, 5).to(memory_format=CL), torch.randn(4, 3, 3, 3) / 5, torch.randn(4)
+    _conv_pair(x, w, b, activation, padding=1)
+    assert calls == [3]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_depthwise_input_gradient(stride):
+    """C_in / groups = 1, multiplier 1 (MobileNet's depthwise layer), channels_last: dx comes from
+    the depthwise dgrad kernel (CUDA cores, no GEMM), not the implicit GEMM."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 6).to(memory_format=CL)
+    w, b = torch.randn(5, 1, 3, 3) / 3, torch.randn(5)
+    with recording_launches() as launches:
+        _conv_pair(x, w, b, "relu", stride=stride, padding=1, groups=5)
+    assert "_conv2d_dgrad_depthwise_kernel" in launches.kernels() and "_conv2d_dgrad_kernel" not in launches.kernels()
