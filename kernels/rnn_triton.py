@@ -1,12 +1,19 @@
-"""The Elman RNN recurrence's Triton kernels: the whole sequence in one persistent launch.
+"""The Elman RNN's Triton kernels: the whole sequence in one persistent launch, the input projection
+fused into it, and BPTT over windows of time steps.
 
-    h_t = act(xproj_t + h_{t-1} @ W_hh^T + b_hh)   each program owns BLOCK_N batch rows, keeps h on
-                                                   chip and loops over t (xproj = x W_ih^T + b_ih
-                                                   comes from one GEMM before the launch)
-Backward (BPTT), also one launch, looping t = L-1 .. 0 with dh carried on chip:
+Forward, one launch; each program owns BLOCK_N batch rows, keeps h on chip and loops over t:
+    z_t = x_t @ W_ih^T + h_{t-1} @ W_hh^T + (b_ih + b_hh)      h_t = act(z_t)
+x_t @ W_ih^T is computed inside the step (no [L, N, H] projection is ever stored): with W_ih^T
+resident in registers when H_in fits one BLOCK_I block (INPUT_RESIDENT), else streamed in
+BLOCK_I-row chunks. Both products accumulate into one fp32 tile.
+
+Backward (BPTT), one launch per window of steps t1-1 .. t0 (the host walks the windows from the
+end), dh carried on chip inside a window and in an fp32 [N, H] buffer between windows:
     dz_t     = (dh_t + dy_t) * act'(h_t)           tanh' = 1 - h_t^2, relu' = [h_t > 0], from the output
     dh_{t-1} = dz_t @ W_hh
-and dz_t is stored for every t (the gradient of xproj; the weight gradients are GEMMs over it).
+    dx_t     = dz_t @ W_ih                         from the registers, W_ih resident like W_ih^T forward
+dz_t is stored into a window-sized buffer only; the host turns each window into the weight and bias
+gradients with GEMMs (kernels/rnn.py), so no [L, N, H] gradient of the pre-activation exists.
 
 Two ways to multiply by W_hh each step, picked by the hidden size (launch_config):
   * resident (BLOCK_H <= 64): the [BLOCK_H, BLOCK_H] tile is loaded once and kept in registers
@@ -29,27 +36,31 @@ from gpudl.kernels._common import tanh
 MAX_HIDDEN = 512  # beyond: the fp32 accumulator [BLOCK_N, BLOCK_H] and W chunks outgrow one CTA
 RESIDENT_MAX_BLOCK_H = 64  # W_hh kept in registers up to this padded hidden size
 BLOCK_N = 16  # batch rows per program: tl.dot's smallest M
+BPTT_WINDOWS = 8  # BPTT launches per backward at most (window_steps)
 
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _rnn_forward_kernel(
-    xp_ptr,  # [L, N, H] by strides (s_xt, s_xn, s_xh): x @ W_ih^T + b_ih
+    x_ptr,  # [L, N, H_in] by strides (sx_t, sx_n, sx_i): the layer's input
     h0_ptr,  # [N, H] contiguous
+    wi_ptr,  # W_ih^T [H_in, H] contiguous, transposed by the host
     w_ptr,  # W_hh^T [H, H] contiguous, transposed by the host: row-major chunks load as wide vectors
             # (read through W_hh's strides, fp32 H >= 128 spills: see the audit)
-    b_ptr,  # b_hh [H] or a dummy when HAS_BIAS is False
-    out_ptr,  # [L, N, H] by strides (s_ot, s_on, 1): every h_t
+    b_ptr,  # b_ih + b_hh [H] in the accumulator's dtype, or a dummy when HAS_BIAS is False
+    out_ptr,  # [L, N, H] by strides (so_t, so_n, 1): every h_t
     hn_ptr,  # [N, H] contiguous: the last h_t (the host handles L == 0 without a launch)
-    L, N, H,
-    s_xt, s_xn, s_xh, s_ot, s_on,
+    L, N, H, H_in,
+    sx_t, sx_n, sx_i, so_t, so_n,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "tanh" or "relu"
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for float64 inputs
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_I: tl.constexpr,  # input features per W_ih^T block
     RESIDENT: tl.constexpr,
+    INPUT_RESIDENT: tl.constexpr,  # H_in <= BLOCK_I: W_ih^T loaded once, x_t one block per step
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -67,19 +78,38 @@ def _rnn_forward_kernel(
     h = tl.load(h0_ptr + rows[:, None] * H + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
     # Row pointers advance by one time stride per step: 64-bit pointer arithmetic, where t * stride
     # in int32 could overflow on long sequences of large batches.
-    x_row = xp_ptr + rows * s_xn
-    o_row = out_ptr + rows * s_on
+    x_row = x_ptr + rows * sx_n
+    o_row = out_ptr + rows * so_n
     prev_row = h0_ptr + rows * H  # where h_{t-1} lives: h0, then the output just written
     if RESIDENT:
         # W_hh^T, loaded once for all steps.
         w_t = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
+    if INPUT_RESIDENT:
+        ins = tl.arange(0, BLOCK_I)
+        in_mask = ins < H_in
+        x_mask = row_mask[:, None] & in_mask[None, :]
+        wi_t = tl.load(wi_ptr + ins[:, None] * H + cols[None, :], mask=in_mask[:, None] & col_mask[None, :],
+                       other=0.0)
 
     for _ in range(0, L):
-        xp = tl.load(x_row[:, None] + cols[None, :] * s_xh, mask=mask, other=0.0).to(ACC_DTYPE)
-        if RESIDENT:
-            acc = tl.dot(h.to(dot_dtype), w_t, out_dtype=ACC_DTYPE, input_precision="ieee")
+        # the input projection x_t @ W_ih^T, into the step's accumulator
+        if INPUT_RESIDENT:
+            xt = tl.load(x_row[:, None] + ins[None, :] * sx_i, mask=x_mask, other=0.0)
+            acc = tl.dot(xt.to(dot_dtype), wi_t, out_dtype=ACC_DTYPE, input_precision="ieee")
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
+            for i in range(0, H_in, BLOCK_I):
+                ks = i + tl.arange(0, BLOCK_I)
+                k_mask = ks < H_in
+                xt = tl.load(x_row[:, None] + ks[None, :] * sx_i, mask=row_mask[:, None] & k_mask[None, :],
+                             other=0.0)
+                wi = tl.load(wi_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                             other=0.0)
+                acc += tl.dot(xt.to(dot_dtype), wi, out_dtype=ACC_DTYPE, input_precision="ieee")
+        # the recurrence h_{t-1} @ W_hh^T
+        if RESIDENT:
+            acc = tl.dot(h.to(dot_dtype), w_t, acc, out_dtype=ACC_DTYPE, input_precision="ieee")
+        else:
             for k in range(0, H, BLOCK_K):
                 ks = k + tl.arange(0, BLOCK_K)
                 k_mask = ks < H
@@ -87,7 +117,7 @@ def _rnn_forward_kernel(
                 w_t = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                               other=0.0)
                 acc += tl.dot(a.to(dot_dtype), w_t, out_dtype=ACC_DTYPE, input_precision="ieee")
-        z = xp + acc + bias[None, :]
+        z = acc + bias[None, :]
         if ACTIVATION == "tanh":
             h = tanh(z)
         else:
@@ -96,28 +126,32 @@ def _rnn_forward_kernel(
         if not RESIDENT:
             tl.debug_barrier()  # the next step reads h_t back, written by other threads of this CTA
         prev_row = o_row
-        x_row += s_xt
-        o_row += s_ot
+        x_row += sx_t
+        o_row += so_t
     tl.store(hn_ptr + rows[:, None] * H + cols[None, :], h.to(hn_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rnn_backward_kernel(
-    dy_ptr,  # [L, N, H] by strides (s_dyt, s_dyn, s_dyh): gradient of the output
-    dhn_ptr,  # [N, H] by strides (s_dhn, s_dhh): gradient of h_n
-    out_ptr,  # [L, N, H] by strides (s_ot, s_on, 1): the forward's h_t
+    dy_ptr,  # [L, N, H] by strides (sdy_t, sdy_n, sdy_h): gradient of the output
+    dh_ptr,  # [N, H] contiguous, ACC_DTYPE: dh at the window's last step in, dh before its first out
+    out_ptr,  # [L, N, H] by strides (so_t, so_n, 1): the forward's h_t
     w_ptr,  # W_hh [H, H] contiguous
-    dz_ptr,  # [L, N, H], same strides as out: gradient of the pre-activation (= of xproj)
-    dh0_ptr,  # [N, H] contiguous: gradient of h0
-    L, N, H,
-    s_dyt, s_dyn, s_dyh, s_dhn, s_dhh, s_ot, s_on,
-    last_dy, last_o,  # (L - 1) * s_dyt and (L - 1) * s_ot, from the host (may exceed int32)
+    dz_ptr,  # [steps, N, H] by strides (sz_t, H, 1): the window's pre-activation gradients
+    wi_ptr,  # W_ih [H, H_in] contiguous (a dummy when HAS_DX is False)
+    dx_ptr,  # [L, N, H_in] by strides (sdx_t, sdx_n, 1): dx_t = dz_t @ W_ih (a dummy without HAS_DX)
+    steps, N, H, H_in,
+    sdy_t, sdy_n, sdy_h, so_t, so_n, sz_t, sdx_t, sdx_n,
+    last_dy, last_o, last_z, last_dx,  # offsets of the window's last step, from the host (may exceed int32)
     ACTIVATION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_I: tl.constexpr,
     RESIDENT: tl.constexpr,
+    INPUT_RESIDENT: tl.constexpr,  # H_in <= BLOCK_I: W_ih loaded once, dx_t one block per step
+    HAS_DX: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -127,25 +161,49 @@ def _rnn_backward_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     dot_dtype = w_ptr.dtype.element_ty
 
-    dh = tl.load(dhn_ptr + rows[:, None] * s_dhn + cols[None, :] * s_dhh, mask=mask, other=0.0).to(ACC_DTYPE)
+    # Each program reads and writes only its own rows of the carry: no other program touches them.
+    dh_tile = dh_ptr + rows[:, None] * H + cols[None, :]
+    dh = tl.load(dh_tile, mask=mask, other=0.0).to(ACC_DTYPE)
     if RESIDENT:
         w = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
+    if HAS_DX and INPUT_RESIDENT:
+        ins = tl.arange(0, BLOCK_I)
+        in_mask = ins < H_in
+        dx_mask = row_mask[:, None] & in_mask[None, :]
+        wi = tl.load(wi_ptr + cols[:, None] * H_in + ins[None, :], mask=col_mask[:, None] & in_mask[None, :],
+                     other=0.0)
 
-    # Row pointers start at t = L - 1 and step back one time stride per iteration (64-bit).
-    o_row = out_ptr + rows * s_on + last_o
-    dz_row = dz_ptr + rows * s_on + last_o
-    dy_row = dy_ptr + rows * s_dyn + last_dy
-    for _ in range(0, L):
+    # Row pointers start at the window's last step and step back one time stride per iteration (64-bit).
+    o_row = out_ptr + rows * so_n + last_o
+    dz_row = dz_ptr + rows * H + last_z
+    dy_row = dy_ptr + rows * sdy_n + last_dy
+    dx_row = dx_ptr + rows * sdx_n + last_dx
+    for _ in range(0, steps):
         h = tl.load(o_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        dy = tl.load(dy_row[:, None] + cols[None, :] * s_dyh, mask=mask, other=0.0).to(ACC_DTYPE)
+        dy = tl.load(dy_row[:, None] + cols[None, :] * sdy_h, mask=mask, other=0.0).to(ACC_DTYPE)
         g = dh + dy
         if ACTIVATION == "tanh":
             dz = g * (1.0 - h * h)
         else:
             dz = tl.where(h > 0.0, g, 0.0)
         tl.store(dz_row[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        dz_op = dz.to(dot_dtype)
+        # dx_t = dz_t @ W_ih, from the registers: no GEMM over the window's dz afterwards
+        if HAS_DX:
+            if INPUT_RESIDENT:
+                dx = tl.dot(dz_op, wi, out_dtype=ACC_DTYPE, input_precision="ieee")
+                tl.store(dx_row[:, None] + ins[None, :], dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+            else:
+                for i in range(0, H_in, BLOCK_I):
+                    ks = i + tl.arange(0, BLOCK_I)
+                    k_mask = ks < H_in
+                    wi_c = tl.load(wi_ptr + cols[:, None] * H_in + ks[None, :],
+                                   mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                    dx = tl.dot(dz_op, wi_c, out_dtype=ACC_DTYPE, input_precision="ieee")
+                    tl.store(dx_row[:, None] + ks[None, :], dx.to(dx_ptr.dtype.element_ty),
+                             mask=row_mask[:, None] & k_mask[None, :])
         if RESIDENT:
-            dh = tl.dot(dz.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
+            dh = tl.dot(dz_op, w, out_dtype=ACC_DTYPE, input_precision="ieee")
         else:
             tl.debug_barrier()  # dz_t is read back in chunks, written by other threads of this CTA
             dh = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
@@ -156,10 +214,11 @@ def _rnn_backward_kernel(
                 w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                             other=0.0)
                 dh += tl.dot(a.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
-        o_row -= s_ot
-        dz_row -= s_ot
-        dy_row -= s_dyt
-    tl.store(dh0_ptr + rows[:, None] * H + cols[None, :], dh.to(dh0_ptr.dtype.element_ty), mask=mask)
+        o_row -= so_t
+        dz_row -= sz_t
+        dy_row -= sdy_t
+        dx_row -= sdx_t
+    tl.store(dh_tile, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launch configuration
@@ -179,8 +238,24 @@ def launch_config(hidden: int, dtype: torch.dtype) -> dict:
                 num_warps=4 if block_h <= 64 else 8)
 
 
-def forward_stages(cfg: dict) -> int:
-    """The forward's num_stages. Resident: 1, as its loop has nothing to pipeline (W_hh is on chip
-    before it, h is carried in registers, xp is not a tl.dot operand); 3 compiles to the same SASS."""
-    return 1 if cfg["RESIDENT"] else 3
+def input_config(input_size: int, cfg: dict) -> dict:
+    """The forward's input-projection blocks for H_in input features, beside launch_config's cfg.
+    Resident: W_ih^T kept in registers when H_in fits one block of at most 64 (the models' 8 and 28
+    do), streamed in 64-row chunks otherwise; chunked: BLOCK_K-row chunks, like W_hh^T's."""
+    if cfg["RESIDENT"]:
+        block_i = max(16, min(64, triton.next_power_of_2(max(input_size, 1))))
+        return dict(BLOCK_I=block_i, INPUT_RESIDENT=input_size <= block_i)
+    return dict(BLOCK_I=cfg["BLOCK_K"], INPUT_RESIDENT=False)
 
+
+def window_steps(length: int) -> int:
+    """Time steps per BPTT launch: at most BPTT_WINDOWS launches per backward, so the window's dz
+    buffer is at most about 1/BPTT_WINDOWS of the sequence's [L, N, H]."""
+    return max(1, -(-length // BPTT_WINDOWS))
+
+
+def forward_stages(cfg: dict, inputs: dict) -> int:
+    """The forward's num_stages. Resident with W_ih^T resident: 1, as its time loop has nothing to
+    pipeline (the weights are on chip before it, h is carried in registers, x_t is the step's only
+    load); 3 wherever a loop streams weight chunks (pipelined loads)."""
+    return 1 if cfg["RESIDENT"] and inputs["INPUT_RESIDENT"] else 3
