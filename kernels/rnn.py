@@ -3,9 +3,9 @@ rnn_recurrence and rnn_recurrence_backward with their fakes and autograd, and th
 
     output, h_n = recurrence(x)   one persistent launch (_rnn_forward_kernel), the input
                                   projection x_t W_ih^T computed inside each step
-Backward: BPTT over windows of time steps (_rnn_backward_kernel, one launch per window, dh carried
-between windows in an fp32 [N, H] buffer), each window's dz = d loss / d z_t [steps, N, H] turned
-at once into its share of grad W_hh = sum_t dz_t^T h_{t-1}, grad W_ih = sum_t dz_t^T x_t,
+Backward: BPTT over windows of time steps (_rnn_backward_kernel, one launch per window; the next
+launch restarts from the window's first dz), each window's dz = d loss / d z_t [steps, N, H] turned
+into its share of grad W_hh = sum_t dz_t^T h_{t-1}, grad W_ih = sum_t dz_t^T x_t,
 grad b = sum_t dz_t (b_ih's and b_hh's) by GEMMs and sums into fp32 accumulators; dx_t = dz_t W_ih
 comes out of the BPTT kernel itself. Only one window's dz is ever allocated: no [L, N, H] intermediate of the step
 exists, forward or backward, besides the output itself.
@@ -67,41 +67,43 @@ def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_first):
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32/fp64) += a @ b with the accumulator's precision: a half-precision GEMM writes fp32
-    directly on CUDA (mm's out_dtype); elsewhere (the interpreter's CPU runs) it upcasts."""
+    """acc (fp32/fp64) += a @ b in place with the accumulator's precision: a half-precision GEMM
+    accumulates into fp32 directly on CUDA (addmm's out_dtype, no temporary); elsewhere (the
+    interpreter's CPU runs) it upcasts."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif a.device.type == "cuda":
-        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x, need_wih, need_whh, need_b):
+def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x, need_h0, need_wih, need_whh,
+              need_b):
     """BPTT. dy like out, dhn [N, H] (any strides, zero strides included), x the forward's input
-    (None unless need_wih), h0 (None unless need_whh), w_ih (None unless need_x). Returns (dx like x
-    or None, dh0 [N, H], grad W_ih [H, H_in] fp32 or None, grad W_hh [H, H] fp32 or None, grad b [H]
-    fp32 or None).
+    (None unless need_wih), h0 (None unless need_whh), w_ih (None unless need_x). Returns (dx like
+    out with H_in features or None, dh0 [N, H] or None, grad W_ih [H, H_in] fp32 or None, grad W_hh
+    [H, H] fp32 or None, grad b [H] fp32 or None).
 
-    The host walks windows of window_steps(L) steps from the end: one launch writes the window's dz
-    [steps, N, H] and its dx, and leaves dh before its first step in the carry; then the window's dz
-    meets the states before each of its steps (h0 for t = 0) and its inputs in GEMMs."""
+    The host walks windows of window_steps steps from the end: one launch writes the window's dz
+    [steps, N, H] (slot s: step t0 + s) and its dx; the next launch starts from slot 0 (dz_{t0});
+    meanwhile each step's dz meets the state before it (h0 for t = 0) and its input in GEMMs into
+    fp32 accumulators, reading the output and the input in place (per-step [N, H] views)."""
     n, hidden = dhn.shape
     ot, dyt = _time_major(out, batch_first), _time_major(dy, batch_first)
     length = ot.shape[0]
     acc = acc_dtype(out.dtype)
-    carry = torch.empty(n, hidden, dtype=acc, device=out.device)
-    carry.copy_(dhn)
     input_size = (w_ih if w_ih is not None else x).shape[-1] if need_x or need_wih else 0
     dx = torch.empty(out.shape[:-1] + (input_size,), dtype=out.dtype, device=out.device) if need_x else None
     grad_wih = torch.zeros(hidden, input_size, dtype=acc, device=out.device) if need_wih else None
     grad_whh = torch.zeros(hidden, hidden, dtype=acc, device=out.device) if need_whh else None
     grad_b = torch.zeros(hidden, dtype=acc, device=out.device) if need_b else None
     if n == 0 or length == 0:
-        return dx, carry.to(out.dtype), grad_wih, grad_whh, grad_b
+        return dx, (dhn.clone() if need_h0 else None), grad_wih, grad_whh, grad_b
+    xt = _time_major(x, batch_first) if need_wih else None
     w_hh = w_hh.contiguous()
     w_ih = w_ih.contiguous() if need_x else w_hh  # a dummy without dx
-    steps = window_steps(length)
+    steps = window_steps(length, out.dtype)
     dz = torch.empty(steps, n, hidden, dtype=out.dtype, device=out.device)
     dxt = _time_major(dx, batch_first) if need_x else dz  # dx contiguous in its shape: unit feature stride
     cfg = launch_config(hidden, out.dtype)
@@ -109,24 +111,24 @@ def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x
         t0 = max(0, t1 - steps)
         window = t1 - t0
         wrap_triton(_rnn_backward_kernel)[(triton.cdiv(n, BLOCK_N),)](
-            dy, carry, out, w_hh, dz, w_ih, dxt,
-            window, n, hidden, input_size, dyt.stride(0), dyt.stride(1), dyt.stride(2), ot.stride(0), ot.stride(1),
+            dy, dhn, out, w_hh, dz, w_ih, dxt,
+            window, n, hidden, input_size, int(t1 < length),
+            dyt.stride(0), dyt.stride(1), dyt.stride(2), dhn.stride(0), dhn.stride(1), ot.stride(0), ot.stride(1),
             dz.stride(0), dxt.stride(0), dxt.stride(1),
             (t1 - 1) * dyt.stride(0), (t1 - 1) * ot.stride(0), (window - 1) * dz.stride(0), (t1 - 1) * dxt.stride(0),
             ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(out.dtype), **cfg, **input_config(input_size, cfg),
             HAS_DX=need_x,
         )
-        flat_dz = dz[:window].reshape(window * n, hidden)  # a view: dz is contiguous
         if need_b:
-            grad_b += flat_dz.sum(0, dtype=acc)
-        if need_whh:
-            # the states before steps t0 .. t1-1: output steps t0-1 .. t1-2, h0 before step 0
-            h_prev = ot[t0 - 1:t1 - 1] if t0 > 0 else torch.cat([h0.unsqueeze(0), ot[:t1 - 1]])
-            _accumulate_mm(grad_whh, flat_dz.t(), h_prev.reshape(window * n, hidden))
-        if need_wih:
-            x_win = _time_major(x, batch_first)[t0:t1]
-            _accumulate_mm(grad_wih, flat_dz.t(), x_win.reshape(window * n, x_win.shape[-1]))
-    return dx, carry.to(out.dtype), grad_wih, grad_whh, grad_b
+            grad_b += dz[:window].sum((0, 1), dtype=acc)
+        for t in range(t0, t1):
+            if need_whh:
+                _accumulate_mm(grad_whh, dz[t - t0].t(), ot[t - 1] if t > 0 else h0)
+            if need_wih:
+                _accumulate_mm(grad_wih, dz[t - t0].t(), xt[t])
+    # dh0 = dz_0 @ W_hh: the product the kernel would make after step 0 (slot 0 holds dz_0)
+    dh0 = torch.mm(dz[0], w_hh) if need_h0 else None
+    return dx, dh0, grad_wih, grad_whh, grad_b
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -187,7 +189,7 @@ def _rnn_recurrence_backward_op(grad_output: Optional[Tensor], grad_h_n: Optiona
     dy = grad_output if grad_output is not None else output.new_zeros(()).expand(output.shape)
     dhn = grad_h_n if grad_h_n is not None else output.new_zeros(()).expand(n, hidden)
     dx, dh0, gwih, gwhh, gb = _backward(dy, dhn, input, output, h0, weight_ih, weight_hh, nonlinearity, batch_first,
-                                        need_input, need_weight_ih, need_weight_hh, need_bias)
+                                        need_input, need_h0, need_weight_ih, need_weight_hh, need_bias)
     return (dx if need_input else no_tensor(output)), (dh0 if need_h0 else no_tensor(output)), \
         (gwih.to(output.dtype) if need_weight_ih else no_tensor(output)), \
         (gwhh.to(output.dtype) if need_weight_hh else no_tensor(output)), \

@@ -95,7 +95,6 @@ def _compile_variants():
                     constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs},
                     num_warps=cfg["num_warps"], num_stages=forward_stages(cfg, inputs),
                 ))
-            acc_ptr = triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32)
             # BPTT with dx (a layer whose input needs a gradient) and without (a model's first layer)
             for input_size, has_dx in ((28, True), (256, True), (28, False)) if cfg["RESIDENT"] else ((28, True),):
                 inputs = input_config(input_size, cfg)
@@ -103,10 +102,11 @@ def _compile_variants():
                           else "-no-dx")
                 variants.append(CompileVariant(
                     name=f"rnn-bwd-{tag}{in_tag}", kernel=_rnn_backward_kernel,
-                    signature={"dy_ptr": ptr, "dh_ptr": acc_ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr,
+                    signature={"dy_ptr": ptr, "dhn_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr,
                                "wi_ptr": ptr, "dx_ptr": ptr, "steps": "i32", "N": "i32", "H": "i32", "H_in": "i32",
-                               "sdy_t": "i32", "sdy_n": "i32", "sdy_h": "i32", "so_t": "i32", "so_n": "i32",
-                               "sz_t": "i32", "sdx_t": "i32", "sdx_n": "i32", "last_dy": "i32", "last_o": "i32",
+                               "from_dz": "i32", "sdy_t": "i32", "sdy_n": "i32", "sdy_h": "i32", "sdh_n": "i32",
+                               "sdh_h": "i32", "so_t": "i32", "so_n": "i32", "sz_t": "i32", "sdx_t": "i32",
+                               "sdx_n": "i32", "last_dy": "i32", "last_o": "i32",
                                "last_z": "i32", "last_dx": "i32", "ACTIVATION": "constexpr",
                                "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
                                "BLOCK_K": "constexpr", "BLOCK_I": "constexpr", "RESIDENT": "constexpr",

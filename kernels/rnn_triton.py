@@ -8,7 +8,8 @@ resident in registers when H_in fits one BLOCK_I block (INPUT_RESIDENT), else st
 BLOCK_I-row chunks. Both products accumulate into one fp32 tile.
 
 Backward (BPTT), one launch per window of steps t1-1 .. t0 (the host walks the windows from the
-end), dh carried on chip inside a window and in an fp32 [N, H] buffer between windows:
+end), dh carried on chip inside a window and recomputed from the later window's first dz between
+windows:
     dz_t     = (dh_t + dy_t) * act'(h_t)           tanh' = 1 - h_t^2, relu' = [h_t > 0], from the output
     dh_{t-1} = dz_t @ W_hh
     dx_t     = dz_t @ W_ih                         from the registers, W_ih resident like W_ih^T forward
@@ -132,16 +133,32 @@ def _rnn_forward_kernel(
 
 
 @triton.jit
+def _times_w_hh(z_row, w_ptr, row_mask, cols, col_mask, H, dot_dtype: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_H] = (the rows at z_row, read back in BLOCK_K-column chunks) @ W_hh, W_hh
+    streamed in matching BLOCK_K-row chunks: the chunked kernels' dh = dz @ W_hh."""
+    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
+    for k in range(0, H, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        k_mask = ks < H
+        a = tl.load(z_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.dot(a.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _rnn_backward_kernel(
     dy_ptr,  # [L, N, H] by strides (sdy_t, sdy_n, sdy_h): gradient of the output
-    dh_ptr,  # [N, H] contiguous, ACC_DTYPE: dh at the window's last step in, dh before its first out
+    dhn_ptr,  # [N, H] by strides (sdh_n, sdh_h): gradient of h_n (read by the window ending at L only)
     out_ptr,  # [L, N, H] by strides (so_t, so_n, 1): the forward's h_t
     w_ptr,  # W_hh [H, H] contiguous
-    dz_ptr,  # [steps, N, H] by strides (sz_t, H, 1): the window's pre-activation gradients
+    dz_ptr,  # [steps, N, H] by strides (sz_t, H, 1): slot s holds dz of the window's step t0 + s
     wi_ptr,  # W_ih [H, H_in] contiguous (a dummy when HAS_DX is False)
     dx_ptr,  # [L, N, H_in] by strides (sdx_t, sdx_n, 1): dx_t = dz_t @ W_ih (a dummy without HAS_DX)
     steps, N, H, H_in,
-    sdy_t, sdy_n, sdy_h, so_t, so_n, sz_t, sdx_t, sdx_n,
+    from_dz,  # 0 for the window ending at L (dh = grad h_n), else 1: dh = (slot 0's dz, the later window's first) @ W_hh
+    sdy_t, sdy_n, sdy_h, sdh_n, sdh_h, so_t, so_n, sz_t, sdx_t, sdx_n,
     last_dy, last_o, last_z, last_dx,  # offsets of the window's last step, from the host (may exceed int32)
     ACTIVATION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -161,9 +178,6 @@ def _rnn_backward_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     dot_dtype = w_ptr.dtype.element_ty
 
-    # Each program reads and writes only its own rows of the carry: no other program touches them.
-    dh_tile = dh_ptr + rows[:, None] * H + cols[None, :]
-    dh = tl.load(dh_tile, mask=mask, other=0.0).to(ACC_DTYPE)
     if RESIDENT:
         w = tl.load(w_ptr + cols[:, None] * H + cols[None, :], mask=col_mask[:, None] & col_mask[None, :], other=0.0)
     if HAS_DX and INPUT_RESIDENT:
@@ -173,9 +187,24 @@ def _rnn_backward_kernel(
         wi = tl.load(wi_ptr + cols[:, None] * H_in + ins[None, :], mask=col_mask[:, None] & in_mask[None, :],
                      other=0.0)
 
+    # dh at the window's last step. Between windows nothing is carried but the later window's first
+    # dz, in slot 0: dh = dz @ W_hh is recomputed from it, the product the previous launch would have
+    # made next (the same operands, the same fp32 accumulation). Each program reads only its rows.
+    slot0 = dz_ptr + rows * H
+    if from_dz != 0:
+        if RESIDENT:
+            z0 = tl.load(slot0[:, None] + cols[None, :], mask=mask, other=0.0)
+            dh = tl.dot(z0.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
+        else:
+            dh = _times_w_hh(slot0, w_ptr, row_mask, cols, col_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N, BLOCK_H,
+                             BLOCK_K)
+            tl.debug_barrier()  # slot 0 is read by other threads of this CTA before it is overwritten
+    else:
+        dh = tl.load(dhn_ptr + rows[:, None] * sdh_n + cols[None, :] * sdh_h, mask=mask, other=0.0).to(ACC_DTYPE)
+
     # Row pointers start at the window's last step and step back one time stride per iteration (64-bit).
     o_row = out_ptr + rows * so_n + last_o
-    dz_row = dz_ptr + rows * H + last_z
+    dz_row = slot0 + last_z
     dy_row = dy_ptr + rows * sdy_n + last_dy
     dx_row = dx_ptr + rows * sdx_n + last_dx
     for _ in range(0, steps):
@@ -206,19 +235,12 @@ def _rnn_backward_kernel(
             dh = tl.dot(dz_op, w, out_dtype=ACC_DTYPE, input_precision="ieee")
         else:
             tl.debug_barrier()  # dz_t is read back in chunks, written by other threads of this CTA
-            dh = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
-            for k in range(0, H, BLOCK_K):
-                ks = k + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                a = tl.load(dz_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                            other=0.0)
-                dh += tl.dot(a.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
+            dh = _times_w_hh(dz_row, w_ptr, row_mask, cols, col_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N, BLOCK_H,
+                             BLOCK_K)
         o_row -= so_t
         dz_row -= sz_t
         dy_row -= sdy_t
         dx_row -= sdx_t
-    tl.store(dh_tile, dh.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launch configuration
@@ -248,10 +270,12 @@ def input_config(input_size: int, cfg: dict) -> dict:
     return dict(BLOCK_I=cfg["BLOCK_K"], INPUT_RESIDENT=False)
 
 
-def window_steps(length: int) -> int:
-    """Time steps per BPTT launch: at most BPTT_WINDOWS launches per backward, so the window's dz
-    buffer is at most about 1/BPTT_WINDOWS of the sequence's [L, N, H]."""
-    return max(1, -(-length // BPTT_WINDOWS))
+def window_steps(length: int, dtype: torch.dtype) -> int:
+    """Time steps per BPTT launch: the window's dz buffer [steps, N, H] holds at most one [N, H]
+    fp32 tile's bytes (2 steps in half precision, 1 in fp32/fp64: the backward's whole scratch
+    stays a few [N, H] tiles, issue 22's memory target), and at most ceil(L / BPTT_WINDOWS)."""
+    per_fp32_tile = max(1, 4 // (torch.finfo(dtype).bits // 8))
+    return max(1, min(per_fp32_tile, -(-length // BPTT_WINDOWS)))
 
 
 def forward_stages(cfg: dict, inputs: dict) -> int:

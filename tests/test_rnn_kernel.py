@@ -211,12 +211,15 @@ def test_saved_tensors_are_the_output_and_the_operands(batch_first, device):
     assert _storages(saved) == _storages([out, hx, w_hh_only])
 
 
-@pytest.mark.parametrize("batch_first", [False, True])
-def test_backward_allocates_no_sequence_sized_gradient(batch_first, device):
-    """BPTT runs in windows of window_steps(L) steps: no tensor of the backward is [L, N, H] (the
-    gradients match the reference across window boundaries: L = 17, windows of 3, the first of 2).
-    The dispatch mode sees the custom op's results (the host code's scratch, the window's dz, is
-    counted by tests/test_estimate_memory.py)."""
+@pytest.mark.parametrize("batch_first,window", [(False, 3), (True, 3), (True, None)])
+def test_backward_allocates_no_sequence_sized_gradient(batch_first, window, device, monkeypatch):
+    """BPTT runs in windows of window_steps steps: no tensor of the backward is [L, N, H], and the
+    gradients match the reference across window boundaries (L = 17: windows of 3, the first of 2,
+    as a longer window than fp32's own of 1 step; and fp32's). The dispatch mode sees the custom
+    op's results (the host code's scratch, the window's dz, is counted by
+    tests/test_estimate_memory.py)."""
+    if window is not None:
+        monkeypatch.setattr(rnn_kernel, "window_steps", lambda length, dtype: window)
     torch.manual_seed(0)
     length, batch, h_in, hidden = 17, 4, 3, 24
     shape = (batch, length, h_in) if batch_first else (length, batch, h_in)
@@ -235,4 +238,5 @@ def test_backward_allocates_no_sequence_sized_gradient(batch_first, device):
     largest = max(length * batch * h_in, hidden * hidden)  # dx, grad W_hh
     big = [call for call in allocations.calls if call[1] > largest]
     assert not big, f"sequence-sized tensors in the backward: {big}"
-    assert rnn_triton.window_steps(length) == 3
+    assert rnn_triton.window_steps(length, torch.float32) == 1
+    assert rnn_triton.window_steps(length, torch.bfloat16) == 2 and rnn_triton.window_steps(1, torch.bfloat16) == 1
