@@ -27,6 +27,7 @@ from gpudl.kernels.rnn_triton import (
     MAX_HIDDEN,
     _rnn_backward_kernel,
     _rnn_forward_kernel,
+    backward_stages,
     forward_stages,
     input_config,
     launch_config,
@@ -44,6 +45,8 @@ def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_first):
     """x [L, N, H_in] ([N, L, H_in] if batch_first, any strides); h0 [N, H]; returns (output
     [L, N, H] ([N, L, H]) contiguous, h_n [N, H])."""
     h0, wi_t, w_t = h0.contiguous(), w_ih.t().contiguous(), w_hh.t().contiguous()
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()  # the kernel reads each step's rows as contiguous vectors
     biases = [b for b in (b_ih, b_hh) if b is not None]
     acc = acc_dtype(x.dtype)
     bias = sum(b.to(acc) for b in biases) if biases else None  # [H]: b_ih + b_hh, added once a step
@@ -56,12 +59,12 @@ def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_first):
         return out, hn
     ot = _time_major(out, batch_first)
     cfg = launch_config(hidden, x.dtype)
-    inputs = input_config(input_size, cfg)
+    inputs = input_config(input_size, cfg, x.dtype)
     wrap_triton(_rnn_forward_kernel)[(triton.cdiv(n, BLOCK_N),)](
         x, h0, wi_t, w_t, bias if bias is not None else w_t, out, hn,
-        length, n, hidden, input_size, xt.stride(0), xt.stride(1), xt.stride(2), ot.stride(0), ot.stride(1),
+        length, n, hidden, input_size, xt.stride(0), xt.stride(1), ot.stride(0), ot.stride(1),
         HAS_BIAS=bias is not None, ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(x.dtype), **cfg,
-        **inputs, num_stages=forward_stages(cfg, inputs),
+        **inputs, num_stages=forward_stages(cfg, inputs, x.dtype),
     )
     return out, hn
 
@@ -116,8 +119,8 @@ def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x
             dyt.stride(0), dyt.stride(1), dyt.stride(2), dhn.stride(0), dhn.stride(1), ot.stride(0), ot.stride(1),
             dz.stride(0), dxt.stride(0), dxt.stride(1),
             (t1 - 1) * dyt.stride(0), (t1 - 1) * ot.stride(0), (window - 1) * dz.stride(0), (t1 - 1) * dxt.stride(0),
-            ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(out.dtype), **cfg, **input_config(input_size, cfg),
-            HAS_DX=need_x,
+            ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(out.dtype), **cfg,
+            **input_config(input_size, cfg, out.dtype), HAS_DX=need_x, num_stages=backward_stages(out.dtype),
         )
         if need_b:
             grad_b += dz[:window].sum((0, 1), dtype=acc)

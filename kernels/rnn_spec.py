@@ -11,6 +11,7 @@ from gpudl.kernels.rnn import rnn, unsupported
 from gpudl.kernels.rnn_triton import (
     _rnn_backward_kernel,
     _rnn_forward_kernel,
+    backward_stages,
     forward_stages,
     input_config,
     launch_config,
@@ -81,23 +82,23 @@ def _compile_variants():
             ptr = triton_dtype(dtype)
             tag = f"{str(dtype)[6:]}-H{cfg['BLOCK_H']}-K{cfg['BLOCK_K']}{'-resident' if cfg['RESIDENT'] else ''}"
             for input_size in (28, 256) if cfg["RESIDENT"] else (28,):
-                inputs = input_config(input_size, cfg)
+                inputs = input_config(input_size, cfg, dtype)
                 in_tag = f"-I{inputs['BLOCK_I']}{'-resident' if inputs['INPUT_RESIDENT'] else ''}"
                 variants.append(CompileVariant(
                     name=f"rnn-fwd-{tag}{in_tag}", kernel=_rnn_forward_kernel,
                     signature={"x_ptr": ptr, "h0_ptr": ptr, "wi_ptr": ptr, "w_ptr": ptr, "b_ptr": triton_dtype(
                                torch.float64 if dtype == torch.float64 else torch.float32), "out_ptr": ptr,
                                "hn_ptr": ptr, "L": "i32", "N": "i32", "H": "i32", "H_in": "i32", "sx_t": "i32",
-                               "sx_n": "i32", "sx_i": "i32", "so_t": "i32", "so_n": "i32",
+                               "sx_n": "i32", "so_t": "i32", "so_n": "i32",
                                "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr",
                                "BLOCK_N": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
                                "BLOCK_I": "constexpr", "RESIDENT": "constexpr", "INPUT_RESIDENT": "constexpr"},
                     constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs},
-                    num_warps=cfg["num_warps"], num_stages=forward_stages(cfg, inputs),
+                    num_warps=cfg["num_warps"], num_stages=forward_stages(cfg, inputs, dtype),
                 ))
             # BPTT with dx (a layer whose input needs a gradient) and without (a model's first layer)
             for input_size, has_dx in ((28, True), (256, True), (28, False)) if cfg["RESIDENT"] else ((28, True),):
-                inputs = input_config(input_size, cfg)
+                inputs = input_config(input_size, cfg, dtype)
                 in_tag = (f"-I{inputs['BLOCK_I']}{'-resident' if inputs['INPUT_RESIDENT'] else ''}" if has_dx
                           else "-no-dx")
                 variants.append(CompileVariant(
@@ -112,7 +113,7 @@ def _compile_variants():
                                "BLOCK_K": "constexpr", "BLOCK_I": "constexpr", "RESIDENT": "constexpr",
                                "INPUT_RESIDENT": "constexpr", "HAS_DX": "constexpr"},
                     constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs, "HAS_DX": has_dx},
-                    num_warps=cfg["num_warps"],
+                    num_warps=cfg["num_warps"], num_stages=backward_stages(dtype),
                 ))
     return variants
 

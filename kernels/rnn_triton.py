@@ -43,7 +43,7 @@ BPTT_WINDOWS = 8  # BPTT launches per backward at most (window_steps)
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _rnn_forward_kernel(
-    x_ptr,  # [L, N, H_in] by strides (sx_t, sx_n, sx_i): the layer's input
+    x_ptr,  # [L, N, H_in] by strides (sx_t, sx_n, 1): the layer's input
     h0_ptr,  # [N, H] contiguous
     wi_ptr,  # W_ih^T [H_in, H] contiguous, transposed by the host
     w_ptr,  # W_hh^T [H, H] contiguous, transposed by the host: row-major chunks load as wide vectors
@@ -52,7 +52,7 @@ def _rnn_forward_kernel(
     out_ptr,  # [L, N, H] by strides (so_t, so_n, 1): every h_t
     hn_ptr,  # [N, H] contiguous: the last h_t (the host handles L == 0 without a launch)
     L, N, H, H_in,
-    sx_t, sx_n, sx_i, so_t, so_n,
+    sx_t, sx_n, so_t, so_n,
     HAS_BIAS: tl.constexpr,
     ACTIVATION: tl.constexpr,  # "tanh" or "relu"
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for float64 inputs
@@ -95,14 +95,14 @@ def _rnn_forward_kernel(
     for _ in range(0, L):
         # the input projection x_t @ W_ih^T, into the step's accumulator
         if INPUT_RESIDENT:
-            xt = tl.load(x_row[:, None] + ins[None, :] * sx_i, mask=x_mask, other=0.0)
+            xt = tl.load(x_row[:, None] + ins[None, :], mask=x_mask, other=0.0)
             acc = tl.dot(xt.to(dot_dtype), wi_t, out_dtype=ACC_DTYPE, input_precision="ieee")
         else:
             acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
             for i in range(0, H_in, BLOCK_I):
                 ks = i + tl.arange(0, BLOCK_I)
                 k_mask = ks < H_in
-                xt = tl.load(x_row[:, None] + ks[None, :] * sx_i, mask=row_mask[:, None] & k_mask[None, :],
+                xt = tl.load(x_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
                              other=0.0)
                 wi = tl.load(wi_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
                              other=0.0)
@@ -133,17 +133,18 @@ def _rnn_forward_kernel(
 
 
 @triton.jit
-def _times_w_hh(z_row, w_ptr, row_mask, cols, col_mask, H, dot_dtype: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_H] = (the rows at z_row, read back in BLOCK_K-column chunks) @ W_hh, W_hh
-    streamed in matching BLOCK_K-row chunks: the chunked kernels' dh = dz @ W_hh."""
-    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=ACC_DTYPE)
+def _rows_times(z_row, row_mask, b_ptr, ldb, out_cols, out_mask, H, dot_dtype: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_C] = (the [BLOCK_N, H] rows at z_row, read back in BLOCK_K-column chunks) @
+    B[:, out_cols], B row-major [H, ldb], streamed in matching BLOCK_K-row chunks: the chunked
+    backward's dh = dz @ W_hh and dx = dz @ W_ih."""
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
     for k in range(0, H, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         k_mask = ks < H
         a = tl.load(z_row[:, None] + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(a.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
+        b = tl.load(b_ptr + ks[:, None] * ldb + out_cols[None, :], mask=k_mask[:, None] & out_mask[None, :], other=0.0)
+        acc += tl.dot(a.to(dot_dtype), b, out_dtype=ACC_DTYPE, input_precision="ieee")
     return acc
 
 
@@ -157,7 +158,7 @@ def _rnn_backward_kernel(
     wi_ptr,  # W_ih [H, H_in] contiguous (a dummy when HAS_DX is False)
     dx_ptr,  # [L, N, H_in] by strides (sdx_t, sdx_n, 1): dx_t = dz_t @ W_ih (a dummy without HAS_DX)
     steps, N, H, H_in,
-    from_dz,  # 0 for the window ending at L (dh = grad h_n), else 1: dh = (slot 0's dz, the later window's first) @ W_hh
+    from_dz,  # 0 for the window ending at L (dh = grad h_n), else 1 (dh = slot 0's dz @ W_hh)
     sdy_t, sdy_n, sdy_h, sdh_n, sdh_h, so_t, so_n, sz_t, sdx_t, sdx_n,
     last_dy, last_o, last_z, last_dx,  # offsets of the window's last step, from the host (may exceed int32)
     ACTIVATION: tl.constexpr,
@@ -196,7 +197,7 @@ def _rnn_backward_kernel(
             z0 = tl.load(slot0[:, None] + cols[None, :], mask=mask, other=0.0)
             dh = tl.dot(z0.to(dot_dtype), w, out_dtype=ACC_DTYPE, input_precision="ieee")
         else:
-            dh = _times_w_hh(slot0, w_ptr, row_mask, cols, col_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N, BLOCK_H,
+            dh = _rows_times(slot0, row_mask, w_ptr, H, cols, col_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N, BLOCK_H,
                              BLOCK_K)
             tl.debug_barrier()  # slot 0 is read by other threads of this CTA before it is overwritten
     else:
@@ -216,26 +217,36 @@ def _rnn_backward_kernel(
         else:
             dz = tl.where(h > 0.0, g, 0.0)
         tl.store(dz_row[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
-        dz_op = dz.to(dot_dtype)
-        # dx_t = dz_t @ W_ih, from the registers: no GEMM over the window's dz afterwards
-        if HAS_DX:
-            if INPUT_RESIDENT:
-                dx = tl.dot(dz_op, wi, out_dtype=ACC_DTYPE, input_precision="ieee")
-                tl.store(dx_row[:, None] + ins[None, :], dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
-            else:
+        if RESIDENT:
+            # dh_{t-1} = dz_t @ W_hh and dx_t = dz_t @ W_ih from the registers
+            dz_op = dz.to(dot_dtype)
+            if HAS_DX:
+                if INPUT_RESIDENT:
+                    dx = tl.dot(dz_op, wi, out_dtype=ACC_DTYPE, input_precision="ieee")
+                    tl.store(dx_row[:, None] + ins[None, :], dx.to(dx_ptr.dtype.element_ty), mask=dx_mask)
+                else:
+                    for i in range(0, H_in, BLOCK_I):
+                        ks = i + tl.arange(0, BLOCK_I)
+                        k_mask = ks < H_in
+                        wi_c = tl.load(wi_ptr + cols[:, None] * H_in + ks[None, :],
+                                       mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+                        dx = tl.dot(dz_op, wi_c, out_dtype=ACC_DTYPE, input_precision="ieee")
+                        tl.store(dx_row[:, None] + ks[None, :], dx.to(dx_ptr.dtype.element_ty),
+                                 mask=row_mask[:, None] & k_mask[None, :])
+            dh = tl.dot(dz_op, w, out_dtype=ACC_DTYPE, input_precision="ieee")
+        else:
+            # dz_t read back in BLOCK_K chunks (a [BLOCK_N, BLOCK_H] dot operand would spill), for
+            # dx_t = dz_t @ W_ih and dh_{t-1} = dz_t @ W_hh
+            tl.debug_barrier()  # dz_t was written by other threads of this CTA
+            if HAS_DX:
                 for i in range(0, H_in, BLOCK_I):
                     ks = i + tl.arange(0, BLOCK_I)
                     k_mask = ks < H_in
-                    wi_c = tl.load(wi_ptr + cols[:, None] * H_in + ks[None, :],
-                                   mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-                    dx = tl.dot(dz_op, wi_c, out_dtype=ACC_DTYPE, input_precision="ieee")
+                    dx = _rows_times(dz_row, row_mask, wi_ptr, H_in, ks, k_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N,
+                                     BLOCK_I, BLOCK_K)
                     tl.store(dx_row[:, None] + ks[None, :], dx.to(dx_ptr.dtype.element_ty),
                              mask=row_mask[:, None] & k_mask[None, :])
-        if RESIDENT:
-            dh = tl.dot(dz_op, w, out_dtype=ACC_DTYPE, input_precision="ieee")
-        else:
-            tl.debug_barrier()  # dz_t is read back in chunks, written by other threads of this CTA
-            dh = _times_w_hh(dz_row, w_ptr, row_mask, cols, col_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N, BLOCK_H,
+            dh = _rows_times(dz_row, row_mask, w_ptr, H, cols, col_mask, H, dot_dtype, ACC_DTYPE, BLOCK_N, BLOCK_H,
                              BLOCK_K)
         o_row -= so_t
         dz_row -= sz_t
@@ -260,14 +271,18 @@ def launch_config(hidden: int, dtype: torch.dtype) -> dict:
                 num_warps=4 if block_h <= 64 else 8)
 
 
-def input_config(input_size: int, cfg: dict) -> dict:
-    """The forward's input-projection blocks for H_in input features, beside launch_config's cfg.
-    Resident: W_ih^T kept in registers when H_in fits one block of at most 64 (the models' 8 and 28
-    do), streamed in 64-row chunks otherwise; chunked: BLOCK_K-row chunks, like W_hh^T's."""
+def input_config(input_size: int, cfg: dict, dtype: torch.dtype) -> dict:
+    """The input-projection blocks (W_ih^T forward, W_ih backward) for H_in input features, beside
+    launch_config's cfg. Resident: W_ih kept in registers when H_in fits one block of at most 64
+    (the models' 8 and 28 do), else streamed in chunks of 64 features in half precision, 32 in
+    fp32/fp64 (64 spills the resident fp32 kernels: see the audit); chunked: BLOCK_K, like W_hh's
+    (at most 32 in fp32/fp64: the fp32 H 128 backward's dx chunk of 64 spills on sm_90)."""
     if cfg["RESIDENT"]:
-        block_i = max(16, min(64, triton.next_power_of_2(max(input_size, 1))))
-        return dict(BLOCK_I=block_i, INPUT_RESIDENT=input_size <= block_i)
-    return dict(BLOCK_I=cfg["BLOCK_K"], INPUT_RESIDENT=False)
+        if input_size <= 64:
+            return dict(BLOCK_I=max(16, triton.next_power_of_2(max(input_size, 1))), INPUT_RESIDENT=True)
+        return dict(BLOCK_I=64 if torch.finfo(dtype).bits == 16 else 32, INPUT_RESIDENT=False)
+    return dict(BLOCK_I=cfg["BLOCK_K"] if torch.finfo(dtype).bits == 16 else min(32, cfg["BLOCK_K"]),
+                INPUT_RESIDENT=False)
 
 
 def window_steps(length: int, dtype: torch.dtype) -> int:
@@ -278,8 +293,18 @@ def window_steps(length: int, dtype: torch.dtype) -> int:
     return max(1, min(per_fp32_tile, -(-length // BPTT_WINDOWS)))
 
 
-def forward_stages(cfg: dict, inputs: dict) -> int:
+def backward_stages(dtype: torch.dtype) -> int:
+    """The backward's num_stages: 3 in half precision (its weight-chunk loops pipelined); 1 in
+    fp32/fp64, whose FMA dots hold the operands in registers (the fp32 H 128 kernel spills on sm_80
+    at 3 stages, the fp64 H 512 one needs more shared memory than sm_80 has: see the audit)."""
+    return 3 if torch.finfo(dtype).bits == 16 else 1
+
+
+def forward_stages(cfg: dict, inputs: dict, dtype: torch.dtype) -> int:
     """The forward's num_stages. Resident with W_ih^T resident: 1, as its time loop has nothing to
     pipeline (the weights are on chip before it, h is carried in registers, x_t is the step's only
-    load); 3 wherever a loop streams weight chunks (pipelined loads)."""
-    return 1 if cfg["RESIDENT"] and inputs["INPUT_RESIDENT"] else 3
+    load); 3 wherever a loop streams weight chunks (pipelined loads), except the resident fp32/fp64
+    kernel streaming W_ih^T (1: it spills on sm_80 at 3, see the audit)."""
+    if cfg["RESIDENT"] and (inputs["INPUT_RESIDENT"] or torch.finfo(dtype).bits > 16):
+        return 1
+    return 3
