@@ -83,7 +83,7 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x, need_h0, need_wih, need_whh,
               need_b):
-    """BPTT. dy like out, dhn [N, H] (any strides, zero strides included), x the forward's input
+    """BPTT. dy like out or None (zeros), dhn [N, H] (any strides, zero strides included), x the forward's input
     (None unless need_wih), h0 (None unless need_whh), w_ih (None unless need_x). Returns (dx like
     out with H_in features or None, dh0 [N, H] or None, grad W_ih [H, H_in] fp32 or None, grad W_hh
     [H, H] fp32 or None, grad b [H] fp32 or None).
@@ -93,6 +93,8 @@ def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x
     meanwhile each step's dz meets the state before it (h0 for t = 0) and its input in GEMMs into
     fp32 accumulators, reading the output and the input in place (per-step [N, H] views)."""
     n, hidden = dhn.shape
+    has_dy = dy is not None
+    dy = dy if has_dy else out  # a dummy: the kernel reads no dy
     ot, dyt = _time_major(out, batch_first), _time_major(dy, batch_first)
     length = ot.shape[0]
     acc = acc_dtype(out.dtype)
@@ -120,7 +122,8 @@ def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x
             dz.stride(0), dxt.stride(0), dxt.stride(1),
             (t1 - 1) * dyt.stride(0), (t1 - 1) * ot.stride(0), (window - 1) * dz.stride(0), (t1 - 1) * dxt.stride(0),
             ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(out.dtype), **cfg,
-            **input_config(input_size, cfg, out.dtype), HAS_DX=need_x, num_stages=backward_stages(out.dtype),
+            **input_config(input_size, cfg, out.dtype), HAS_DX=need_x, HAS_DY=has_dy,
+            num_stages=backward_stages(out.dtype),
         )
         if need_b:
             grad_b += dz[:window].sum((0, 1), dtype=acc)
@@ -188,11 +191,11 @@ def _rnn_recurrence_backward_op(grad_output: Optional[Tensor], grad_h_n: Optiona
     and b_hh's)), each an empty tensor when not asked for; a missing grad_output or grad_h_n counts
     as zeros. h0 is needed only for dweight_hh, input only for dweight_ih, weight_ih only for d input."""
     n, hidden = output.shape[0 if batch_first else 1], weight_hh.shape[0]
-    # Zeros for a missing gradient, read through zero strides: nothing is materialized.
-    dy = grad_output if grad_output is not None else output.new_zeros(()).expand(output.shape)
+    # Zeros for a missing h_n gradient, read through zero strides: nothing is materialized (a
+    # missing output gradient is not read at all).
     dhn = grad_h_n if grad_h_n is not None else output.new_zeros(()).expand(n, hidden)
-    dx, dh0, gwih, gwhh, gb = _backward(dy, dhn, input, output, h0, weight_ih, weight_hh, nonlinearity, batch_first,
-                                        need_input, need_h0, need_weight_ih, need_weight_hh, need_bias)
+    dx, dh0, gwih, gwhh, gb = _backward(grad_output, dhn, input, output, h0, weight_ih, weight_hh, nonlinearity,
+                                        batch_first, need_input, need_h0, need_weight_ih, need_weight_hh, need_bias)
     return (dx if need_input else no_tensor(output)), (dh0 if need_h0 else no_tensor(output)), \
         (gwih.to(output.dtype) if need_weight_ih else no_tensor(output)), \
         (gwhh.to(output.dtype) if need_weight_hh else no_tensor(output)), \

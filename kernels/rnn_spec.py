@@ -96,11 +96,13 @@ def _compile_variants():
                     constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs},
                     num_warps=cfg["num_warps"], num_stages=forward_stages(cfg, inputs, dtype),
                 ))
-            # BPTT with dx (a layer whose input needs a gradient) and without (a model's first layer)
-            for input_size, has_dx in ((28, True), (256, True), (28, False)) if cfg["RESIDENT"] else ((28, True),):
+            # BPTT with dx (a layer whose input needs a gradient) and without (a model's first layer),
+            # with the output's gradient and without (a model reading only h_n)
+            kinds = ((28, True, True), (256, True, True), (28, False, True), (28, False, False))
+            for input_size, has_dx, has_dy in kinds if cfg["RESIDENT"] else ((28, True, True), (28, False, False)):
                 inputs = input_config(input_size, cfg, dtype)
                 in_tag = (f"-I{inputs['BLOCK_I']}{'-resident' if inputs['INPUT_RESIDENT'] else ''}" if has_dx
-                          else "-no-dx")
+                          else "-no-dx") + ("" if has_dy else "-no-dy")
                 variants.append(CompileVariant(
                     name=f"rnn-bwd-{tag}{in_tag}", kernel=_rnn_backward_kernel,
                     signature={"dy_ptr": ptr, "dhn_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr,
@@ -111,8 +113,10 @@ def _compile_variants():
                                "last_z": "i32", "last_dx": "i32", "ACTIVATION": "constexpr",
                                "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
                                "BLOCK_K": "constexpr", "BLOCK_I": "constexpr", "RESIDENT": "constexpr",
-                               "INPUT_RESIDENT": "constexpr", "HAS_DX": "constexpr"},
-                    constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs, "HAS_DX": has_dx},
+                               "INPUT_RESIDENT": "constexpr", "HAS_DX": "constexpr",
+                               "HAS_DY": "constexpr"},
+                    constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs, "HAS_DX": has_dx,
+                                "HAS_DY": has_dy},
                     num_warps=cfg["num_warps"], num_stages=backward_stages(dtype),
                 ))
     return variants

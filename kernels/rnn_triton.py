@@ -150,7 +150,7 @@ def _rows_times(z_row, row_mask, b_ptr, ldb, out_cols, out_mask, H, dot_dtype: t
 
 @triton.jit
 def _rnn_backward_kernel(
-    dy_ptr,  # [L, N, H] by strides (sdy_t, sdy_n, sdy_h): gradient of the output
+    dy_ptr,  # [L, N, H] by strides (sdy_t, sdy_n, sdy_h): gradient of the output (a dummy without HAS_DY)
     dhn_ptr,  # [N, H] by strides (sdh_n, sdh_h): gradient of h_n (read by the window ending at L only)
     out_ptr,  # [L, N, H] by strides (so_t, so_n, 1): the forward's h_t
     w_ptr,  # W_hh [H, H] contiguous
@@ -170,6 +170,7 @@ def _rnn_backward_kernel(
     RESIDENT: tl.constexpr,
     INPUT_RESIDENT: tl.constexpr,  # H_in <= BLOCK_I: W_ih loaded once, dx_t one block per step
     HAS_DX: tl.constexpr,
+    HAS_DY: tl.constexpr,  # False when only h_n's gradient arrived: no dy loads at all
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -210,8 +211,10 @@ def _rnn_backward_kernel(
     dx_row = dx_ptr + rows * sdx_n + last_dx
     for _ in range(0, steps):
         h = tl.load(o_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-        dy = tl.load(dy_row[:, None] + cols[None, :] * sdy_h, mask=mask, other=0.0).to(ACC_DTYPE)
-        g = dh + dy
+        if HAS_DY:
+            g = dh + tl.load(dy_row[:, None] + cols[None, :] * sdy_h, mask=mask, other=0.0).to(ACC_DTYPE)
+        else:
+            g = dh
         if ACTIVATION == "tanh":
             dz = g * (1.0 - h * h)
         else:
