@@ -7,8 +7,9 @@ Backward: BPTT over windows of time steps (_rnn_backward_kernel, one launch per 
 launch restarts from the window's first dz), each window's dz = d loss / d z_t [steps, N, H] turned
 into its share of grad W_hh = sum_t dz_t^T h_{t-1}, grad W_ih = sum_t dz_t^T x_t,
 grad b = sum_t dz_t (b_ih's and b_hh's) by GEMMs and sums into fp32 accumulators; dx_t = dz_t W_ih
-comes out of the BPTT kernel itself. Only one window's dz is ever allocated: no [L, N, H] intermediate of the step
-exists, forward or backward, besides the output itself.
+comes out of the BPTT kernel itself. Only one window's dz is ever allocated: no [L, N, H]
+intermediate exists, forward or backward, besides the output itself. (Why not per-program
+weight-gradient partials inside the kernel: docs/kernels/rnn.md#memory.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gpudl.kernels.rnn_triton import (
     _rnn_backward_kernel,
     _rnn_forward_kernel,
     backward_stages,
+    backward_warps,
     forward_stages,
     input_config,
     launch_config,
@@ -112,6 +114,7 @@ def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x
     dz = torch.empty(steps, n, hidden, dtype=out.dtype, device=out.device)
     dxt = _time_major(dx, batch_first) if need_x else dz  # dx contiguous in its shape: unit feature stride
     cfg = launch_config(hidden, out.dtype)
+    cfg["num_warps"] = backward_warps(cfg, out.dtype)
     for t1 in range(length, 0, -steps):
         t0 = max(0, t1 - steps)
         window = t1 - t0

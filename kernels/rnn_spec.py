@@ -12,6 +12,7 @@ from gpudl.kernels.rnn_triton import (
     _rnn_backward_kernel,
     _rnn_forward_kernel,
     backward_stages,
+    backward_warps,
     forward_stages,
     input_config,
     launch_config,
@@ -117,7 +118,7 @@ def _compile_variants():
                                "HAS_DY": "constexpr"},
                     constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs, "HAS_DX": has_dx,
                                 "HAS_DY": has_dy},
-                    num_warps=cfg["num_warps"], num_stages=backward_stages(dtype),
+                    num_warps=backward_warps(cfg, dtype), num_stages=backward_stages(dtype),
                 ))
     return variants
 

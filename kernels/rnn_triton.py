@@ -12,9 +12,11 @@ end), dh carried on chip inside a window and recomputed from the later window's 
 windows:
     dz_t     = (dh_t + dy_t) * act'(h_t)           tanh' = 1 - h_t^2, relu' = [h_t > 0], from the output
     dh_{t-1} = dz_t @ W_hh
-    dx_t     = dz_t @ W_ih                         from the registers, W_ih resident like W_ih^T forward
-dz_t is stored into a window-sized buffer only; the host turns each window into the weight and bias
-gradients with GEMMs (kernels/rnn.py), so no [L, N, H] gradient of the pre-activation exists.
+    dx_t     = dz_t @ W_ih                         (HAS_DX) W_ih resident or streamed as forward
+dy_t is not read at all without HAS_DY (only h_n's gradient arrived). dz_t is stored into a
+window-sized buffer only; the host turns each window into the weight and bias gradients with GEMMs
+(kernels/rnn.py), so no [L, N, H] gradient of the pre-activation exists. The resident kernel takes
+dh and dx from dz in registers; the chunked one reads dz_t back in BLOCK_K chunks for both.
 
 Two ways to multiply by W_hh each step, picked by the hidden size (launch_config):
   * resident (BLOCK_H <= 64): the [BLOCK_H, BLOCK_H] tile is loaded once and kept in registers
@@ -294,6 +296,12 @@ def window_steps(length: int, dtype: torch.dtype) -> int:
     stays a few [N, H] tiles, issue 22's memory target), and at most ceil(L / BPTT_WINDOWS)."""
     per_fp32_tile = max(1, 4 // (torch.finfo(dtype).bits // 8))
     return max(1, min(per_fp32_tile, -(-length // BPTT_WINDOWS)))
+
+
+def backward_warps(cfg: dict, dtype: torch.dtype) -> int:
+    """The backward's num_warps: launch_config's, but 16 for the fp32/fp64 H 512 kernels (at 8 the
+    fp32 one without dy spills on sm_90: see the audit)."""
+    return 16 if cfg["BLOCK_H"] >= 512 and torch.finfo(dtype).bits > 16 else cfg["num_warps"]
 
 
 def backward_stages(dtype: torch.dtype) -> int:
