@@ -276,7 +276,7 @@ def plan(ops, archs) -> list[dict]:
             work.append({"op": op, "error": "the spec lists no compile variants"})
         for i, variant in enumerate(variants):
             for spec in specializations(variant, captured):
-                for arch in archs:
+                for arch in (a for a in archs if a in variant.archs):
                     work.append({"id": compilation_id(op, variant.name, arch, spec["unit"]), "op": op, "index": i,
                                  "arch": arch, "spec": spec})
     return work

@@ -53,6 +53,7 @@ from gpudl.kernels.linear_triton import (
     _activation_backward_kernel,
     _column_sum_kernel,
     matmul,
+    uses_tensor_cores,
 )
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 
@@ -111,6 +112,24 @@ def _install_descriptor_allocator() -> None:
         triton.set_allocator(_descriptor_workspace)
 
 
+def _load_path(a: torch.Tensor, b: torch.Tensor, a_major, b_major, precision: str, on_gpu: bool) -> str:
+    """"descriptor" or "pointer": the GEMM's LOADS for operands a [M, K], b [K, N].
+
+    Operand tiles come through tensor descriptors where the TMA can address both operands and the
+    products run on tensor cores. IEEE fp32 and fp64 products run on the FMA units, which read
+    each operand element from shared memory on their own: the TMA's swizzled tiles buy them
+    nothing and cost registers (on sm_90 every descriptor-loaded IEEE tile with K steps of 32
+    spilled, and tiles with K steps of 8 took 235-254 registers in the forward and wgrad with
+    descriptors, 130-167 with pointers; see the audit), so they take the pointer loads on a GPU.
+    The interpreter (no TMA, no FMA units) takes the descriptors wherever they can address the
+    operands, so the tests run that path in fp32."""
+    if a.shape[1] == 0 or not (_descriptor_ready(a, a_major) and _descriptor_ready(b, b_major)):
+        return "pointer"
+    if on_gpu and not uses_tensor_cores(a.element_size(), precision):
+        return "pointer"
+    return "descriptor"
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activation: str = "none", dy=None):
     """c [M, N] = act(a [M, K] @ b [K, N] + bias [N]), or, given dy [M, N] (c's strides),
     c = act'(a @ b + bias) * dy. a, b may be any strided views (transposes included)."""
@@ -119,7 +138,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
     if c.numel() == 0:
         return c
     a_major, b_major = _major(a), _major(b)
-    descriptors = K > 0 and _descriptor_ready(a, a_major) and _descriptor_ready(b, b_major)
+    precision = _input_precision(c.dtype)
+    loads = _load_path(a, b, a_major, b_major, precision, on_gpu=c.device.type == "cuda")
     if K == 0:
         # Empty operands are never read (the K loop runs zero times); a null data pointer may be
         # refused by the launcher, so pass the output's instead.
@@ -127,7 +147,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         stride_a, stride_b = (0, 0), (0, 0)
     else:
         stride_a, stride_b = a.stride(), b.stride()
-    if descriptors and c.device.type == "cuda":
+    if loads == "descriptor" and c.device.type == "cuda":
         _install_descriptor_allocator()
     programs = _persistent_programs(c.device)
     grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
@@ -140,12 +160,12 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, activati
         HAS_BIAS=bias is not None,
         ACTIVATION=activation,
         EPILOGUE="activation" if dy is None else "activation_grad",
-        LOADS="descriptor" if descriptors else "pointer",
+        LOADS=loads,
         # The layout also names the pointer-load compilations (one per layout, as the audit compiles them).
         A_MAJOR=a_major or "neither",
         B_MAJOR=b_major or "neither",
         ACC_DTYPE=tl_acc(c.dtype),
-        INPUT_PRECISION=_input_precision(c.dtype),
+        INPUT_PRECISION=precision,
     )
     return c
 

@@ -15,12 +15,12 @@ from gpudl.kernels.linear_triton import (
     COLUMN_SUM_WARPS,
     ELEMENTWISE_TILE,
     ELEMENTWISE_WARPS,
-    GEMM_TILES,
     _activation_backward_kernel,
     _column_sum_kernel,
     _matmul_kernel,
-    tiles_for,
+    tile_table,
     tiles_that_fit,
+    uses_tensor_cores,
 )
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
 
@@ -85,20 +85,35 @@ _GEMM_MODES = {
 }
 
 
+def _tiles_by_arch(size: int, precision: str) -> list[tuple]:
+    """[(config, archs)]: each candidate of the tile tables for the element size and precision, with
+    the GPUs whose table holds it and whose shared memory its pipeline fits."""
+    tiles: dict[int, tuple] = {}
+    for arch, limit in sorted(SHARED_MEMORY_LIMIT.items()):
+        for config in tiles_that_fit(tile_table(size, precision, arch), size, limit):
+            tiles.setdefault(id(config), (config, []))[1].append(arch)
+    return [(config, tuple(archs)) for config, archs in tiles.values()]
+
+
 def _compile_variants() -> list[CompileVariant]:
-    """Every autotune config the GEMM may pick for the dtype (those that fit sm_80, the smaller
-    device; sm_90 keeps the same set), with each epilogue, in fp32 (IEEE, torch's
-    default, and TF32, opt-in) and bf16; and the two elementwise kernels in fp32 and bf16."""
+    """Every autotune config the GEMM may pick for the dtype and precision on each GPU (compiled for
+    the GPUs whose table holds it), with each epilogue, in fp32 (IEEE, torch's default, and TF32,
+    opt-in) and bf16; and the two elementwise kernels in fp32 and bf16. IEEE fp32 products take
+    the pointer loads on a GPU (kernels/linear.py), so their four GEMMs compile so."""
     variants = []
     gemm_sig = {name: "i32" for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
                                          "stride_cm", "stride_cn")}
-    limit = min(SHARED_MEMORY_LIMIT.values())
     for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "ieee")):
         ptr = triton_dtype(dtype)
         size = torch.empty((), dtype=dtype).element_size()
-        for config in tiles_that_fit(tiles_for(GEMM_TILES, size), size, limit):
+        if uses_tensor_cores(size, precision):
+            modes = _GEMM_MODES
+        else:
+            modes = {mode: {**switches, "LOADS": "pointer"} for mode, switches in _GEMM_MODES.items()
+                     if not mode.startswith("pointer-")}
+        for config, archs in _tiles_by_arch(size, precision):
             kw = config.kwargs
-            for mode, switches in _GEMM_MODES.items():
+            for mode, switches in modes.items():
                 variants.append(CompileVariant(
                     name=f"matmul-{mode}-{ptr[1:]}-{precision}-{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
                          f"-w{config.num_warps}-s{config.num_stages}",
@@ -108,6 +123,7 @@ def _compile_variants() -> list[CompileVariant]:
                     constexprs={**switches, "ACC_DTYPE": tl.float32, "INPUT_PRECISION": precision, **kw},
                     num_warps=config.num_warps,
                     num_stages=config.num_stages,
+                    archs=archs,
                 ))
     for dtype in (torch.float32, torch.bfloat16):
         ptr = triton_dtype(dtype)

@@ -3,7 +3,9 @@ elementwise activation-gradient kernel, and the column sum of the bias gradient.
 
 `_matmul_kernel` computes C [M, N] = epilogue(A [M, K] @ B [K, N]): persistent over output tiles
 in the grouped order of Triton's matmul tutorials (03, 09), its operand tiles loaded through
-tensor descriptors where the layout allows (pointers otherwise). The three products of a linear
+tensor descriptors where the layout allows and the products run on tensor cores (pointers
+otherwise: kernels/linear.py `_load_path`). Its autotune candidates come from one tile table per
+dtype, product precision and GPU (`tile_table`), each audited free of spills. The three products of a linear
 layer are this one kernel with different strides (see kernels/linear.py).
 
 The epilogue (bias, then the activation, or the activation's gradient times dy) runs once per
@@ -36,31 +38,65 @@ def gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
     return common_gemm_tile(block_m, block_n, block_k, warps, stages, GROUP_M=group_m)
 
 
-# Every candidate compiles without spills and with tensor-core instructions and pipelined loads on
-# sm_80 and sm_90 (`python -m gpudl.kernels.audit --op linear`). The first of the list is the one
-# the interpreter runs: the largest tile, so tests launch few programs.
-# Half precision: up to 128x256x64, the sizes of Triton's matmul tutorial.
+# The tile tables: one per (dtype, product precision, GPU), each candidate compiled without spills
+# in every GEMM of the layer (forward with bias+gelu, gelu's recompute, dgrad, wgrad) on the GPUs
+# that may pick it (`python -m gpudl.kernels.audit --op linear`). The first of GEMM_TILES is the
+# one the interpreter runs: the largest tile, so tests launch few programs.
+#
+# bf16/fp16 on sm_90 (warpgroup MMA): up to 128x256x64, the sizes of Triton's matmul tutorials.
 HALF_TILES = [
     gemm_tile(128, 256, 64, warps=8, stages=3),
     gemm_tile(128, 128, 32, warps=4, stages=4),
     gemm_tile(64, 128, 32, warps=4, stages=4),
     gemm_tile(64, 64, 32, warps=4, stages=3),
 ]
-# float32 (IEEE on FMA units, or TF32 tensor cores) and float64: at most 64 accumulators per
-# thread; 128x128 steps 16 along K (32 spills on sm_80 under the gelu epilogue, see the audit).
-FP32_TILES = [
+# bf16/fp16 on sm_80 (mma.sync, each warp's fp32 accumulator and operand fragments in registers):
+# at most 64 accumulators per thread on 128-row tiles. 128x256x64 on 8 warps and 128x128x32 on 4
+# (128 accumulators a thread) spill in the dgrad and wgrad GEMMs there (see the audit); the same
+# tiles on 8 warps with K steps of 64 / 32 do not.
+HALF_TILES_SM80 = [
+    gemm_tile(128, 128, 64, warps=8, stages=3),
+    gemm_tile(128, 128, 32, warps=8, stages=4),
+    HALF_TILES[2],
+    HALF_TILES[3],
+]
+# float32 as TF32 (tensor cores; torch's opt-in switch): 128-row tiles step 16 along K. 128x64x32
+# on 4 warps spills in wgrad on sm_80, 64x128x32 on 8 warps under the gelu epilogue (the audit).
+TF32_TILES = [
     gemm_tile(128, 128, 16, warps=8, stages=4),
-    gemm_tile(128, 64, 32, warps=4, stages=3),
-    gemm_tile(64, 128, 32, warps=8, stages=3),
+    gemm_tile(128, 64, 16, warps=4, stages=3),
+    gemm_tile(64, 128, 32, warps=4, stages=3),
     gemm_tile(64, 64, 32, warps=4, stages=3),
 ]
-GEMM_TILES = HALF_TILES + FP32_TILES
+# IEEE float32 (torch's default) and float64 run on the FMA units: each thread holds its rows and
+# columns of both operand tiles for all of BLOCK_K, so K steps of 8 or 16. BLOCK_K = 32 spills on
+# both GPUs at every tile, and so do 64x128x8 and 128x64x8 on 4 warps in dgrad (see the audit).
+FMA_TILES = [
+    gemm_tile(128, 128, 8, warps=8, stages=3),
+    gemm_tile(128, 64, 8, warps=8, stages=3),
+    gemm_tile(64, 64, 16, warps=4, stages=3),
+]
+GEMM_TILES = list({id(c): c for c in HALF_TILES + HALF_TILES_SM80 + TF32_TILES + FMA_TILES}.values())
 
 
-def tiles_for(configs, element_size: int):
-    """The candidates of `configs` audited for the element size: the half-precision tiles for 2-byte
-    types, the float32 ones otherwise (float64 too); all of `configs` if none is (the interpreter's one)."""
-    pool = HALF_TILES if element_size == 2 else FP32_TILES
+def uses_tensor_cores(element_size: int, precision: str) -> bool:
+    """Whether the GEMM's products run on tensor cores: fp16/bf16, and fp32 as TF32 (IEEE fp32 and
+    fp64 run on the FMA units)."""
+    return element_size == 2 or (element_size == 4 and precision == "tf32")
+
+
+def tile_table(element_size: int, precision: str, arch: int) -> list[triton.Config]:
+    """The candidates for an operand element size, the product's precision ("ieee" or "tf32") and
+    the GPU's compute capability x 10 (sm_80, 86 and 89 take sm_80's, sm_90 and later sm_90's)."""
+    if element_size == 2:
+        return HALF_TILES if arch >= 90 else HALF_TILES_SM80
+    return TF32_TILES if uses_tensor_cores(element_size, precision) else FMA_TILES
+
+
+def tiles_for(configs, element_size: int, precision: str = "ieee", arch: int = 90):
+    """The candidates of `configs` in the table of (element size, precision, arch); all of
+    `configs` if none is (the interpreter's one)."""
+    pool = tile_table(element_size, precision, arch)
     return [c for c in configs if any(c is p for p in pool)] or list(configs)
 
 
@@ -83,10 +119,16 @@ def _shared_memory_limit(device: torch.device) -> int:
     return limit or SHARED_MEMORY_LIMIT.get(props.major * 10, min(SHARED_MEMORY_LIMIT.values()))
 
 
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
 def _prune_tiles(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     size = a.element_size()
-    return tiles_that_fit(tiles_for(configs, size), size, _shared_memory_limit(a.device))
+    tiles = tiles_for(configs, size, kwargs.get("INPUT_PRECISION", "ieee"), _arch(a.device))
+    return tiles_that_fit(tiles, size, _shared_memory_limit(a.device))
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -171,9 +213,6 @@ def _matmul_kernel(
 
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        # int64 row/column offsets: M * stride can pass 2**31 on large activations.
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         if LOADS == "descriptor":
             row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
@@ -182,6 +221,9 @@ def _matmul_kernel(
                 b = _load_tile(b_desc, k * BLOCK_K, col, B_MAJOR)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         else:
+            # int64 row/column offsets: M * stride can pass 2**31 on large activations.
+            offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_m = offs_m < M
             mask_n = offs_n < N
             a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -193,16 +235,17 @@ def _matmul_kernel(
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 a_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
-        _store_tile(acc, offs_m, pid_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+        _store_tile(acc, pid_m, pid_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
                     HAS_BIAS, ACTIVATION, EPILOGUE, ACC_DTYPE, BLOCK_M, BLOCK_N, EPILOGUE_QUARTERS)
 
 
 @triton.jit
-def _store_tile(acc, offs_m, pid_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
+def _store_tile(acc, pid_m, pid_n, M, N, bias_ptr, dy_ptr, c_ptr, stride_cm, stride_cn,
                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EPILOGUE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_QUARTERS: tl.constexpr):
     """The epilogue of one output tile: whole, or in four column quarters for transcendental
     activations (the whole 128x256 fp32 tile with erf/exp live spills on sm_80, see the audit)."""
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     if EPILOGUE_QUARTERS:
         # [m, a, b, j] = acc[m, a * BLOCK_N / 2 + b * BLOCK_N / 4 + j]; split b, then a.
         q = tl.permute(tl.reshape(acc, (BLOCK_M, 2, 2, BLOCK_N // 4)), (0, 3, 1, 2))
@@ -245,7 +288,9 @@ matmul = triton.autotune(
     configs=tuning_configs(GEMM_TILES),
     # Strides are in the key: forward, grad-input and grad-weight of one layer share M, N, K
     # permutations but not layouts (dW reads dz transposed), and want their own tiles.
-    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "EPILOGUE", "LOADS"],
+    # The precision too: TF32 and IEEE fp32 products have their own tile tables.
+    key=["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "ACTIVATION", "EPILOGUE", "LOADS",
+         "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_tiles},
 )(_matmul_kernel)
 

@@ -61,6 +61,9 @@ class CompileVariant:
     # tile), "attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq" (the textbook flash
     # attention kernel of that role), or "" to let the audit infer it from the kernel's name.
     role: str = ""
+    # The GPUs (compute capability x 10) whose launches can pick this compilation: all that the
+    # compile check targets, unless the kernel's tile table depends on the arch (linear's).
+    archs: tuple[int, ...] = (80, 90)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -332,6 +332,68 @@ def test_config_pruning_keeps_what_fits():
     assert len(fp64) == 1
 
 
+def _tile(config) -> tuple:
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def test_tile_tables_per_dtype_precision_and_gpu():
+    """The audited tables (docs/kernels/linear.md): sm_80 half precision without the tiles that keep
+    128 fp32 accumulators a thread, IEEE fp32 / fp64 (FMA units) with K steps of at most 16, and
+    every candidate of every table among the autotuner's."""
+    half90, half80 = LT.tile_table(2, "ieee", 90), LT.tile_table(2, "ieee", 80)
+    assert (128, 256, 64, 8, 3) in map(_tile, half90)
+    assert LT.tile_table(2, "ieee", 86) is half80 and LT.tile_table(2, "ieee", 100) is half90
+    assert {(128, 256, 64, 8, 3), (128, 128, 32, 4, 4)}.isdisjoint(map(_tile, half80))
+    assert all(m * n // (32 * w) <= 64 for m, n, _, w, _ in map(_tile, half80) if m == 128)
+    fma = LT.tile_table(4, "ieee", 90)
+    assert fma is LT.tile_table(8, "ieee", 80) is LT.tile_table(8, "tf32", 90)
+    assert all(k <= 16 for _, _, k, _, _ in map(_tile, fma))
+    assert LT.tile_table(4, "tf32", 80) is LT.tile_table(4, "tf32", 90) is LT.TF32_TILES
+    candidates = L.matmul.configs.candidates
+    for table in (half90, half80, fma, LT.TF32_TILES):
+        assert all(any(c is t for c in candidates) for t in table)
+    assert candidates[0] is half90[0]  # the interpreter's one: the largest tile
+
+
+def test_pruning_reads_the_precision_and_the_gpu(monkeypatch):
+    """On a GPU the autotuner tries the table of the operands' dtype, the launch's precision and the
+    device's compute capability, within its shared memory."""
+    monkeypatch.setattr(LT, "_shared_memory_limit", lambda device: 166912)
+    candidates = L.matmul.configs.candidates
+    a16, a32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    def tried(a, precision):
+        return {id(c) for c in LT._prune_tiles(candidates, {"a_ptr": a}, INPUT_PRECISION=precision)}
+
+    for arch, half in ((80, LT.HALF_TILES_SM80), (90, LT.HALF_TILES)):
+        monkeypatch.setattr(LT, "_arch", lambda device, arch=arch: arch)
+        assert tried(a16, "ieee") == set(map(id, half))
+        assert tried(a32, "ieee") == set(map(id, LT.FMA_TILES))
+        assert tried(a32, "tf32") == set(map(id, LT.TF32_TILES))
+    assert "INPUT_PRECISION" in L.matmul.keys  # a TF32 switch after tuning tunes again
+
+
+def test_compile_variants_are_the_tables_on_their_gpus():
+    """The audit compiles each candidate for the GPUs whose table holds it, and IEEE fp32 with the
+    pointer loads a GPU launch takes for it."""
+    from gpudl.kernels import linear_spec
+
+    seen = {}
+    for v in linear_spec._compile_variants():
+        if v.kernel is LT._matmul_kernel:
+            kw = v.constexprs
+            dtype = "bf16" if "bf16" in v.name else "fp32"
+            for arch in v.archs:
+                seen.setdefault((dtype, kw["INPUT_PRECISION"], arch), set()).add(
+                    (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], v.num_warps, v.num_stages))
+            if dtype == "fp32" and kw["INPUT_PRECISION"] == "ieee":
+                assert kw["LOADS"] == "pointer", v.name
+    for (dtype, precision, arch), tiles in seen.items():
+        table = LT.tile_table(2 if dtype == "bf16" else 4, precision, arch)
+        assert tiles == set(map(_tile, table)), (dtype, precision, arch)
+    assert len(seen) == 6
+
+
 # --------------------------------------------------------------------------- persistent GEMM, load paths
 @pytest.mark.parametrize("in_features,loads", [(32, "descriptor"), (37, "pointer")])
 def test_gemm_loads_through_descriptors_where_the_tma_can(in_features, loads, launches):
@@ -362,6 +424,22 @@ def test_persistent_programs_walk_several_tiles(launches):
     tiles = -(-1100 // forward["BLOCK_M"]) * -(-300 // forward["BLOCK_N"])
     assert forward["grid"][0] == L.INTERPRETER_PROGRAMS < tiles
     assert all(g["grid"][0] <= L.INTERPRETER_PROGRAMS for g in launches.of("_matmul_kernel"))
+
+
+def test_on_a_gpu_only_tensor_core_products_take_descriptors():
+    """IEEE fp32 / fp64 products (FMA units) read through pointers on a GPU; bf16 and TF32 through
+    descriptors; the interpreter takes descriptors wherever they apply, so the tests run them."""
+    def path(dtype, precision, on_gpu):
+        x, w = torch.empty(64, 32, dtype=dtype), torch.empty(48, 32, dtype=dtype)
+        return L._load_path(x, w.t(), "row", "column", precision, on_gpu)
+
+    assert path(torch.float32, "ieee", True) == "pointer"
+    assert path(torch.float64, "ieee", True) == "pointer"
+    assert path(torch.float32, "tf32", True) == "descriptor"
+    assert path(torch.bfloat16, "ieee", True) == "descriptor"
+    assert path(torch.float32, "ieee", False) == "descriptor"
+    ragged = torch.empty(64, 37)
+    assert L._load_path(ragged, torch.empty(48, 37).t(), "row", "column", "tf32", True) == "pointer"
 
 
 def test_gemm_with_no_unit_stride_takes_pointer_loads(launches):
