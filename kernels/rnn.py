@@ -1,12 +1,15 @@
 """The Elman RNN layer's op layer (kernels in kernels/rnn_triton.py): launchers, the custom ops
 rnn_recurrence and rnn_recurrence_backward with their fakes and autograd, and the entry `rnn`.
 
-    xproj = x @ W_ih^T + b_ih         one GEMM over all time steps (gpudl::linear)
-    output, h_n = recurrence(xproj)   one persistent launch (_rnn_forward_kernel)
-Backward: BPTT in one launch (_rnn_backward_kernel) gives dz = d loss / d xproj for every step and
-dh0; then grad W_hh = sum_t dz_t^T h_{t-1} and grad b_hh = sum_t dz_t as plain GEMMs and sums over
-views of dz and the saved output (no copy of either), and autograd carries dz back through the
-linear op to x, W_ih and b_ih.
+    output, h_n = recurrence(x)   one persistent launch (_rnn_forward_kernel), the input
+                                  projection x_t W_ih^T computed inside each step
+Backward: BPTT over windows of time steps (_rnn_backward_kernel, one launch per window; the next
+launch restarts from the window's first dz), each window's dz = d loss / d z_t [steps, N, H] turned
+into its share of grad W_hh = sum_t dz_t^T h_{t-1}, grad W_ih = sum_t dz_t^T x_t,
+grad b = sum_t dz_t (b_ih's and b_hh's) by GEMMs and sums into fp32 accumulators; dx_t = dz_t W_ih
+comes out of the BPTT kernel itself. Only one window's dz is ever allocated: no [L, N, H]
+intermediate exists, forward or backward, besides the output itself. (Why not per-program
+weight-gradient partials inside the kernel: docs/kernels/rnn.md#memory.)
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
-from gpudl.kernels import linear as linear_kernel
 from gpudl.kernels._common import acc_dtype, tl_acc
 from gpudl.kernels.registry import first_order_only, kernel_op, no_tensor
 from gpudl.kernels.rnn_triton import (
@@ -26,115 +28,157 @@ from gpudl.kernels.rnn_triton import (
     MAX_HIDDEN,
     _rnn_backward_kernel,
     _rnn_forward_kernel,
+    backward_stages,
+    backward_warps,
     forward_stages,
+    input_config,
     launch_config,
+    window_steps,
 )
 
 
 # --------------------------------------------------------------------------- host launchers
-def _time_batch_strides(t: torch.Tensor, batch_first: bool) -> tuple[int, int]:
-    return (t.stride(1), t.stride(0)) if batch_first else (t.stride(0), t.stride(1))
+def _time_major(t: Tensor, batch_first: bool) -> Tensor:
+    """A view of t [N, L, ...] or [L, N, ...] as [L, N, ...]."""
+    return t.transpose(0, 1) if batch_first else t
 
 
-def _forward(xp, h0, w_hh, b_hh, nonlinearity, batch_first):
-    """xp [L, N, H] ([N, L, H] if batch_first, any strides); h0 [N, H]; returns (output [L, N, H]
-    ([N, L, H]) contiguous, h_n [N, H])."""
-    h0, w_t = h0.contiguous(), w_hh.t().contiguous()
-    b_hh = b_hh.contiguous() if b_hh is not None else None
+def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity, batch_first):
+    """x [L, N, H_in] ([N, L, H_in] if batch_first, any strides); h0 [N, H]; returns (output
+    [L, N, H] ([N, L, H]) contiguous, h_n [N, H])."""
+    h0, wi_t, w_t = h0.contiguous(), w_ih.t().contiguous(), w_hh.t().contiguous()
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()  # the kernel reads each step's rows as contiguous vectors
+    biases = [b for b in (b_ih, b_hh) if b is not None]
+    acc = acc_dtype(x.dtype)
+    bias = sum(b.to(acc) for b in biases) if biases else None  # [H]: b_ih + b_hh, added once a step
     n, hidden = h0.shape
-    length = xp.shape[1] if batch_first else xp.shape[0]
-    out = torch.empty(xp.shape, dtype=xp.dtype, device=xp.device)
-    hn = torch.empty(n, hidden, dtype=xp.dtype, device=xp.device)
+    xt = _time_major(x, batch_first)
+    length, input_size = xt.shape[0], xt.shape[2]
+    out = torch.empty(x.shape[:-1] + (hidden,), dtype=x.dtype, device=x.device)
+    hn = torch.empty(n, hidden, dtype=x.dtype, device=x.device)
     if n == 0:
         return out, hn
-    s_xt, s_xn = _time_batch_strides(xp, batch_first)
-    s_ot, s_on = _time_batch_strides(out, batch_first)
-    cfg = launch_config(hidden, xp.dtype)
+    ot = _time_major(out, batch_first)
+    cfg = launch_config(hidden, x.dtype)
+    inputs = input_config(input_size, cfg, x.dtype)
     wrap_triton(_rnn_forward_kernel)[(triton.cdiv(n, BLOCK_N),)](
-        xp, h0, w_t, b_hh if b_hh is not None else w_t, out, hn,
-        length, n, hidden, s_xt, s_xn, xp.stride(2), s_ot, s_on,
-        HAS_BIAS=b_hh is not None, ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(xp.dtype), **cfg,
-        num_stages=forward_stages(cfg),
+        x, h0, wi_t, w_t, bias if bias is not None else w_t, out, hn,
+        length, n, hidden, input_size, xt.stride(0), xt.stride(1), ot.stride(0), ot.stride(1),
+        HAS_BIAS=bias is not None, ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(x.dtype), **cfg,
+        **inputs, num_stages=forward_stages(cfg, inputs, x.dtype),
     )
     return out, hn
 
 
-def _backward(dy, dhn, out, w_hh, nonlinearity, batch_first):
-    """BPTT. dy like out, dhn [N, H] (any strides, zero strides included); returns (dz shaped and
-    laid out like out: the gradient of the pre-activation, i.e. of xp; dh0 [N, H])."""
-    w_hh = w_hh.contiguous()
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32/fp64) += a @ b in place with the accumulator's precision: a half-precision GEMM
+    accumulates into fp32 directly on CUDA (addmm's out_dtype, no temporary); elsewhere (the
+    interpreter's CPU runs) it upcasts."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _backward(dy, dhn, x, out, h0, w_ih, w_hh, nonlinearity, batch_first, need_x, need_h0, need_wih, need_whh,
+              need_b):
+    """BPTT. dy like out or None (zeros), dhn [N, H] (any strides, zero strides included), x the forward's input
+    (None unless need_wih), h0 (None unless need_whh), w_ih (None unless need_x). Returns (dx like
+    out with H_in features or None, dh0 [N, H] or None, grad W_ih [H, H_in] fp32 or None, grad W_hh
+    [H, H] fp32 or None, grad b [H] fp32 or None).
+
+    The host walks windows of window_steps steps from the end: one launch writes the window's dz
+    [steps, N, H] (slot s: step t0 + s) and its dx; the next launch starts from slot 0 (dz_{t0});
+    meanwhile each step's dz meets the state before it (h0 for t = 0) and its input in GEMMs into
+    fp32 accumulators, reading the output and the input in place (per-step [N, H] views)."""
     n, hidden = dhn.shape
-    length = out.shape[1] if batch_first else out.shape[0]
-    dz = torch.empty_like(out)
-    dh0 = torch.empty(n, hidden, dtype=out.dtype, device=out.device)
-    if n == 0:
-        return dz, dh0
-    s_dyt, s_dyn = _time_batch_strides(dy, batch_first)
-    s_ot, s_on = _time_batch_strides(out, batch_first)
+    has_dy = dy is not None
+    dy = dy if has_dy else out  # a dummy: the kernel reads no dy
+    ot, dyt = _time_major(out, batch_first), _time_major(dy, batch_first)
+    length = ot.shape[0]
+    acc = acc_dtype(out.dtype)
+    input_size = (w_ih if w_ih is not None else x).shape[-1] if need_x or need_wih else 0
+    dx = torch.empty(out.shape[:-1] + (input_size,), dtype=out.dtype, device=out.device) if need_x else None
+    grad_wih = torch.zeros(hidden, input_size, dtype=acc, device=out.device) if need_wih else None
+    grad_whh = torch.zeros(hidden, hidden, dtype=acc, device=out.device) if need_whh else None
+    grad_b = torch.zeros(hidden, dtype=acc, device=out.device) if need_b else None
+    if n == 0 or length == 0:
+        return dx, (dhn.clone() if need_h0 else None), grad_wih, grad_whh, grad_b
+    xt = _time_major(x, batch_first) if need_wih else None
+    w_hh = w_hh.contiguous()
+    w_ih = w_ih.contiguous() if need_x else w_hh  # a dummy without dx
+    steps = window_steps(length, out.dtype)
+    dz = torch.empty(steps, n, hidden, dtype=out.dtype, device=out.device)
+    dxt = _time_major(dx, batch_first) if need_x else dz  # dx contiguous in its shape: unit feature stride
     cfg = launch_config(hidden, out.dtype)
-    wrap_triton(_rnn_backward_kernel)[(triton.cdiv(n, BLOCK_N),)](
-        dy, dhn, out, w_hh, dz, dh0,
-        length, n, hidden, s_dyt, s_dyn, dy.stride(2), dhn.stride(0), dhn.stride(1), s_ot, s_on,
-        (length - 1) * s_dyt, (length - 1) * s_ot,
-        ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(out.dtype), **cfg,
-    )
-    return dz, dh0
-
-
-def weight_hh_grad(dz: Tensor, output: Tensor, h0: Tensor, batch_first: bool) -> Tensor:
-    """grad W_hh = sum over steps t and rows n of dz[t, n]^T h[t - 1, n] (h[-1] = h0), as GEMMs over
-    views of dz and output (contiguous buffers of this op): no full-size copy, no concatenation.
-
-    dz, output [L, N, H] ([N, L, H] if batch_first); h0 [N, H]. Returns [H, H]."""
-    hidden = dz.shape[-1]
-    flat_dz, flat_out = dz.reshape(-1, hidden), output.reshape(-1, hidden)
-    if not batch_first:
-        # Row t * N + n: steps 1.. of dz against steps ..L-2 of the output are two contiguous
-        # views, offset by N rows; step 0 pairs with h0.
-        batch = dz.shape[1]
-        return torch.addmm(dz[0].t().mm(h0), flat_dz[batch:].t(), flat_out[:-batch])
-    # Row n * L + t: row f of dz against row f - 1 of the output is h_{t-1} everywhere except at
-    # t = 0, where row f - 1 is the previous sequence's last state (or nothing, for n = 0). The
-    # step-0 term therefore pairs dz[n, 0] with h0[n] - output[n - 1, L - 1] (h0[0] for n = 0),
-    # an [N, H] correction.
-    first = h0.clone()
-    first[1:] -= output[:-1, -1]
-    return torch.addmm(dz[:, 0].t().mm(first), flat_dz[1:].t(), flat_out[:-1])
+    cfg["num_warps"] = backward_warps(cfg, out.dtype)
+    for t1 in range(length, 0, -steps):
+        t0 = max(0, t1 - steps)
+        window = t1 - t0
+        wrap_triton(_rnn_backward_kernel)[(triton.cdiv(n, BLOCK_N),)](
+            dy, dhn, out, w_hh, dz, w_ih, dxt,
+            window, n, hidden, input_size, int(t1 < length),
+            dyt.stride(0), dyt.stride(1), dyt.stride(2), dhn.stride(0), dhn.stride(1), ot.stride(0), ot.stride(1),
+            dz.stride(0), dxt.stride(0), dxt.stride(1),
+            (t1 - 1) * dyt.stride(0), (t1 - 1) * ot.stride(0), (window - 1) * dz.stride(0), (t1 - 1) * dxt.stride(0),
+            ACTIVATION=nonlinearity, ACC_DTYPE=tl_acc(out.dtype), **cfg,
+            **input_config(input_size, cfg, out.dtype), HAS_DX=need_x, HAS_DY=has_dy,
+            num_stages=backward_stages(out.dtype),
+        )
+        if need_b:
+            grad_b += dz[:window].sum((0, 1), dtype=acc)
+        for t in range(t0, t1):
+            if need_whh:
+                _accumulate_mm(grad_whh, dz[t - t0].t(), ot[t - 1] if t > 0 else h0)
+            if need_wih:
+                _accumulate_mm(grad_wih, dz[t - t0].t(), xt[t])
+    # dh0 = dz_0 @ W_hh: the product the kernel would make after step 0 (slot 0 holds dz_0)
+    dh0 = torch.mm(dz[0], w_hh) if need_h0 else None
+    return dx, dh0, grad_wih, grad_whh, grad_b
 
 
 # --------------------------------------------------------------------------- custom ops
 @kernel_op("rnn_recurrence")
-def _rnn_recurrence_op(input_projection: Tensor, h0: Tensor, weight_hh: Tensor, bias_hh: Optional[Tensor],
-                       nonlinearity: str, batch_first: bool) -> tuple[Tensor, Tensor]:
-    """The recurrence given the input projection xp = x @ W_ih^T + b_ih [L, N, H] ([N, L, H] if
-    batch_first): (output, contiguous in xp's shape, h_n [N, H])."""
-    return _forward(input_projection, h0, weight_hh, bias_hh, nonlinearity, batch_first)
+def _rnn_recurrence_op(input: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+                       bias_hh: Optional[Tensor], nonlinearity: str, batch_first: bool) -> tuple[Tensor, Tensor]:
+    """The layer over the whole sequence: input [L, N, H_in] ([N, L, H_in] if batch_first) ->
+    (output [L, N, H] ([N, L, H]) contiguous, h_n [N, H])."""
+    return _forward(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_first)
 
 
 @_rnn_recurrence_op.register_fake
-def _(input_projection, h0, weight_hh, bias_hh, nonlinearity, batch_first):
-    return input_projection.new_empty(input_projection.shape), input_projection.new_empty(h0.shape)
+def _(input, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_first):
+    return input.new_empty(input.shape[:-1] + (weight_hh.shape[0],)), input.new_empty(h0.shape)
 
 
 def _setup_rnn_recurrence(ctx, inputs, output):
-    _, h0, weight_hh, _, nonlinearity, batch_first = inputs
+    input, h0, weight_ih, weight_hh, _, _, nonlinearity, batch_first = inputs
     out, _ = output
-    need_w = ctx.needs_input_grad[2]
-    # BPTT reads the outputs (act' from h_t) and W_hh; grad W_hh also the states before each step.
-    ctx.save_for_backward(out, h0 if need_w else None, weight_hh)
+    need_x, _, need_wih, need_whh = ctx.needs_input_grad[:4]
+    # BPTT reads the outputs (act' from h_t) and W_hh; grad W_hh also h0 (the state before step 0),
+    # grad W_ih the input, dx W_ih. Nothing else of the forward is kept.
+    ctx.save_for_backward(out, h0 if need_whh else None, weight_hh, input if need_wih else None,
+                          weight_ih if need_x else None)
     ctx.nonlinearity, ctx.batch_first = nonlinearity, batch_first
     ctx.set_materialize_grads(False)
 
 
 def _rnn_recurrence_backward(ctx, grad_output, grad_h_n):
-    out, h0, weight_hh = ctx.saved_tensors
-    need_xp, need_h0, need_w, need_b = ctx.needs_input_grad[:4]
+    out, h0, weight_hh, input, weight_ih = ctx.saved_tensors
+    need_x, need_h0, need_wih, need_whh, need_bih, need_bhh = ctx.needs_input_grad[:6]
     if grad_output is None and grad_h_n is None:
-        return None, None, None, None, None, None
-    dxp, dh0, dw, db = torch.ops.gpudl.rnn_recurrence_backward(
-        grad_output, grad_h_n, out, h0, weight_hh, ctx.nonlinearity, ctx.batch_first, need_xp, need_h0, need_w, need_b)
-    return (dxp if need_xp else None), (dh0 if need_h0 else None), (dw if need_w else None), \
-        (db if need_b else None), None, None
+        return (None,) * 8
+    dx, dh0, dwih, dwhh, db = torch.ops.gpudl.rnn_recurrence_backward(
+        grad_output, grad_h_n, out, h0, weight_hh, input, weight_ih, ctx.nonlinearity, ctx.batch_first,
+        need_x, need_h0, need_wih, need_whh, need_bih or need_bhh)
+    # b_ih and b_hh get the same gradient: two tensors, as each may become a parameter's .grad
+    db_ih = db if need_bih else None
+    db_hh = (db.clone() if need_bih else db) if need_bhh else None
+    return (dx if need_x else None), (dh0 if need_h0 else None), (dwih if need_wih else None), \
+        (dwhh if need_whh else None), db_ih, db_hh, None, None
 
 
 _rnn_recurrence_op.register_autograd(_rnn_recurrence_backward, setup_context=_setup_rnn_recurrence)
@@ -142,32 +186,37 @@ _rnn_recurrence_op.register_autograd(_rnn_recurrence_backward, setup_context=_se
 
 @kernel_op("rnn_recurrence_backward")
 def _rnn_recurrence_backward_op(grad_output: Optional[Tensor], grad_h_n: Optional[Tensor], output: Tensor,
-                                h0: Optional[Tensor], weight_hh: Tensor, nonlinearity: str, batch_first: bool,
-                                need_input_projection: bool, need_h0: bool, need_weight: bool,
-                                need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(d input_projection like output, dh0 [N, H], dweight_hh [H, H], dbias_hh [H]), each an
-    empty tensor when not asked for; a missing grad_output or grad_h_n counts as zeros. h0 is
-    needed only for dweight_hh."""
+                                h0: Optional[Tensor], weight_hh: Tensor, input: Optional[Tensor],
+                                weight_ih: Optional[Tensor], nonlinearity: str, batch_first: bool, need_input: bool,
+                                need_h0: bool, need_weight_ih: bool, need_weight_hh: bool,
+                                need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(d input like input, dh0 [N, H], dweight_ih [H, H_in], dweight_hh [H, H], dbias [H] (b_ih's
+    and b_hh's)), each an empty tensor when not asked for; a missing grad_output or grad_h_n counts
+    as zeros. h0 is needed only for dweight_hh, input only for dweight_ih, weight_ih only for d input."""
     n, hidden = output.shape[0 if batch_first else 1], weight_hh.shape[0]
-    # Zeros for a missing gradient, read through zero strides: nothing is materialized.
-    dy = grad_output if grad_output is not None else output.new_zeros(()).expand(output.shape)
+    # Zeros for a missing h_n gradient, read through zero strides: nothing is materialized (a
+    # missing output gradient is not read at all).
     dhn = grad_h_n if grad_h_n is not None else output.new_zeros(()).expand(n, hidden)
-    dz, dh0 = _backward(dy, dhn, output, weight_hh, nonlinearity, batch_first)
-    grad_w = weight_hh_grad(dz, output, h0, batch_first) if need_weight else no_tensor(dz)
-    grad_b = dz.reshape(-1, hidden).sum(0, dtype=acc_dtype(dz.dtype)).to(dz.dtype) if need_bias else no_tensor(dz)
-    return (dz if need_input_projection else no_tensor(dz)), (dh0 if need_h0 else no_tensor(dz)), grad_w, grad_b
+    dx, dh0, gwih, gwhh, gb = _backward(grad_output, dhn, input, output, h0, weight_ih, weight_hh, nonlinearity,
+                                        batch_first, need_input, need_h0, need_weight_ih, need_weight_hh, need_bias)
+    return (dx if need_input else no_tensor(output)), (dh0 if need_h0 else no_tensor(output)), \
+        (gwih.to(output.dtype) if need_weight_ih else no_tensor(output)), \
+        (gwhh.to(output.dtype) if need_weight_hh else no_tensor(output)), \
+        (gb.to(output.dtype) if need_bias else no_tensor(output))
 
 
 first_order_only(_rnn_recurrence_backward_op)
 
 
 @_rnn_recurrence_backward_op.register_fake
-def _(grad_output, grad_h_n, output, h0, weight_hh, nonlinearity, batch_first, need_input_projection, need_h0,
-      need_weight, need_bias):
+def _(grad_output, grad_h_n, output, h0, weight_hh, input, weight_ih, nonlinearity, batch_first, need_input,
+      need_h0, need_weight_ih, need_weight_hh, need_bias):
     n, hidden = output.shape[0 if batch_first else 1], weight_hh.shape[0]
-    return (output.new_empty(output.shape if need_input_projection else 0),
+    input_size = (input if input is not None else weight_ih).shape[-1] if need_weight_ih or need_input else 0
+    return (output.new_empty(output.shape[:-1] + (input_size,) if need_input else 0),
             output.new_empty((n, hidden) if need_h0 else 0),
-            output.new_empty((hidden, hidden) if need_weight else 0),
+            output.new_empty((hidden, input_size) if need_weight_ih else 0),
+            output.new_empty((hidden, hidden) if need_weight_hh else 0),
             output.new_empty(hidden if need_bias else 0))
 
 
@@ -197,8 +246,6 @@ def rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, batch_f
         # Nothing to run: an empty output and h_n = hx (a copy, so it can be modified safely).
         shape = (input.shape[0], 0, hidden) if batch_first else (0, input.shape[1], hidden)
         return input.new_empty(shape), hx.clone()
-    # All time steps' input projection as one GEMM, on the linear kernel itself (gpudl::linear).
-    xp = linear_kernel.linear(input, weight_ih, bias_ih, None)
-    output, h_n = torch.ops.gpudl.rnn_recurrence(xp, hx, weight_hh, bias_hh, nonlinearity, bool(batch_first))
+    output, h_n = torch.ops.gpudl.rnn_recurrence(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity,
+                                                 bool(batch_first))
     return output, h_n
-

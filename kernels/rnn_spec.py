@@ -8,7 +8,15 @@ import torch
 from gpudl.kernels._common import tl_acc, triton_dtype
 from gpudl.kernels.registry import Case, CompileVariant, KernelSpec, register
 from gpudl.kernels.rnn import rnn, unsupported
-from gpudl.kernels.rnn_triton import _rnn_backward_kernel, _rnn_forward_kernel, forward_stages, launch_config
+from gpudl.kernels.rnn_triton import (
+    _rnn_backward_kernel,
+    _rnn_forward_kernel,
+    backward_stages,
+    backward_warps,
+    forward_stages,
+    input_config,
+    launch_config,
+)
 
 
 def _make(length, batch, h_in, hidden, nonlinearity="tanh", batch_first=False, bias=True, hx_grad=True):
@@ -65,6 +73,8 @@ def _cudnn_rnn(input, hx, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, 
 def _compile_variants():
     variants = []
     # fp32 and bf16, plus fp64 (the harness's gradcheck runs the kernel in float64 on a GPU too).
+    # At H_in 28 (the sequential-MNIST rows; 8 for the digits: the same blocks), and the resident
+    # kernels also at H_in 256 (W_ih streamed in chunks).
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for hidden in (64, 128, 256, 512):
             cfg = launch_config(hidden, dtype)
@@ -72,27 +82,44 @@ def _compile_variants():
             act = ("tanh", "relu")[hidden // 64 % 2]  # alternate across variants
             ptr = triton_dtype(dtype)
             tag = f"{str(dtype)[6:]}-H{cfg['BLOCK_H']}-K{cfg['BLOCK_K']}{'-resident' if cfg['RESIDENT'] else ''}"
-            variants.append(CompileVariant(
-                name=f"rnn-fwd-{tag}", kernel=_rnn_forward_kernel,
-                signature={"xp_ptr": ptr, "h0_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": ptr, "hn_ptr": ptr,
-                           "L": "i32", "N": "i32", "H": "i32", "s_xt": "i32", "s_xn": "i32", "s_xh": "i32",
-                           "s_ot": "i32", "s_on": "i32", "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr",
-                           "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
-                           "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
-                constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts},
-                num_warps=cfg["num_warps"], num_stages=forward_stages(cfg),
-            ))
-            variants.append(CompileVariant(
-                name=f"rnn-bwd-{tag}", kernel=_rnn_backward_kernel,
-                signature={"dy_ptr": ptr, "dhn_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr, "dh0_ptr": ptr,
-                           "L": "i32", "N": "i32", "H": "i32", "s_dyt": "i32", "s_dyn": "i32", "s_dyh": "i32",
-                           "s_dhn": "i32", "s_dhh": "i32", "s_ot": "i32", "s_on": "i32",
-                           "last_dy": "i32", "last_o": "i32",
-                           "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr",
-                           "BLOCK_H": "constexpr", "BLOCK_K": "constexpr", "RESIDENT": "constexpr"},
-                constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts},
-                num_warps=cfg["num_warps"],
-            ))
+            for input_size in (28, 256) if cfg["RESIDENT"] else (28,):
+                inputs = input_config(input_size, cfg, dtype)
+                in_tag = f"-I{inputs['BLOCK_I']}{'-resident' if inputs['INPUT_RESIDENT'] else ''}"
+                variants.append(CompileVariant(
+                    name=f"rnn-fwd-{tag}{in_tag}", kernel=_rnn_forward_kernel,
+                    signature={"x_ptr": ptr, "h0_ptr": ptr, "wi_ptr": ptr, "w_ptr": ptr, "b_ptr": triton_dtype(
+                               torch.float64 if dtype == torch.float64 else torch.float32), "out_ptr": ptr,
+                               "hn_ptr": ptr, "L": "i32", "N": "i32", "H": "i32", "H_in": "i32", "sx_t": "i32",
+                               "sx_n": "i32", "so_t": "i32", "so_n": "i32",
+                               "HAS_BIAS": "constexpr", "ACTIVATION": "constexpr", "ACC_DTYPE": "constexpr",
+                               "BLOCK_N": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
+                               "BLOCK_I": "constexpr", "RESIDENT": "constexpr", "INPUT_RESIDENT": "constexpr"},
+                    constexprs={"HAS_BIAS": True, "ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs},
+                    num_warps=cfg["num_warps"], num_stages=forward_stages(cfg, inputs, dtype),
+                ))
+            # BPTT with dx (a layer whose input needs a gradient) and without (a model's first layer),
+            # with the output's gradient and without (a model reading only h_n)
+            kinds = ((28, True, True), (256, True, True), (28, False, True), (28, False, False))
+            for input_size, has_dx, has_dy in kinds if cfg["RESIDENT"] else ((28, True, True), (28, False, False)):
+                inputs = input_config(input_size, cfg, dtype)
+                in_tag = (f"-I{inputs['BLOCK_I']}{'-resident' if inputs['INPUT_RESIDENT'] else ''}" if has_dx
+                          else "-no-dx") + ("" if has_dy else "-no-dy")
+                variants.append(CompileVariant(
+                    name=f"rnn-bwd-{tag}{in_tag}", kernel=_rnn_backward_kernel,
+                    signature={"dy_ptr": ptr, "dhn_ptr": ptr, "out_ptr": ptr, "w_ptr": ptr, "dz_ptr": ptr,
+                               "wi_ptr": ptr, "dx_ptr": ptr, "steps": "i32", "N": "i32", "H": "i32", "H_in": "i32",
+                               "from_dz": "i32", "sdy_t": "i32", "sdy_n": "i32", "sdy_h": "i32", "sdh_n": "i32",
+                               "sdh_h": "i32", "so_t": "i32", "so_n": "i32", "sz_t": "i32", "sdx_t": "i32",
+                               "sdx_n": "i32", "last_dy": "i32", "last_o": "i32",
+                               "last_z": "i32", "last_dx": "i32", "ACTIVATION": "constexpr",
+                               "ACC_DTYPE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr",
+                               "BLOCK_K": "constexpr", "BLOCK_I": "constexpr", "RESIDENT": "constexpr",
+                               "INPUT_RESIDENT": "constexpr", "HAS_DX": "constexpr",
+                               "HAS_DY": "constexpr"},
+                    constexprs={"ACTIVATION": act, "ACC_DTYPE": tl_acc(dtype), **consts, **inputs, "HAS_DX": has_dx,
+                                "HAS_DY": has_dy},
+                    num_warps=backward_warps(cfg, dtype), num_stages=backward_stages(dtype),
+                ))
     return variants
 
 
@@ -107,9 +134,11 @@ SPEC = register(KernelSpec(
         # BLOCK_H 128 > 64: W_hh streamed in chunks, 2 programs
         Case("relu-chunked-L4-N17-H80", _make(4, 17, 7, 80, "relu")),
         Case("tanh-batch_first-chunked-L3-N2-H72", _make(3, 2, 5, 72, batch_first=True)),
-        # 144 rows and 130 columns: the input-projection GEMMs and the bias column sums span
-        # several programs at the interpreter's 128-wide tiles
+        # 144 rows and 130 columns: the weight-gradient GEMMs and the bias column sums span
+        # several programs at the interpreter's 128-wide tiles; 9 steps: BPTT in windows of 2
         Case("tanh-L9-N16-H130-wide", _make(9, 16, 5, 130)),
+        # H_in 70 > 64: the resident forward streams W_ih^T in chunks; 2 programs
+        Case("tanh-resident-wide-input-L3-N18-Hin70-H32", _make(3, 18, 70, 32)),
         Case("empty-sequence-L0", _make(0, 3, 7, 16), expect_fallback=True),  # answered on the host
     ],
     gradcheck_case=Case("gradcheck-tanh-L3-N2-H5", _make(3, 2, 3, 5)),
@@ -129,5 +158,5 @@ SPEC = register(KernelSpec(
     flops=_flops,
     bytes_moved=_bytes,
     baselines={"cudnn nn.RNN": _cudnn_rnn},
-    description="Elman RNN layer: input GEMM + one persistent launch for the recurrence, one for BPTT",
+    description="Elman RNN layer: one persistent launch (input projection fused), BPTT in windows + weight GEMMs",
 ))

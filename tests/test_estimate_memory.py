@@ -101,24 +101,45 @@ def test_attention_runs_the_gpu_kernels_not_the_math_fallback(variant):
 
 
 def test_host_code_views_of_its_arguments_are_not_allocations():
-    """The RNN backward's host code allocates dz (like the output) and dh0, the weight and bias
-    gradients and one [N, H] scratch (grad W_hh's step-0 term, batch_first); the reshapes of its
-    arguments (the saved output, flattened for grad W_hh) are views and count nothing."""
+    """The RNN backward's host code allocates one window's dz (1 step of [N, H] in fp32), dh0, the
+    fp32 weight and bias gradients and nothing else: the GEMMs read per-step views of the saved
+    output and input (batch_first here: strided views, no copies), and no [L, N, H] dz exists."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import estimate_memory as em
 
     import gpudl.kernels.rnn  # noqa: F401 - registers gpudl::rnn_recurrence_backward
 
-    length, n, hidden = 16, 128, 64
+    length, n, h_in, hidden = 16, 128, 8, 64
     meta = dict(device="meta", dtype=torch.float32)
     output, grad_h_n = torch.empty(n, length, hidden, **meta), torch.empty(n, hidden, **meta)
     h0, weight_hh = torch.empty(n, hidden, **meta), torch.empty(hidden, hidden, **meta)
-    args = (None, grad_h_n, output, h0, weight_hh, "tanh", True, True, True, True, True)
+    x, weight_ih = torch.empty(n, length, h_in, **meta), torch.empty(hidden, h_in, **meta)
+    args = (None, grad_h_n, output, h0, weight_hh, x, weight_ih, "tanh", True, False, True, True, True, True)
     peak = em.HostCode().peak_bytes(torch.ops.gpudl.rnn_recurrence_backward.default, args, {})
-    dz, state, w, b = (4 * k for k in (length * n * hidden, n * hidden, hidden * hidden, hidden))
+    dz, state, w, wi, b = (4 * k for k in (n * hidden, n * hidden, hidden * hidden, hidden * h_in, hidden))
     assert peak is not None
-    # dz + dh0 + the [N, H] scratch + grad W_hh + grad b_hh, with 512-byte blocks and small temporaries
-    assert dz + 2 * state + w + b <= peak <= dz + 3 * state + w + 4 * 1024, (peak, dz)
+    # dz (one step) + dh0 + grad W_hh + grad W_ih + grad b, with 512-byte blocks and small temporaries
+    assert dz + state + w + wi + b <= peak <= dz + state + w + wi + 4 * 1024, (peak, dz)
+    assert peak < 4 * length * n * hidden / 4  # far from the [L, N, H] dz of before
+
+
+def test_rnn_triton_step_within_its_eager_twin():
+    """Issue 22's target for the RNN (bench_models' GPU-sized config, bf16 and fp32): the triton
+    backend's full step is no larger than the eager twin's. The forward allocates the output and h_n
+    only (no input projection); the backward's host code one window's dz and the gradients, far less
+    than one [L, N, H] tensor (7 MiB in bf16)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import estimate_memory as em
+
+    work = em.bench_workload("rnn", smoke=False)
+    sequence_mib = 28 * 512 * 256 / 2**20  # elements of [L, N, H], in Mi
+    for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
+        triton_row = em.measure(work, "triton", dtype)
+        eager_row = em.measure(work, "eager", dtype)
+        assert triton_row["step_mib"] <= eager_row["step_mib"], (triton_row, eager_row)
+        ops = triton_row["largest_op_allocations_mib"]
+        assert ops["gpudl::rnn_recurrence"] < sequence_mib * size * 1.1, ops  # the output, not output + projection
+        assert ops["gpudl::rnn_recurrence_backward"] < sequence_mib * size / 4, ops
 
 
 def test_cnn_triton_step_within_its_eager_twin_in_bf16():

@@ -13,6 +13,7 @@ import gpudl
 from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import rnn as rnn_kernel
+from gpudl.kernels import rnn_triton
 
 
 @pytest.mark.parametrize("nonlinearity,batch_first", [("tanh", False), ("relu", True)])
@@ -49,8 +50,9 @@ def test_triton_backend_runs_the_kernel_and_torch_backend_does_not(device):
     with gpudl.use_backend("triton"):
         out, _ = ops.rnn(*args)
     assert "gpudl_rnn_recurrence" in out.grad_fn.name()
-    projection = out.grad_fn.next_functions[0][0]  # the input projection runs on the linear kernel's op
-    assert "gpudl_linear" in projection.name()
+    # the input projection runs inside the recurrence's op: it takes the input and W_ih themselves
+    input_fn, _, weight_ih_fn, _ = [fn for fn, _ in out.grad_fn.next_functions]
+    assert "AccumulateGrad" in input_fn.name() and "AccumulateGrad" in weight_ih_fn.name()
     with gpudl.use_backend("torch"):
         out_ref, _ = ops.rnn(*args)
     assert "gpudl_rnn_recurrence" not in out_ref.grad_fn.name()
@@ -171,23 +173,70 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def _saved_by(fn):
+    """(result of fn(), the tensors autograd saved while it ran)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return result, saved
+
+
+def _storages(tensors):
+    return sorted(t.untyped_storage().data_ptr() for t in tensors)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("length", [1, 5])
-def test_weight_hh_grad_uses_views_only(batch_first, length, device):
-    """grad W_hh = sum_t dz_t^T h_{t-1} (h_{-1} = h0) from views of dz and the output: the same
-    numbers as the concatenate-then-GEMM form, and no op inside makes a tensor the size of the
-    sequence (no torch.cat of h0 with the outputs, no reshape copy)."""
+def test_saved_tensors_are_the_output_and_the_operands(batch_first, device):
+    """The triton path keeps for backward the output and the operands the gradients asked for need,
+    nothing else: no input projection (it is computed inside the recurrence kernel) and no other
+    sequence-sized tensor."""
     torch.manual_seed(0)
-    batch, hidden = 4, 6
-    shape = (batch, length, hidden) if batch_first else (length, batch, hidden)
-    dz, output = torch.randn(shape, device=device), torch.randn(shape, device=device)
-    h0 = torch.randn(batch, hidden, device=device)
-    time_dim = 1 if batch_first else 0
-    h_prev = torch.cat([h0.unsqueeze(time_dim), output], time_dim).narrow(time_dim, 0, length)
-    want = dz.reshape(-1, hidden).t().mm(h_prev.reshape(-1, hidden))
+    length, batch, h_in, hidden = 5, 3, 4, 16
+    x = leaf(torch.randn((batch, length, h_in) if batch_first else (length, batch, h_in), device=device))
+    hx, w_ih, w_hh, b_ih, b_hh = (leaf(torch.randn(*shape, device=device)) for shape in
+                                  ((batch, hidden), (hidden, h_in), (hidden, hidden), (hidden,), (hidden,)))
+    with gpudl.use_backend("triton"):
+        (out, _), saved = _saved_by(lambda: ops.rnn(x, hx, w_ih, w_hh, b_ih, b_hh, batch_first=batch_first))
+    assert _storages(saved) == _storages([out, hx, w_hh, x, w_ih])
+    # only W_hh needs a gradient: the output (act'), h0 (the state before step 0) and W_hh
+    w_hh_only = leaf(w_hh)
+    with gpudl.use_backend("triton"):
+        (out, _), saved = _saved_by(lambda: ops.rnn(x.detach(), hx.detach(), w_ih.detach(), w_hh_only,
+                                                    batch_first=batch_first))
+    assert _storages(saved) == _storages([out, hx, w_hh_only])
+
+
+@pytest.mark.parametrize("batch_first,window", [(False, 3), (True, 3), (True, None)])
+def test_backward_allocates_no_sequence_sized_gradient(batch_first, window, device, monkeypatch):
+    """BPTT runs in windows of window_steps steps: no tensor of the backward is [L, N, H], and the
+    gradients match the reference across window boundaries (L = 17: windows of 3, the first of 2,
+    as a longer window than fp32's own of 1 step; and fp32's). The dispatch mode sees the custom
+    op's results (the host code's scratch, the window's dz, is counted by
+    tests/test_estimate_memory.py)."""
+    if window is not None:
+        monkeypatch.setattr(rnn_kernel, "window_steps", lambda length, dtype: window)
+    torch.manual_seed(0)
+    length, batch, h_in, hidden = 17, 4, 3, 24
+    shape = (batch, length, h_in) if batch_first else (length, batch, h_in)
+    args = [torch.randn(shape, device=device), torch.randn(batch, hidden, device=device),
+            0.3 * torch.randn(hidden, h_in, device=device), 0.2 * torch.randn(hidden, hidden, device=device),
+            torch.randn(hidden, device=device), torch.randn(hidden, device=device)]
+    ours, theirs = [leaf(a) for a in args], [leaf(a) for a in args]
+    with gpudl.use_backend("triton"):
+        out, h_n = ops.rnn(*ours, batch_first=batch_first)
+    want_out, want_h = reference.rnn(*theirs, "tanh", batch_first)
+    g = torch.randn_like(want_out)
     with _Allocations() as allocations:
-        got = rnn_kernel.weight_hh_grad(dz, output, h0, batch_first)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    full_size = [call for call in allocations.calls if call[1] >= dz.numel() and call[1] > hidden * hidden]
-    assert not full_size, f"sequence-sized results inside weight_hh_grad: {full_size}"
-    assert not any("cat" in name for name, _ in allocations.calls)
+        torch.autograd.backward([out, h_n], [g, torch.ones_like(h_n)])
+    torch.autograd.backward([want_out, want_h], [g, torch.ones_like(want_h)])
+    assert_all_close([t.grad for t in ours], [t.grad for t in theirs])
+    largest = max(length * batch * h_in, hidden * hidden)  # dx, grad W_hh
+    big = [call for call in allocations.calls if call[1] > largest]
+    assert not big, f"sequence-sized tensors in the backward: {big}"
+    assert rnn_triton.window_steps(length, torch.float32) == 1
+    assert rnn_triton.window_steps(length, torch.bfloat16) == 2 and rnn_triton.window_steps(1, torch.bfloat16) == 1
