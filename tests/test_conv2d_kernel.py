@@ -15,6 +15,7 @@ from gpudl import nn as gnn
 from gpudl import ops, reference
 from gpudl.kernels import conv2d as conv_kernels
 from gpudl.kernels import max_pool2d as pool_kernels
+from gpudl.kernels.registry import INTERPRET
 
 CL = torch.channels_last
 
@@ -414,3 +415,20 @@ def test_conv2d_depthwise_input_gradient(stride):
     with recording_launches() as launches:
         _conv_pair(x, w, b, "relu", stride=stride, padding=1, groups=5)
     assert "_conv2d_dgrad_depthwise_kernel" in launches.kernels() and "_conv2d_dgrad_kernel" not in launches.kernels()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's own wgrad tile; a GPU autotunes over WGRAD_TILES")
+def test_weight_gradient_runs_the_interpreter_tile_and_keeps_the_gpu_candidates():
+    """Under the interpreter wgrad runs WGRAD_INTERPRETER_TILE (channels by a long K step), not the
+    GPU's first tile; the autotuner's candidates are still WGRAD_TILES, each checked by the tuning cases."""
+    from gpudl.kernels import conv2d_triton
+    from gpudl.kernels._common import tuning_candidates
+
+    x, w = torch.randn(2, 4, 9, 9), torch.randn(8, 4, 3, 3)
+    with recording_launches() as launches:
+        _conv_pair(x, w, None, "relu", padding=1)
+    (run,) = launches.of("_conv2d_wgrad_kernel")
+    tile = conv2d_triton.WGRAD_INTERPRETER_TILE.kwargs
+    assert {k: run[k] for k in tile} == tile
+    assert tuning_candidates(conv2d_triton._conv2d_wgrad_kernel) == conv2d_triton.WGRAD_TILES
+    assert conv2d_triton.WGRAD_INTERPRETER_TILE not in conv2d_triton.WGRAD_TILES
